@@ -1,0 +1,83 @@
+"""Orbax checkpoints: save every N steps (asynchronously), keep the last K, restore the newest one
+that is readable, skipping damaged ones with a warning.
+
+A checkpoint holds the unreplicated train state as a dict {step, params, batch_stats, opt_state}
+plus JSON metadata (the config sections that define the model and data). Nothing else is needed to
+resume exactly: the data order and every augmentation key are functions of (seed, step).
+"""
+
+import logging
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one is required, or one that does not fit the config."""
+
+
+class Checkpointer:
+    """A CheckpointManager over `directory` with the state/meta layout described above."""
+
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True, create: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=create,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # leftovers of a save killed half-way
+        )
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, tree: Any, meta: dict) -> None:
+        """Starts an (async) save; a save for an already-saved step is a no-op."""
+        if step in self._mngr.all_steps():
+            return
+        args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
+        self._mngr.save(step, args=args, force=True)
+
+    def steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    def restore_latest(self, target: Any) -> tuple[Any, dict, int] | None:
+        """Newest readable checkpoint as (tree, meta, step); damaged ones are skipped with a warning.
+
+        `target` is a tree of arrays with the wanted structure, shapes and placement.
+        Returns None when there is no checkpoint, or none that can be read.
+        """
+        for step in reversed(self.steps()):
+            try:
+                tree, meta = self.restore(step, target)
+            except Exception as err:  # truncated / corrupt files: fall back to the one before
+                log.warning(
+                    "Checkpoint step %d in %s is unreadable (%s: %s); trying an older one.",
+                    step,
+                    self.directory,
+                    type(err).__name__,
+                    str(err).splitlines()[0][:200],
+                )
+                continue
+            return tree, meta, step
+        return None
+
+    def restore(self, step: int, target: Any) -> tuple[Any, dict]:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        )
+        out = self._mngr.restore(step, args=args)
+        return out["state"], out["meta"]
+
+    def read_meta(self, step: int) -> dict:
+        return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
+
+    def wait(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()

@@ -1,0 +1,106 @@
+"""Config validation: every check that can fail before any work starts, with a message that names
+the config key and the fix."""
+
+import math
+
+import jax
+import ml_collections
+
+DATASET_CHOICES_HINT = "'digits' (embedded) or a tfds image-classification dataset name"
+OPTIMIZERS = ("lars", "sgd", "adamw")
+LR_SCALINGS = ("linear", "sqrt", "none")
+PRECISIONS = ("float32", "bfloat16")
+MODES = ("pretrain", "downstream", "all")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what to set instead."""
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{key}: {msg}")
+
+
+def _check_positive(c: ml_collections.ConfigDict, section: str, keys: tuple[str, ...]) -> None:
+    for k in keys:
+        v = c[section][k]
+        _check(isinstance(v, int | float) and v > 0, f"{section}.{k}", f"must be > 0, got {v!r}")
+
+
+def _check_prob(c: ml_collections.ConfigDict, section: str, keys: tuple[str, ...]) -> None:
+    for k in keys:
+        v = c[section][k]
+        _check(0.0 <= v <= 1.0, f"{section}.{k}", f"must be a probability in [0, 1], got {v!r}")
+
+
+def validate(config: ml_collections.ConfigDict, mode: str = "all") -> None:
+    """Raises ConfigError on the first value that cannot work; returns None when all is well."""
+    from simclr_jax import models  # models registers the valid names
+
+    _check(mode in MODES, "mode", f"--mode must be one of {MODES}, got {mode!r}")
+    _check(config.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
+    _check(bool(config.data.name), "data.name", f"set a dataset: {DATASET_CHOICES_HINT}")
+    _check(
+        config.model.name in models.MODELS,
+        "model.name",
+        f"unknown model {config.model.name!r}; choose one of {sorted(models.MODELS)}",
+    )
+    _check(
+        config.model.stem in ("cifar", "imagenet"), "model.stem", "must be 'cifar' or 'imagenet'"
+    )
+    _check_positive(config, "model", ("width", "head_layers", "proj_dim"))
+    _check_positive(config, "data", ("image_size",))
+    _check_prob(config, "augment", ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob"))
+    _check(
+        0.0 < config.augment.crop_scale_min <= 1.0,
+        "augment.crop_scale_min",
+        "must be in (0, 1]",
+    )
+    _check(config.augment.jitter_strength >= 0, "augment.jitter_strength", "must be >= 0")
+    for section in ("pretrain", "downstream"):
+        s = config[section]
+        _check(s.optimizer in OPTIMIZERS, f"{section}.optimizer", f"must be one of {OPTIMIZERS}")
+        _check(s.lr_scaling in LR_SCALINGS, f"{section}.lr_scaling", f"one of {LR_SCALINGS}")
+        _check_positive(config, section, ("batch_size", "learning_rate"))
+        _check(s.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
+        _check(s.warmup_epochs >= 0, f"{section}.warmup_epochs", "must be >= 0")
+    _check_positive(config, "pretrain", ("temperature", "log_every", "keep_checkpoints"))
+    _check(
+        config.pretrain.epochs > 0 or config.pretrain.num_steps > 0,
+        "pretrain.epochs",
+        "set pretrain.epochs > 0 or pretrain.num_steps > 0",
+    )
+    _check(config.pretrain.checkpoint_every >= 0, "pretrain.checkpoint_every", "must be >= 0")
+    _check(config.pretrain.knn_every >= 0, "pretrain.knn_every", "must be >= 0 (0 = off)")
+    _check(
+        0.0 < config.downstream.label_fraction <= 1.0,
+        "downstream.label_fraction",
+        "must be in (0, 1]",
+    )
+    _check_positive(config, "downstream", ("epochs", "linear_batch_size", "knn_k"))
+    _check(config.downstream.linear_epochs >= 0, "downstream.linear_epochs", "must be >= 0")
+    check_batch_sizes(config)
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
+    """Every global batch must split evenly over all devices (of all processes)."""
+    n = jax.device_count()
+    for key in ("pretrain.batch_size", "downstream.batch_size", "downstream.linear_batch_size"):
+        section, name = key.split(".")
+        b = config[section][name]
+        _check(
+            b % n == 0,
+            key,
+            f"global batch {b} does not split over {n} devices; use a multiple of {n} "
+            f"(e.g. {max(n, b - b % n)} or {b - b % n + n}).",
+        )
+
+
+def scaled_learning_rate(base_lr: float, batch_size: int, scaling: str) -> float:
+    """The official SimCLR rule: linear (lr * B / 256) or sqrt (lr * sqrt(B))."""
+    if scaling == "linear":
+        return base_lr * batch_size / 256.0
+    if scaling == "sqrt":
+        return base_lr * math.sqrt(batch_size)
+    return base_lr

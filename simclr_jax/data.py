@@ -1,0 +1,148 @@
+"""Datasets: uint8 images and labels read once into host memory, then placed on the devices.
+
+Two sources: the embedded scikit-learn handwritten digits (no network, no files) and any tfds
+image-classification set with `image`/`label` features, read through `tfds.data_source` (array_record;
+no TensorFlow needed to read). Also the class-balanced labelled subset used downstream.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+
+DIGITS = "digits"
+_READ_CHUNK = 2048  # examples per tfds read; bounds peak memory of the decoded dicts
+
+
+class DataError(RuntimeError):
+    """The dataset cannot be read; the message says how to prepare or point at it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    train_images: np.ndarray  # (N, H, W, 3) uint8
+    train_labels: np.ndarray  # (N,) int32
+    test_images: np.ndarray  # (M, H, W, 3) uint8
+    test_labels: np.ndarray  # (M,) int32
+    num_classes: int
+
+
+def load(data_cfg) -> Dataset:
+    """Loads `data_cfg.name` (optionally subsampled to data_cfg.max_train_examples)."""
+    if data_cfg.name == DIGITS:
+        ds = load_digits(data_cfg.image_size)
+    else:
+        ds = load_tfds(data_cfg.name, data_cfg.data_dir or None)
+    if data_cfg.max_train_examples and data_cfg.max_train_examples < len(ds.train_labels):
+        n = data_cfg.max_train_examples
+        ds = dataclasses.replace(
+            ds, train_images=ds.train_images[:n], train_labels=ds.train_labels[:n]
+        )
+    return ds
+
+
+def load_digits(image_size: int = 32) -> Dataset:
+    """scikit-learn's 1,797 8x8 digits (0..16 ink levels) as uint8 RGB, 80/20 split, fixed order."""
+    from PIL import Image
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    raw = sk_load_digits()
+    small = np.round(raw.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
+    big = np.stack(
+        [
+            np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR))
+            for im in small
+        ]
+    )
+    images = np.repeat(big[..., None], 3, axis=-1)  # (1797, S, S, 3)
+    labels = raw.target.astype(np.int32)
+    order = np.random.default_rng(0).permutation(len(labels))  # fixed: independent of config.seed
+    n_train = int(0.8 * len(labels))
+    tr, te = order[:n_train], order[n_train:]
+    return Dataset(DIGITS, images[tr], labels[tr], images[te], labels[te], num_classes=10)
+
+
+def _not_prepared(name: str, data_dir: str | None, err: Exception) -> DataError:
+    where = data_dir or "~/tensorflow_datasets (the tfds default)"
+    return DataError(
+        f"Dataset {name!r} is not prepared under {where} ({type(err).__name__}: {err}).\n"
+        f"Fix: point config.data.data_dir at a directory holding a prepared copy "
+        f"(e.g. --config.data.data_dir=../shared/tensorflow_datasets), or prepare it once on a "
+        f"machine with TensorFlow and network: `pip install tensorflow && "
+        f"tfds build {name} --data_dir {data_dir or '~/tensorflow_datasets'}`. "
+        f"Use --config.data.name=digits for the embedded dataset."
+    )
+
+
+def load_tfds(name: str, data_dir: str | None) -> Dataset:
+    """Reads the train and test splits of a prepared tfds dataset into uint8 arrays."""
+    import tensorflow_datasets as tfds
+
+    if data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
+        raise DataError(
+            f"config.data.data_dir={data_dir!r} is not a directory. Point it at a tfds data_dir "
+            f"that holds a prepared {name!r} (a folder {name}/<version>/ inside it)."
+        )
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as err:  # unknown name: tfds lists close matches in its message
+        raise DataError(f"Unknown tfds dataset config.data.name={name!r}: {err}") from err
+    try:
+        sources = tfds.data_source(name, data_dir=data_dir, download=False)
+    except Exception as err:
+        raise _not_prepared(name, data_dir, err) from err
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise DataError(
+            f"Dataset {name!r} has features {list(features)}; simclr-jax needs 'image' and 'label'."
+        )
+    test_split = "test" if "test" in sources else None
+    if "train" not in sources or test_split is None:
+        raise DataError(
+            f"Dataset {name!r} needs 'train' and 'test' splits; it has {list(sources)}."
+        )
+    train = _read_split(name, sources["train"], "train", data_dir)
+    test = _read_split(name, sources["test"], "test", data_dir)
+    num_classes = features["label"].num_classes
+    return Dataset(name, train[0], train[1], test[0], test[1], num_classes=num_classes)
+
+
+def _read_split(name, source, split, data_dir) -> tuple[np.ndarray, np.ndarray]:
+    n = len(source)
+    images, labels = None, np.empty((n,), np.int32)
+    try:
+        for start in range(0, n, _READ_CHUNK):
+            rows = source.__getitems__(list(range(start, min(n, start + _READ_CHUNK))))
+            batch = np.stack([np.asarray(r["image"]) for r in rows])
+            if images is None:
+                images = np.empty((n,) + batch.shape[1:], np.uint8)
+            images[start : start + len(rows)] = batch
+            labels[start : start + len(rows)] = [r["label"] for r in rows]
+    except Exception as err:
+        raise DataError(
+            f"Could not read the {split!r} split of {name!r} under {data_dir or 'the tfds default'}"
+            f" ({type(err).__name__}: {err}). The prepared files look damaged: delete "
+            f"{name}/ there and prepare it again (`tfds build {name}`), or use another copy."
+        ) from err
+    if images.shape[-1] == 1:  # grayscale sets (mnist, ...) become 3-channel
+        images = np.repeat(images, 3, axis=-1)
+    return images, labels
+
+
+def labelled_subset(labels: np.ndarray, fraction: float, num_classes: int, seed: int) -> np.ndarray:
+    """Indices of a class-balanced subset: round(fraction * count) per class (at least 1), sorted.
+
+    Deterministic given the seed; the same indices on every host and device count.
+    """
+    if fraction >= 1.0:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        if len(members) == 0:
+            continue
+        k = max(1, int(round(fraction * len(members))))
+        chosen.append(rng.choice(members, size=k, replace=False))
+    return np.sort(np.concatenate(chosen))

@@ -1,0 +1,141 @@
+"""The step loop that pretraining and the downstream classifiers share: it runs a pmapped step
+function, keeps metrics on device until a log or checkpoint step, stops on a NaN/Inf loss naming
+the step, checkpoints on schedule, and turns Ctrl-C into a checkpoint and a clean exit.
+
+One loop rather than two near-copies: what differs between the phases (the step, the evaluation at
+an epoch's end, what a checkpoint holds) comes in as arguments.
+"""
+
+import dataclasses
+import math
+import signal
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from simclr_jax.metrics import MetricWriter, progress_bar
+
+
+class Divergence(FloatingPointError):
+    """The loss became NaN or Inf; the message names the first bad step."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT arrived; a checkpoint of the last finished step was written before this was raised."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    phase: str  # the 'phase' of the metrics.jsonl records
+    total_steps: int
+    steps_per_epoch: int
+    log_every: int
+    checkpoint_every: int  # 0: checkpoints only at the end (and on interruption)
+    images_per_step: int  # source images per step (global), for images/s
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: Any
+    wall_s: float
+    images_per_s: float  # median over log intervals, the first (compilation) excluded when possible
+    last_record: dict
+
+
+class _SigintFlag:
+    """Sets a flag on SIGINT instead of raising inside a (donating) step call."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.hit = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _fetch(pending: list, first_step: int, phase: str) -> list[dict]:
+    """Host copies of the pending per-step metrics; raises Divergence at the first bad loss."""
+    host = jax.device_get(pending)
+    rows = [{k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()} for m in host]
+    for i, row in enumerate(rows):
+        if not math.isfinite(row["loss"]):
+            raise Divergence(
+                f"{phase}: the loss is {row['loss']} at step {first_step + i + 1}. The run stopped; "
+                f"the last good checkpoint is kept. Lower the learning rate or check the data."
+            )
+    return rows
+
+
+def run(
+    spec: LoopSpec,
+    step_fn: Callable,
+    state,
+    step_args: tuple,
+    start_step: int,
+    writer: MetricWriter,
+    save: Callable[[int, Any], None] | None = None,
+    on_epoch_end: Callable[[int, Any], dict] | None = None,
+) -> LoopResult:
+    """Runs `state, metrics = step_fn(state, *step_args)` from start_step to spec.total_steps.
+
+    `save(step, state)` writes a checkpoint; `on_epoch_end(epoch, state)` returns extra scalars for
+    that step's record (evaluations). Records of this phase after start_step are dropped first, so
+    a resumed metrics.jsonl has neither duplicated nor missing steps.
+    """
+    writer.truncate(spec.phase, start_step)
+    step, pending, rows = start_step, [], []
+    rates, record = [], {}
+    t_log = t0 = time.perf_counter()
+    bar = progress_bar(spec.total_steps, start_step, spec.phase)
+    with _SigintFlag() as sigint:
+        while step < spec.total_steps:
+            state, metrics = step_fn(state, *step_args)
+            step, epoch_end = step + 1, (step + 1) % spec.steps_per_epoch == 0
+            pending.append(metrics)
+            last = step == spec.total_steps
+            want_ckpt = save is not None and (
+                last or sigint.hit or (spec.checkpoint_every and step % spec.checkpoint_every == 0)
+            )
+            extra = (
+                on_epoch_end(step // spec.steps_per_epoch, state)
+                if epoch_end and on_epoch_end
+                else {}
+            )
+            want_log = last or step % spec.log_every == 0 or bool(extra) or sigint.hit
+            if want_log or want_ckpt:
+                rows += _fetch(pending, step - len(pending), spec.phase)
+                pending = []
+            if want_log:
+                now = time.perf_counter()
+                rates.append(len(rows) * spec.images_per_step / (now - t_log))
+                mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+                record = writer.write(
+                    step, spec.phase, {**mean, **extra, "images_per_s": rates[-1]}
+                )
+                bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{rates[-1]:.0f}")
+                bar.update(len(rows))
+                rows, t_log = [], now
+            if want_ckpt:
+                save(step, state)
+            if sigint.hit:
+                bar.close()
+                raise Interrupted(f"{spec.phase}: interrupted at step {step}; checkpoint saved.")
+    bar.close()
+    steady = rates[1:] if len(rates) > 1 else rates
+    return LoopResult(
+        state, time.perf_counter() - t0, statistics.median(steady) if steady else 0.0, record
+    )

@@ -1,0 +1,201 @@
+"""SimCLR pretraining: the train state, the pmapped step (gather a batch on device, two views,
+f and g, NT-Xent over the global batch, LARS update) and the run that resumes from, and writes,
+orbax checkpoints.
+"""
+
+import functools
+import logging
+import types
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax.training import train_state
+from jax import lax
+
+from simclr_jax import augment, evaluate, loop, losses, models, optim, parallel
+from simclr_jax.checkpoint import Checkpointer, CheckpointError
+
+log = logging.getLogger(__name__)
+
+# fold_in tags of the config seed: one independent stream per use.
+INIT_KEY, DATA_KEY, AUGMENT_KEY = 0, 1, 2
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any = None
+
+
+def seed_key(seed: int, tag: int):
+    return jax.random.fold_in(jax.random.PRNGKey(seed), tag)
+
+
+def compute_dtype(config):
+    return jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
+
+
+def augment_spec(config) -> types.SimpleNamespace:
+    """The augment section plus the output size (a plain, hashable-by-closure namespace)."""
+    return types.SimpleNamespace(**config.augment.to_dict(), image_size=config.data.image_size)
+
+
+def create_state(model, tx, key, image_size: int) -> TrainState:
+    """Unreplicated state on the default device. init runs in eval mode (no BN axis needed)."""
+    dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+    variables = jax.jit(functools.partial(model.init, train=False))(key, dummy)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=tx,
+    )
+
+
+def state_tree(state: TrainState) -> dict:
+    """What a checkpoint holds (the unreplicated state's arrays)."""
+    return {
+        "step": state.step,
+        "params": state.params,
+        "batch_stats": state.batch_stats,
+        "opt_state": state.opt_state,
+    }
+
+
+def pretrain_step(
+    state, images, data_key, aug_key, *, model, aug_cfg, temperature, global_batch, schedule
+):
+    """One SimCLR step on this device's share of the global batch (inside pmap over AXIS).
+
+    images: (N, H, W, 3) uint8, the whole train split on every device.
+    """
+    ids = parallel.device_batch_ids(data_key, state.step, images.shape[0], global_batch)  # (n,)
+    v1, v2 = augment.two_views(aug_key, state.step, images[ids], ids, aug_cfg)  # (n, S, S, 3) x2
+    views = jnp.concatenate([v1, v2])  # (2n, S, S, 3): BN sees both views, as in the paper
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        (_, z), updates = model.apply(variables, views, train=True, mutable=["batch_stats"])
+        z1, z2 = jnp.split(z, 2)  # (n, D) each
+        partial_loss, metrics = losses.nt_xent_with_metrics(z1, z2, temperature, parallel.AXIS)
+        return partial_loss, (metrics, updates["batch_stats"])
+
+    grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads = lax.psum(grads, parallel.AXIS)  # partial losses sum to L, so their grads sum too
+    metrics["learning_rate"] = schedule(state.step)
+    # Global BN: the running statistics are already identical on every device.
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+    if num_examples < global_batch:
+        raise ValueError(
+            f"config.pretrain.batch_size={global_batch} is larger than the {num_examples} training "
+            f"images; lower it."
+        )
+    return num_examples // global_batch
+
+
+def total_steps(section, spe: int) -> int:
+    return int(section.num_steps) if section.num_steps > 0 else int(section.epochs * spe)
+
+
+def checkpoint_meta(config, phase: str) -> dict:
+    """What a checkpoint must agree with to be restored: the model and the data it was made for."""
+    return {
+        "phase": phase,
+        "model": config.model.to_dict(),
+        "data": {"name": config.data.name, "image_size": config.data.image_size},
+    }
+
+
+def check_meta(meta: dict, config, where: str) -> None:
+    want = checkpoint_meta(config, meta.get("phase", "pretrain"))
+    for key in ("model", "data"):
+        if meta.get(key) != want[key]:
+            raise CheckpointError(
+                f"The checkpoint in {where} was made for {key} {meta.get(key)} but the config asks "
+                f"for {want[key]}. Use the config the checkpoint was trained with, or another "
+                f"--workdir / --config.restore."
+            )
+
+
+def restore_or_init(ckpt: Checkpointer, state: TrainState, config) -> tuple[TrainState, int]:
+    """The newest readable checkpoint's state, or `state` itself (a fresh start)."""
+    found = ckpt.restore_latest(state_tree(state))
+    if found is None:
+        if ckpt.steps():
+            log.warning("No usable checkpoint in %s: starting from scratch.", ckpt.directory)
+        return state, 0
+    tree, meta, step = found
+    check_meta(meta, config, ckpt.directory)
+    log.info("Resuming pretraining from step %d (%s).", step, ckpt.directory)
+    return state.replace(**tree), step
+
+
+def run(config, ds, writer, ckpt: Checkpointer) -> tuple[TrainState, loop.LoopResult]:
+    """Pretrains (resuming from `ckpt` when it holds a checkpoint); returns the unreplicated state."""
+    pc = config.pretrain
+    global_batch = pc.batch_size
+    spe = steps_per_epoch(len(ds.train_labels), global_batch)
+    n_steps = total_steps(pc, spe)
+    schedule = optim.make_schedule(pc, spe, n_steps)
+    model = models.build_model(
+        config.model, bn_axis_name=parallel.AXIS, dtype=compute_dtype(config)
+    )
+    state = create_state(
+        model,
+        optim.make_optimizer(pc, schedule),
+        seed_key(config.seed, INIT_KEY),
+        config.data.image_size,
+    )
+    state, start = restore_or_init(ckpt, state, config)
+
+    step_fn = functools.partial(
+        pretrain_step,
+        model=model,
+        aug_cfg=augment_spec(config),
+        temperature=pc.temperature,
+        global_batch=global_batch,
+        schedule=schedule,
+    )
+    p_step = jax.pmap(step_fn, axis_name=parallel.AXIS, donate_argnums=(0,))
+    images = parallel.replicate(ds.train_images)
+    keys = parallel.replicate((seed_key(config.seed, DATA_KEY), seed_key(config.seed, AUGMENT_KEY)))
+    meta = checkpoint_meta(config, "pretrain")
+
+    def save(step, rstate):
+        ckpt.save(step, state_tree(parallel.unreplicate(rstate)), meta)
+
+    spec = loop.LoopSpec("pretrain", n_steps, spe, pc.log_every, pc.checkpoint_every, global_batch)
+    on_epoch_end = knn_monitor(config, ds, images) if pc.knn_every else None
+    result = loop.run(
+        spec, p_step, parallel.replicate(state), (images, *keys), start, writer, save, on_epoch_end
+    )
+    return parallel.unreplicate(result.state), result
+
+
+def knn_monitor(config, ds, train_images):
+    """on_epoch_end callback: kNN test accuracy of the frozen encoder every knn_every epochs."""
+    model = models.build_model(config.model, dtype=compute_dtype(config))
+    feature_fn = evaluate.make_feature_fn(model, config.data.image_size)
+    test_images = parallel.replicate(ds.test_images)
+    dc = config.downstream
+
+    def on_epoch_end(epoch, rstate):
+        if epoch % config.pretrain.knn_every:
+            return {}
+        variables = {"params": rstate.params, "batch_stats": rstate.batch_stats}
+        acc = evaluate.knn_eval(
+            feature_fn,
+            variables,
+            train_images,
+            ds.train_labels,
+            test_images,
+            ds.test_labels,
+            ds.num_classes,
+            dc.knn_k,
+            dc.knn_temperature,
+        )
+        return {"knn_acc": acc}
+
+    return on_epoch_end
