@@ -9,14 +9,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 AXIS = "batch"  # used by pmap, nn.BatchNorm(axis_name=...), lax.pmean/psum and lax.all_gather
 
 
-def local_sharding() -> NamedSharding:
-    """Leading axis split over this process's devices: the layout pmap takes and returns."""
-    return NamedSharding(Mesh(np.array(jax.local_devices()), (AXIS,)), PartitionSpec(AXIS))
-
-
-def replicate(tree):
+def replicate(tree, devices=None):
     """Copies a host/single-device tree onto every local device (leading axis = local devices)."""
-    n, sharding = jax.local_device_count(), local_sharding()
+    devices = jax.local_devices() if devices is None else devices
+    n, sharding = len(devices), NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))
 
     def put(x):
         x = np.asarray(x)
@@ -26,8 +22,8 @@ def replicate(tree):
 
 
 def unreplicate(tree):
-    """The device-0 copy of a replicated tree (still on device; no host transfer)."""
-    return jax.tree.map(lambda x: x[0], tree)
+    """The first local device's copy of a replicated tree, as single-device arrays (no host copy)."""
+    return jax.tree.map(lambda x: x.addressable_data(0)[0], tree)
 
 
 def per_device(global_batch: int) -> int:
@@ -50,7 +46,7 @@ def device_batch_ids(key, step, num_examples: int, global_batch: int):
     the result of a step, does not depend on the device count.
     """
     steps_per_epoch = num_examples // global_batch
-    n = global_batch // jax.device_count()
+    n = global_batch // lax.axis_size(AXIS)
     perm = epoch_permutation(key, step // steps_per_epoch, num_examples)
     start = (step % steps_per_epoch) * global_batch + lax.axis_index(AXIS) * n
     return lax.dynamic_slice(perm, (start,), (n,))

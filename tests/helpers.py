@@ -1,0 +1,59 @@
+"""Shared test set-up: a tiny digits config and a way to run run.py in a subprocess."""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+    """The digits config shrunk to seconds: tiny ResNet, small batches, few steps."""
+    from configs import digits_simclr
+
+    c = digits_simclr.get_config()
+    c.model.name = "tiny"
+    c.data.max_train_examples = 256
+    c.pretrain.batch_size = 32
+    c.pretrain.num_steps = 4
+    c.pretrain.log_every = 2
+    c.pretrain.checkpoint_every = 2
+    c.pretrain.knn_every = 0
+    c.downstream.epochs = 1
+    c.downstream.batch_size = 32
+    c.downstream.linear_epochs = 2
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return c
+
+
+def run_cli(args, devices=2, timeout=300, env=None, **kwargs):
+    """Runs `python run.py ARGS` on `devices` simulated CPU devices; returns CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "run.py"), *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+TINY_FLAGS = [
+    "--config",
+    "configs/digits_simclr.py",
+    "--config.model.name=tiny",
+    "--config.data.max_train_examples=256",
+    "--config.pretrain.batch_size=32",
+    "--config.pretrain.log_every=2",
+    "--config.pretrain.checkpoint_every=2",
+    "--config.pretrain.knn_every=0",
+]
