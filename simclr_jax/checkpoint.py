@@ -8,6 +8,7 @@ resume exactly: the data order and every augmentation key are functions of (seed
 
 import logging
 import os
+import shutil
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -53,15 +54,28 @@ class Checkpointer:
                 tree, meta = self.restore(step, target)
             except Exception as err:  # truncated / corrupt files: fall back to the one before
                 log.warning(
-                    "Checkpoint step %d in %s is unreadable (%s: %s); trying an older one.",
+                    "Checkpoint step %d in %s is unreadable (%s: %s); set aside in %s, trying an "
+                    "older one.",
                     step,
                     self.directory,
                     type(err).__name__,
                     str(err).splitlines()[0][:200],
+                    self._set_aside(step),
                 )
                 continue
             return tree, meta, step
         return None
+
+    def _set_aside(self, step: int) -> str:
+        """Moves a damaged step out of the manager's way (kept for inspection, not deleted), so
+        that the resumed run can save that step again."""
+        dest = os.path.join(self.directory + ".damaged", str(step))
+        if os.path.exists(dest):
+            shutil.rmtree(dest)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.move(os.path.join(self.directory, str(step)), dest)
+        self._mngr.reload()
+        return dest
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict]:
         args = ocp.args.Composite(

@@ -121,9 +121,10 @@ def check_meta(meta: dict, config, where: str) -> None:
 
 def restore_or_init(ckpt: Checkpointer, state: TrainState, config) -> tuple[TrainState, int]:
     """The newest readable checkpoint's state, or `state` itself (a fresh start)."""
+    had_checkpoints = bool(ckpt.steps())
     found = ckpt.restore_latest(state_tree(state))
     if found is None:
-        if ckpt.steps():
+        if had_checkpoints:
             log.warning("No usable checkpoint in %s: starting from scratch.", ckpt.directory)
         return state, 0
     tree, meta, step = found

@@ -1,0 +1,239 @@
+"""Never lose a run: resume after SIGKILL (bitwise), damaged checkpoints, another device count,
+divergence, Ctrl-C, and bad input that stops cleanly."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.helpers import REPO, TINY_FLAGS, run_cli
+
+STEPS = 8
+FLAGS = [*TINY_FLAGS, "--mode=pretrain", "--config.pretrain.log_every=1"]
+
+
+def _params(workdir, step):
+    path = os.path.join(workdir, "checkpoints", "pretrain", str(step), "state")
+    return ocp.PyTreeCheckpointer().restore(path)
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _assert_same_tree(a, b):
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    assert flat_a.keys() == flat_b.keys()
+    for k in flat_a:
+        np.testing.assert_array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k]), err_msg=k)
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}/{k}"))
+        return out
+    if isinstance(tree, list | tuple):
+        return _flatten({str(i): v for i, v in enumerate(tree)}, prefix)
+    return {prefix: tree}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of STEPS steps on 2 devices."""
+    workdir = str(tmp_path_factory.mktemp("ref") / "run")
+    out = run_cli([*FLAGS, "--workdir", workdir, f"--config.pretrain.num_steps={STEPS}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir
+
+
+def _popen(workdir, steps=STEPS, devices=2):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    args = [*FLAGS, "--workdir", workdir, f"--config.pretrain.num_steps={steps}"]
+    return subprocess.Popen(
+        [sys.executable, "run.py", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _kill_when(proc, condition, timeout=240):
+    """SIGKILLs proc as soon as condition() holds (polled every 2 ms); False if it ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if condition():
+            proc.kill()
+            proc.wait()
+            return True
+        time.sleep(0.002)
+    proc.wait()
+    return False
+
+
+def test_sigkill_at_several_points_resumes_bitwise(reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    ckpt_dir = os.path.join(workdir, "checkpoints", "pretrain")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+
+    def n_records():
+        return sum(1 for _ in open(metrics)) if os.path.exists(metrics) else 0
+
+    kill_points = [
+        lambda: n_records() >= 1,  # mid-run, before any checkpoint
+        lambda: bool(glob.glob(os.path.join(ckpt_dir, "*tmp*"))),  # while a save is in flight
+        lambda: n_records() >= 5,  # after a checkpoint, between saves
+    ]
+    killed = 0
+    for condition in kill_points:
+        killed += _kill_when(_popen(workdir), condition)
+    assert killed >= 2, "the run finished before the kill points were reached"
+    final = _popen(workdir)
+    assert final.wait(timeout=300) == 0, final.stderr.read()[-3000:]
+
+    _assert_same_tree(_params(workdir, STEPS), _params(reference, STEPS))
+    got, want = _records(workdir), _records(reference)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+
+
+def test_damaged_latest_checkpoint_is_skipped(reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    ckpt_dir = os.path.join(workdir, "checkpoints", "pretrain")
+    for f in glob.glob(os.path.join(ckpt_dir, str(STEPS), "state", "**", "d", "*"), recursive=True):
+        with open(f, "r+b") as fh:
+            fh.truncate(7)  # a torn write
+    shutil.rmtree(os.path.join(ckpt_dir, str(STEPS - 2)))
+    out = run_cli([*FLAGS, "--workdir", workdir, f"--config.pretrain.num_steps={STEPS}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"Checkpoint step {STEPS} in" in out.stderr and "unreadable" in out.stderr
+    _assert_same_tree(_params(workdir, STEPS), _params(reference, STEPS))
+    assert [r["step"] for r in _records(workdir)] == list(range(1, STEPS + 1))
+
+
+def test_no_usable_checkpoint_starts_fresh(reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    for step_dir in glob.glob(os.path.join(workdir, "checkpoints", "pretrain", "[0-9]*")):
+        for f in glob.glob(os.path.join(step_dir, "state", "*")):
+            if os.path.isfile(f):
+                os.remove(f)
+    out = run_cli([*FLAGS, "--workdir", workdir, f"--config.pretrain.num_steps={STEPS}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "No usable checkpoint" in out.stderr and "starting from scratch" in out.stderr
+    assert [r["loss"] for r in _records(workdir)] == [r["loss"] for r in _records(reference)]
+
+
+def test_checkpoint_from_8_devices_resumes_on_1_and_4(tmp_path):
+    base = str(tmp_path / "base")
+    out = run_cli([*FLAGS, "--workdir", base, f"--config.pretrain.num_steps={STEPS}"], devices=8)
+    assert out.returncode == 0, out.stderr[-3000:]
+    want = np.array([r["loss"] for r in _records(base)])
+    for devices in (1, 4):
+        workdir = str(tmp_path / f"resume{devices}")
+        shutil.copytree(base, workdir)
+        for step in (STEPS, STEPS - 2):  # leave the step-4 checkpoint written on 8 devices
+            shutil.rmtree(os.path.join(workdir, "checkpoints", "pretrain", str(step)))
+        args = [*FLAGS, "--workdir", workdir, f"--config.pretrain.num_steps={STEPS}"]
+        out = run_cli(args, devices=devices)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert f"Resuming pretraining from step {STEPS - 4}" in out.stderr
+        records = _records(workdir)
+        assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+        np.testing.assert_allclose([r["loss"] for r in records], want, rtol=1e-4)
+
+
+def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path / "run")
+    args = [
+        *FLAGS,
+        "--workdir",
+        workdir,
+        "--config.pretrain.num_steps=6",
+        "--config.pretrain.checkpoint_every=1",
+        "--config.pretrain.learning_rate=1e30",
+        "--config.pretrain.warmup_epochs=0",
+    ]
+    out = run_cli(args)
+    assert out.returncode == 2
+    assert "the loss is nan at step" in out.stderr or "the loss is inf at step" in out.stderr
+    bad_step = int(out.stderr.split(" at step ")[1].split(".")[0])
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints", "pretrain")))
+    assert steps and max(steps) == bad_step - 1  # nothing saved from the diverged step on
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = _popen(workdir, steps=10_000)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    err = proc.stderr.read()
+    assert "interrupted at step" in err and "Rerun the same command to resume" in err
+    step = int(err.split("interrupted at step ")[1].split(";")[0])
+    ckpts = os.listdir(os.path.join(workdir, "checkpoints", "pretrain"))
+    assert str(step) in ckpts
+    assert _records(workdir)[-1]["step"] == step
+
+
+def test_workdir_of_another_config_is_refused_unless_overwrite(reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    before = open(os.path.join(workdir, "metrics.jsonl")).read()
+    args = [*FLAGS, "--workdir", workdir, "--config.model.width=2.0"]
+    out = run_cli(args, timeout=120)
+    assert out.returncode == 2
+    assert "holds a run of a different config" in out.stderr and "overwrite" in out.stderr
+    assert open(os.path.join(workdir, "metrics.jsonl")).read() == before  # nothing lost
+    out = run_cli([*args, "--config.overwrite=True", "--config.pretrain.num_steps=2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [r["step"] for r in _records(workdir)] == [1, 2]  # the old run's records are gone
+
+
+def test_unwritable_workdir_fails_early(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    out = run_cli([*FLAGS, "--workdir", str(blocker / "run")], timeout=120)
+    assert out.returncode == 2
+    assert "is not writable" in out.stderr and "--workdir" in out.stderr
+
+
+def test_downstream_without_checkpoint_fails_early(tmp_path):
+    out = run_cli(
+        [*TINY_FLAGS, "--workdir", str(tmp_path / "empty"), "--mode=downstream"], timeout=120
+    )
+    assert out.returncode == 2
+    assert "needs a pretraining checkpoint" in out.stderr and "--config.restore" in out.stderr
+
+
+def test_damaged_dataset_file_fails_clearly(tmp_path):
+    src = os.path.join(REPO, "..", "shared", "tensorflow_datasets", "cifar10", "3.0.2")
+    if not os.path.isdir(src):
+        pytest.skip("no prepared cifar10 metadata beside the checkout")
+    dst = tmp_path / "tfds" / "cifar10" / "3.0.2"
+    dst.mkdir(parents=True)
+    for name in os.listdir(src):
+        if name.endswith(".json") or name.endswith(".txt"):
+            shutil.copy(os.path.join(src, name), dst / name)
+        else:  # the array_record shards: replaced by garbage of the same name
+            (dst / name).write_bytes(b"\x00garbage" * 100)
+    args = [*FLAGS, "--workdir", str(tmp_path / "run"), "--config.data.name=cifar10"]
+    out = run_cli([*args, f"--config.data.data_dir={tmp_path / 'tfds'}"], timeout=120)
+    assert out.returncode == 2
+    assert "cifar10" in out.stderr and ("damaged" in out.stderr or "not prepared" in out.stderr)
