@@ -80,6 +80,8 @@ def validate(config: ml_collections.ConfigDict, mode: str = "all") -> None:
     )
     _check_positive(config, "downstream", ("epochs", "linear_batch_size", "knn_k"))
     _check(config.downstream.linear_epochs >= 0, "downstream.linear_epochs", "must be >= 0")
+    _check(config.downstream.linear_learning_rate > 0, "downstream.linear_learning_rate", "> 0")
+    _check(config.downstream.checkpoint_every >= 0, "downstream.checkpoint_every", "must be >= 0")
     check_batch_sizes(config)
 
 

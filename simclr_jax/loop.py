@@ -107,15 +107,16 @@ def run(
             step, epoch_end = step + 1, (step + 1) % spec.steps_per_epoch == 0
             pending.append(metrics)
             last = step == spec.total_steps
+            stop = sigint.hit  # read once: a signal during the fetch below is handled next step
             want_ckpt = save is not None and (
-                last or sigint.hit or (spec.checkpoint_every and step % spec.checkpoint_every == 0)
+                last or stop or (spec.checkpoint_every and step % spec.checkpoint_every == 0)
             )
             extra = (
                 on_epoch_end(step // spec.steps_per_epoch, state)
                 if epoch_end and on_epoch_end
                 else {}
             )
-            want_log = last or step % spec.log_every == 0 or bool(extra) or sigint.hit
+            want_log = last or step % spec.log_every == 0 or bool(extra) or stop
             if want_log or want_ckpt:
                 rows += _fetch(pending, step - len(pending), spec.phase)
                 pending = []
@@ -131,7 +132,7 @@ def run(
                 rows, t_log = [], now
             if want_ckpt:
                 save(step, state)
-            if sigint.hit:
+            if stop:
                 bar.close()
                 raise Interrupted(f"{spec.phase}: interrupted at step {step}; checkpoint saved.")
     bar.close()

@@ -121,10 +121,17 @@ def check_meta(meta: dict, config, where: str) -> None:
 
 def restore_or_init(ckpt: Checkpointer, state: TrainState, config) -> tuple[TrainState, int]:
     """The newest readable checkpoint's state, or `state` itself (a fresh start)."""
-    had_checkpoints = bool(ckpt.steps())
+    steps = ckpt.steps()
+    if steps:  # a checkpoint of another model must fail clearly, not look 'unreadable'
+        try:
+            meta = ckpt.read_meta(steps[-1])
+        except Exception:  # damaged metadata: restore_latest below sets it aside
+            meta = None
+        if meta is not None:
+            check_meta(meta, config, ckpt.directory)
     found = ckpt.restore_latest(state_tree(state))
     if found is None:
-        if had_checkpoints:
+        if steps:
             log.warning("No usable checkpoint in %s: starting from scratch.", ckpt.directory)
         return state, 0
     tree, meta, step = found

@@ -1,0 +1,262 @@
+"""Downstream: the labelled subset, the classifier step, the report, and the whole path end to end
+(pretrain -> fine-tune vs scratch -> linear probe and kNN -> report; then --mode=downstream)."""
+
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from simclr_jax import data, downstream, models, optim, parallel, pipeline, pretrain, report
+from simclr_jax.checkpoint import CheckpointError
+
+
+def _config(**overrides):
+    """The digits config on the tiny model, a few pretraining steps, two classifier epochs."""
+    from configs import digits_simclr
+
+    c = digits_simclr.get_config()
+    c.model.name = "tiny"
+    c.pretrain.num_steps = 4
+    c.pretrain.batch_size = 64
+    c.pretrain.log_every = 2
+    c.pretrain.checkpoint_every = 2
+    c.pretrain.knn_every = 0
+    c.downstream.epochs = 2
+    c.downstream.batch_size = 32
+    c.downstream.label_fraction = 0.1
+    c.downstream.linear_epochs = 5
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        c[section][name] = value
+    return c
+
+
+def _phase(records, phase):
+    return [r for r in records if r["phase"] == phase]
+
+
+# ----------------------------------------------------------------------------- labelled subset
+
+
+def test_labelled_subset_is_class_balanced_and_deterministic():
+    labels = np.repeat(np.arange(10), [50, 60, 70, 80, 90, 100, 110, 120, 130, 140])
+    np.random.default_rng(1).shuffle(labels)
+    a = data.labelled_subset(labels, 0.1, 10, seed=3)
+    counts = np.bincount(labels[a], minlength=10)
+    assert counts.tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]  # round(0.1 * class size)
+    assert len(np.unique(a)) == len(a) and np.all(np.diff(a) > 0)
+    np.testing.assert_array_equal(a, data.labelled_subset(labels, 0.1, 10, seed=3))
+    assert not np.array_equal(a, data.labelled_subset(labels, 0.1, 10, seed=4))
+    tiny = data.labelled_subset(labels, 0.001, 10, seed=3)  # at least one image a class
+    assert np.bincount(labels[tiny], minlength=10).tolist() == [1] * 10
+    np.testing.assert_array_equal(data.labelled_subset(labels, 1.0, 10, 0), np.arange(len(labels)))
+
+
+def test_epoch_indices_repeat_a_subset_smaller_than_a_batch():
+    subset = np.array([3, 7, 9])
+    np.testing.assert_array_equal(downstream.epoch_indices(subset, 2), subset)
+    assert downstream.epoch_indices(subset, 8).tolist() == [3, 7, 9] * 3
+
+
+# ----------------------------------------------------------------------------- classifier step
+
+
+@pytest.fixture(scope="module")
+def step_setup():
+    config = _config()
+    dc = config.downstream
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(64, dtype=np.int32) % 10
+    schedule = optim.make_schedule(dc, 2, 4)
+    model = models.build_model(config.model, num_classes=10, bn_axis_name=parallel.AXIS)
+    step = functools.partial(
+        downstream.classifier_step,
+        model=model,
+        image_size=32,
+        global_batch=dc.batch_size,
+        schedule=schedule,
+    )
+    p_step = jax.pmap(step, axis_name=parallel.AXIS)
+    args = parallel.replicate((images, labels, pretrain.seed_key(0, 4), pretrain.seed_key(0, 5)))
+    return config, model, optim.make_optimizer(dc, schedule), p_step, args
+
+
+def _train(step_setup, encoder=None, steps=3):
+    _, model, tx, p_step, args = step_setup
+    state = downstream.create_classifier_state(model, tx, pretrain.seed_key(0, 3), 32, encoder)
+    rstate, losses = parallel.replicate(state), []
+    for _ in range(steps):
+        rstate, metrics = p_step(rstate, *args)
+        losses.append(float(metrics["loss"][0]))
+        assert 0.0 <= float(metrics["accuracy"][0]) <= 1.0
+    return np.array(losses), parallel.unreplicate(rstate)
+
+
+def test_scratch_runs_with_the_same_seed_are_identical(step_setup):
+    a_losses, a = _train(step_setup)
+    b_losses, b = _train(step_setup)
+    assert np.all(np.isfinite(a_losses))
+    np.testing.assert_array_equal(a_losses, b_losses)
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    jax.tree.map(np.testing.assert_array_equal, a.batch_stats, b.batch_stats)
+
+
+def test_pretrained_init_copies_the_encoder_and_keeps_the_head(step_setup):
+    config, model, tx, _, _ = step_setup
+    key = pretrain.seed_key(0, 3)
+    sc = downstream.create_classifier_state(model, tx, key, 32)
+    # A SimCLR model's encoder subtree has the classifier encoder's structure (traced only).
+    simclr = jax.eval_shape(
+        lambda: downstream.init_variables(models.build_model(config.model), key, 32)
+    )
+    for col in ("params", "batch_stats"):
+        assert jax.tree.structure(simclr[col]["encoder"]) == jax.tree.structure(
+            sc.params["encoder"] if col == "params" else sc.batch_stats["encoder"]
+        )
+    # Recognisable "pretrained" values: the fresh init shifted.
+    encoder = {
+        "params": jax.tree.map(lambda x: x + 0.25, sc.params["encoder"]),
+        "batch_stats": jax.tree.map(lambda x: x + 0.5, sc.batch_stats["encoder"]),
+    }
+    ft = downstream.create_classifier_state(model, tx, key, 32, encoder)
+    jax.tree.map(np.testing.assert_array_equal, ft.params["encoder"], encoder["params"])
+    jax.tree.map(np.testing.assert_array_equal, ft.batch_stats["encoder"], encoder["batch_stats"])
+    jax.tree.map(np.testing.assert_array_equal, ft.params["head"], sc.params["head"])
+    assert jax.tree.structure(ft.params) == jax.tree.structure(sc.params)
+    assert jax.tree.structure(ft.opt_state) == jax.tree.structure(sc.opt_state)
+    assert int(ft.step) == 0
+
+
+def test_linear_probe_separates_separable_features():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 8)) * 4
+    y = np.arange(90) % 3
+    x = centers[y] + rng.normal(size=(90, 8))
+    res = downstream.linear_probe(
+        x[:60], y[:60], x[60:], y[60:], 3,
+        epochs=20, batch_size=16, learning_rate=0.1, seed=0,
+    )  # fmt: skip
+    assert res["test_acc"] > 0.9 and res["train_acc"] > 0.9 and res["steps"] == 20 * 3
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _synthetic_workdir(tmp_path):
+    config = _config()
+    (tmp_path / report.CONFIG_FILE).write_text(config.to_json())
+    rows = [
+        {"step": 2, "phase": "pretrain", "loss": 5.0, "images_per_s": 64.0},
+        {"step": 4, "phase": "pretrain", "loss": 4.0, "images_per_s": 128.0, "knn_acc": 0.5},
+    ]
+    for phase, base in (("finetune", 0.6), ("scratch", 0.3)):
+        for epoch in (1, 2):
+            rows.append(
+                {
+                    "step": 4 * epoch,
+                    "phase": phase,
+                    "loss": 2.0 / epoch,
+                    "accuracy": base + 0.05 * epoch,
+                    "learning_rate": 0.01,
+                    "epoch": epoch,
+                    "test_loss": 2.5 / epoch,
+                    "test_acc": base + 0.1 * epoch,
+                    "images_per_s": 32.0,
+                }
+            )
+    rows += [
+        {"step": 5, "phase": "linear", "test_acc": 0.7, "test_loss": 1.0, "epochs": 5,
+         "num_labelled": 144, "num_test": 360, "encoder_step": 4, "features_s": 1.0, "wall_s": 0.5},
+        {"step": 0, "phase": "knn", "test_acc": 0.65, "k": 20, "temperature": 0.1,
+         "num_labelled": 144, "num_test": 360, "encoder_step": 4, "features_s": 1.0, "wall_s": 0.25},
+    ]  # fmt: skip
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "pha'  # torn last line
+    (tmp_path / report.METRICS_FILE).write_text(text)
+
+
+def test_report_from_a_synthetic_metrics_file(tmp_path):
+    _synthetic_workdir(tmp_path)
+    rep = report.write(str(tmp_path))
+    for name in (report.REPORT_JSON, report.REPORT_MD, report.ACCURACY_PNG, report.LOSS_PNG):
+        assert (tmp_path / name).stat().st_size > 0
+    on_disk = json.loads((tmp_path / report.REPORT_JSON).read_text())
+    assert on_disk["finetune"]["epoch"] == [1, 2]
+    assert on_disk["finetune"]["test_acc"] == pytest.approx([0.7, 0.8])
+    assert on_disk["scratch"]["train_loss"] == pytest.approx([2.0, 1.0])
+    assert on_disk["finetune"]["final_test_acc"] == pytest.approx(0.8)
+    assert on_disk["linear"]["test_acc"] == 0.7 and on_disk["knn"]["test_acc"] == 0.65
+    assert on_disk["num_labelled"] == 144 and on_disk["label_fraction"] == 0.1
+    assert on_disk["encoder_step"] == 4
+    assert on_disk["config"]["model"]["name"] == "tiny"
+    # Wall times come back from the logged rates: 2 steps x 64 images at 64 and at 128 img/s.
+    assert on_disk["wall_s"]["pretrain"] == pytest.approx(2 * 64 / 64 + 2 * 64 / 128)
+    assert on_disk["wall_s"]["finetune"] == pytest.approx(2 * 4 * 32 / 32)
+    assert report.summary(rep)["pretrained_minus_scratch"] == pytest.approx(0.3)
+    md = (tmp_path / report.REPORT_MD).read_text()
+    assert md.index("| Method |") < md.index("## Per epoch")
+    assert "80.00%" in md and "50.00%" in md and "+30.00 points" in md
+    with open(tmp_path / report.ACCURACY_PNG, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_end_to_end_then_downstream_only_then_a_mismatched_model(tmp_path):
+    workdir = str(tmp_path / "run")
+    summary = pipeline.run(_config(), workdir, "all")
+    out = summary["downstream"]
+    n_labelled = out["num_labelled"]
+    assert 130 <= n_labelled <= 160  # 10% of the 1,437 digits train images, per class
+    for key in ("finetune_test_acc", "scratch_test_acc", "linear_test_acc", "knn_test_acc"):
+        assert 0.0 <= out[key] <= 1.0
+
+    records = report.read_records(os.path.join(workdir, report.METRICS_FILE))
+    for phase in ("finetune", "scratch"):
+        epochs = [r for r in _phase(records, phase) if "test_acc" in r]
+        assert [r["epoch"] for r in epochs] == [1, 2]
+        assert all({"loss", "accuracy", "test_loss", "test_acc"} <= set(r) for r in epochs)
+    assert len(_phase(records, "linear")) == 1 and len(_phase(records, "knn")) == 1
+    assert _phase(records, "knn")[0]["num_labelled"] == n_labelled
+
+    rep = json.loads(open(os.path.join(workdir, report.REPORT_JSON)).read())
+    for run in ("finetune", "scratch"):
+        assert rep[run]["epoch"] == [1, 2] and len(rep[run]["test_loss"]) == 2
+        assert rep[run]["wall_s"] > 0
+    assert {"linear", "knn", "config", "wall_s", "pretrain"} <= set(rep)
+    assert rep["pretrain"]["steps"] == 4 and rep["encoder_step"] == 4
+    md = open(os.path.join(workdir, report.REPORT_MD)).read()
+    assert md.startswith("# ") and "| Method |" in md
+    for png in (report.ACCURACY_PNG, report.LOSS_PNG):
+        assert os.path.getsize(os.path.join(workdir, png)) > 0
+    for phase in ("finetune", "scratch"):
+        assert os.listdir(os.path.join(workdir, "checkpoints", phase))
+
+    # --mode=downstream on the same workdir: no pretraining, both classifier runs are finished
+    # (restored, not retrained), the probes rerun and replace their records.
+    before = len(_phase(records, "pretrain"))
+    again = pipeline.run(_config(), workdir, "downstream")["downstream"]
+    records = report.read_records(os.path.join(workdir, report.METRICS_FILE))
+    assert len(_phase(records, "pretrain")) == before
+    for phase in ("finetune", "scratch"):
+        assert len(_phase(records, phase)) == 2
+        assert again[f"{phase}_test_acc"] == out[f"{phase}_test_acc"]
+    assert len(_phase(records, "linear")) == 1 and len(_phase(records, "knn")) == 1
+    assert again["knn_test_acc"] == pytest.approx(out["knn_test_acc"])
+
+    # The restored encoder is the pretraining checkpoint's, shaped for the classifier.
+    encoder, step = downstream.restore_encoder(_config(), pipeline.pretrain_dir(workdir))
+    classifier = models.build_model(_config().model, num_classes=10)
+    shapes = jax.eval_shape(lambda: downstream.init_variables(classifier, jax.random.key(0), 32))
+    assert step == 4
+    assert jax.tree.structure(encoder["params"]) == jax.tree.structure(shapes["params"]["encoder"])
+
+    # Another model restoring this run's encoder: a clear CheckpointError.
+    other = _config(**{"model.width": 2.0})
+    other.restore = workdir
+    with pytest.raises(CheckpointError, match="model"):
+        pipeline.run(other, str(tmp_path / "other"), "downstream")
