@@ -4,6 +4,10 @@ that is readable, skipping damaged ones with a warning.
 A checkpoint holds the unreplicated train state as a dict {step, params, batch_stats, opt_state}
 plus JSON metadata (the config sections that define the model and data). Nothing else is needed to
 resume exactly: the data order and every augmentation key are functions of (seed, step).
+
+Saving and restoring are collective in a multi-process run: every process calls them with its own
+copy of the (identical) tree; orbax writes each array once, from process 0, and every process
+reads it back. Callers see single-device arrays either way.
 """
 
 import logging
@@ -11,13 +15,50 @@ import os
 import shutil
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one is required, or one that does not fit the config."""
+
+
+def _replicated_sharding() -> NamedSharding:
+    """Fully replicated over one device per process: a leaf whose single copy on this process
+    is one shard of a global array that orbax can save and restore collectively."""
+    devices = [jax.local_devices(process_index=p)[0] for p in range(jax.process_count())]
+    return NamedSharding(Mesh(np.array(devices), ("process",)), PartitionSpec())
+
+
+def _to_global(tree: Any) -> Any:
+    """Single-device (identical on every process) -> global replicated arrays, without copies
+    unless a leaf sits on another local device than the mesh's."""
+    sharding = _replicated_sharding()
+    device = jax.local_devices()[0]
+
+    def put(x):
+        x = jax.device_put(x, device)
+        return jax.make_array_from_single_device_arrays(x.shape, sharding, [x])
+
+    return jax.tree.map(put, tree)
+
+
+def _abstract_global(target: Any) -> Any:
+    """The restore target: each leaf's shape and dtype (arrays, ShapeDtypeStructs or a Python int
+    step), replicated."""
+    sharding = _replicated_sharding()
+
+    def abstract(x):
+        dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+        return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=sharding)
+
+    return jax.tree.map(abstract, target)
 
 
 class Checkpointer:
@@ -37,7 +78,9 @@ class Checkpointer:
         """Starts an (async) save; a save for an already-saved step is a no-op."""
         if step in self._mngr.all_steps():
             return
-        args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_to_global(tree)), meta=ocp.args.JsonSave(meta)
+        )
         self._mngr.save(step, args=args, force=True)
 
     def steps(self) -> list[int]:
@@ -70,19 +113,23 @@ class Checkpointer:
         """Moves a damaged step out of the manager's way (kept for inspection, not deleted), so
         that the resumed run can save that step again."""
         dest = os.path.join(self.directory + ".damaged", str(step))
-        if os.path.exists(dest):
-            shutil.rmtree(dest)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.move(os.path.join(self.directory, str(step)), dest)
+        if jax.process_index() == 0:
+            if os.path.exists(dest):
+                shutil.rmtree(dest)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
         self._mngr.reload()
         return dest
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict]:
+        """The tree of `step` as single-device arrays on this process's first local device."""
         args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(_abstract_global(target)), meta=ocp.args.JsonRestore()
         )
         out = self._mngr.restore(step, args=args)
-        return out["state"], out["meta"]
+        return jax.tree.map(lambda x: x.addressable_data(0), out["state"]), out["meta"]
 
     def read_meta(self, step: int) -> dict:
         return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[

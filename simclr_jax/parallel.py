@@ -1,10 +1,16 @@
 """Devices: the one pmap axis name, replication of state and data, the per-device slice of a global
 batch, and jax.distributed set-up for multi-host runs."""
 
+import logging
+import os
+import urllib.request
+
 import jax
 import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
 
 AXIS = "batch"  # used by pmap, nn.BatchNorm(axis_name=...), lax.pmean/psum and lax.all_gather
 
@@ -66,10 +72,53 @@ def shard_indices(indices: np.ndarray, pad_to: int) -> tuple[np.ndarray, np.ndar
     return padded[lo : lo + per_proc].reshape(shape), valid[lo : lo + per_proc].reshape(shape)
 
 
+def detect_cluster() -> str | None:
+    """The launcher that started several processes of this run, from its environment (no device
+    is touched): a SLURM step with several tasks, or a multi-host TPU slice. None otherwise."""
+    env = os.environ
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" in env:
+        return "SLURM"
+    # GKE TPU pods list their hosts in the environment; multislice runs name a slice count.
+    hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+    if len(hosts.split(",")) > 1 or int(env.get("MEGASCALE_NUM_SLICES", "1")) > 1:
+        return "TPU pod"
+    if _on_cloud_tpu_vm() and len(_tpu_metadata("worker-network-endpoints").split(",")) > 1:
+        return "TPU pod"  # a GCE TPU VM slice: its hosts are in the metadata server
+    return None
+
+
+def _on_cloud_tpu_vm() -> bool:
+    # Set by `import jax` from the PCI bus (TPU chips and libtpu present); private, so guarded.
+    from jax._src import cloud_tpu_init
+
+    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
+def _tpu_metadata(key: str) -> str:
+    """A GCE metadata attribute ('' when unreachable: Colab and single-host VMs need no set-up)."""
+    url = f"http://metadata.google.internal/computeMetadata/v1/instance/attributes/{key}"
+    request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.read().decode()
+    except OSError:
+        return ""
+
+
 def initialize_distributed(dist_cfg) -> None:
-    """Multi-host: jax.distributed.initialize() before any device is touched (explicit or auto)."""
-    if not dist_cfg.enabled:
+    """Multi-host: jax.distributed.initialize() before any device is touched, when asked for
+    (config.distributed.enabled) or when a launcher started several processes (detect_cluster).
+
+    Explicit coordinator_address / num_processes / process_id win; the others are left to jax's
+    own detection (SLURM, Open MPI, Cloud TPU).
+    """
+    if jax.distributed.is_initialized():  # a second run in the same process (a notebook)
         return
+    cluster = None if dist_cfg.enabled else detect_cluster()
+    if not dist_cfg.enabled and cluster is None:
+        return
+    if cluster:
+        log.info("Launched by %s: initializing jax.distributed.", cluster)
     kwargs = {}
     if dist_cfg.coordinator_address:
         kwargs["coordinator_address"] = dist_cfg.coordinator_address
@@ -77,4 +126,13 @@ def initialize_distributed(dist_cfg) -> None:
         kwargs["num_processes"] = dist_cfg.num_processes
     if dist_cfg.process_id >= 0:
         kwargs["process_id"] = dist_cfg.process_id
+    # CPU processes exchange through gloo, jax's default (jax_cpu_collectives_implementation)
+    # from 0.7.2 on: nothing to set for the localhost test or CPU clusters.
     jax.distributed.initialize(**kwargs)
+    log.info(
+        "Process %d of %d: %d local / %d global devices.",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )

@@ -8,6 +8,7 @@ import shutil
 import time
 
 import jax
+from jax.experimental import multihost_utils
 
 from simclr_jax import checkpoint, data, parallel, pretrain
 from simclr_jax import config as config_lib
@@ -38,10 +39,15 @@ def _identity(cfg: dict) -> dict:
 
 
 def prepare_workdir(workdir: str, config, mode: str) -> None:
-    """Creates the workdir, refuses one that holds a different run, writes config.json."""
+    """Creates the workdir, refuses one that holds a different run, writes config.json.
+
+    Every process checks; only process 0 deletes and writes (atomically, so that the others read
+    the old file or the new one whole), and nobody goes on before it has finished.
+    """
+    primary = jax.process_index() == 0
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -63,7 +69,7 @@ def prepare_workdir(workdir: str, config, mode: str) -> None:
                 f"--workdir {workdir!r} holds a run of a different config ({lines}). Use another "
                 f"--workdir, or pass --config.overwrite=True to delete that run and start anew."
             )
-        if diff and mode != "downstream":
+        if diff and mode != "downstream" and primary:
             log.warning("Overwriting the run in %s (config.overwrite=True).", workdir)
             shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
             for name in (METRICS_FILE, "tensorboard"):
@@ -71,9 +77,12 @@ def prepare_workdir(workdir: str, config, mode: str) -> None:
                 shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (
                     os.path.exists(p) and os.remove(p)
                 )
-    if jax.process_index() == 0:
-        with open(path, "w") as f:
+    if primary:
+        with open(path + ".tmp", "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        os.replace(path + ".tmp", path)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("prepare_workdir")
 
 
 def encoder_source(config, workdir: str) -> str:

@@ -172,9 +172,10 @@ def test_cross_device_batch_norm_matches_global_batch(tiny):
         return pmodel.apply(variables, x, train=True, mutable=["batch_stats"])
 
     (hp, zp), updp = step(variables, x.reshape(ndev, per_device, *x.shape[1:]))
-    np.testing.assert_allclose(hp.reshape(h.shape), h, rtol=1e-5, atol=1e-5)
-    # z passes one more BN (batch 16, E[x^2] - E[x]^2 in float32): summation order differs.
-    np.testing.assert_allclose(zp.reshape(z.shape), z, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(hp.reshape(h.shape), h, rtol=1e-5, atol=5e-5)
+    # z passes one more BN (batch 16, E[x^2] - E[x]^2 in float32): summation order differs
+    # (jax 0.7.2 differs by up to 1.2e-5 on one element of 2048).
+    np.testing.assert_allclose(zp.reshape(z.shape), z, rtol=1e-4, atol=5e-5)
     # Every device holds the same, global running statistics.
     for a, b in zip(jax.tree.leaves(updp), jax.tree.leaves(upd), strict=True):
         np.testing.assert_allclose(a, np.broadcast_to(b, a.shape), rtol=1e-5, atol=1e-6)
