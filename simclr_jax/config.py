@@ -49,6 +49,11 @@ def validate(config: ml_collections.ConfigDict, mode: str = "all") -> None:
     _check(
         config.model.stem in ("cifar", "imagenet"), "model.stem", "must be 'cifar' or 'imagenet'"
     )
+    _check(
+        config.model.conv_impl in models.CONV_IMPLS,
+        "model.conv_impl",
+        f"must be one of {models.CONV_IMPLS}",
+    )
     _check_positive(config, "model", ("width", "head_layers", "proj_dim"))
     _check_positive(config, "data", ("image_size",))
     _check_prob(config, "augment", ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob"))

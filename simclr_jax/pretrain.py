@@ -18,6 +18,8 @@ from simclr_jax.checkpoint import Checkpointer, CheckpointError
 
 log = logging.getLogger(__name__)
 
+# Model keys that change how, not what, is computed: checkpoints move freely between them.
+COMPUTE_ONLY_KEYS = ("conv_impl",)
 # fold_in tags of the config seed: one independent stream per use.
 INIT_KEY, DATA_KEY, AUGMENT_KEY = 0, 1, 2
 
@@ -103,7 +105,7 @@ def checkpoint_meta(config, phase: str) -> dict:
     """What a checkpoint must agree with to be restored: the model and the data it was made for."""
     return {
         "phase": phase,
-        "model": config.model.to_dict(),
+        "model": {k: v for k, v in config.model.to_dict().items() if k not in COMPUTE_ONLY_KEYS},
         "data": {"name": config.data.name, "image_size": config.data.image_size},
     }
 
@@ -111,7 +113,10 @@ def checkpoint_meta(config, phase: str) -> dict:
 def check_meta(meta: dict, config, where: str) -> None:
     want = checkpoint_meta(config, meta.get("phase", "pretrain"))
     for key in ("model", "data"):
-        if meta.get(key) != want[key]:
+        got = meta.get(key)
+        if key == "model" and isinstance(got, dict):
+            got = {k: v for k, v in got.items() if k not in COMPUTE_ONLY_KEYS}
+        if got != want[key]:
             raise CheckpointError(
                 f"The checkpoint in {where} was made for {key} {meta.get(key)} but the config asks "
                 f"for {want[key]}. Use the config the checkpoint was trained with, or another "

@@ -1,0 +1,397 @@
+"""Throughput of the SimCLR steps: augmentation, pretrain step, downstream classifier step.
+
+For a given model, global batch, precision and device count it times (median of --steps runs
+after --warmup, each ended by block_until_ready):
+
+  augment     gathering a batch on device by index and making its two views (as pretrain_step);
+  pretrain    the full pretrain step, built as `pretrain.run` builds it (pmapped over
+              parallel.AXIS, train state donated), run under jax.transfer_guard('disallow');
+  classifier  the downstream classifier step (`downstream.classifier_step`), built the same way;
+
+and reports ms/step, images/s and model FLOP utilisation (MFU): the step's FLOPs from XLA's cost
+analysis, over the step time, over the machine's peak measured in the same run (the best of a
+large matmul, in the same precision, jitted on one device and pmapped over all of them; measured
+between the parts, so that load on a shared machine hits both alike). The FLOPs are those of the
+model as XLA differentiates it (the step lowered with conv_impl='xla'), so that MFU does not
+depend on how the convolutions are lowered; the lowered step's own count is in the JSON too.
+
+Writes benchmarks/results/<device>-<n>dev-<model>[-w<width>]-b<batch>-<precision>[-<tag>].json
+and prints a short table. On CPU, --devices sets XLA_FLAGS=--xla_force_host_platform_device_count
+before jax starts (one device per core runs the cores' convolutions side by side), XLA:CPU's
+convolutions are Eigen's rather than YNNPACK's (--cpu-convs), and glibc's
+malloc is told to back large buffers with transparent huge pages (GLIBC_TUNABLES, by re-executing
+this script): XLA:CPU allocates its temporaries afresh every step, and faulting them in 4 KiB
+pages costs a large share of a step on a VM.
+
+  python benchmarks/throughput.py --model resnet18 --batch 256 --precision float32 --devices 2
+  python benchmarks/throughput.py --model tiny --batch 64 --steps 3 --parts pretrain
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+HUGEPAGES = "glibc.malloc.hugetlb=1"
+# XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK by default; Eigen's convolutions run the
+# ResNet's forward, input and (most of all) filter gradients faster on this machine. Dots and
+# reductions stay with YNNPACK. Only read by the CPU compiler; unknown to jaxlib < 0.10.
+EIGEN_CONVS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+PARTS = ("augment", "pretrain", "classifier")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet18", help="resnet18 | resnet34 | resnet50 | tiny")
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier")
+    p.add_argument("--batch", type=int, default=256, help="global batch (source images)")
+    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--devices", type=int, default=0, help="CPU: simulated devices (0: as set)")
+    p.add_argument("--steps", type=int, default=5, help="timed runs per part (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs after compilation")
+    p.add_argument("--conv-impl", default="auto", help="auto | xla | gemm (models.CONV_IMPLS)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated of {PARTS}")
+    p.add_argument("--peak-size", type=int, default=2048, help="side of the peak matmul")
+    p.add_argument("--malloc", default="hugepages", choices=("hugepages", "default"))
+    p.add_argument(
+        "--cpu-convs",
+        default="eigen",
+        choices=("eigen", "ynn"),
+        help="XLA:CPU convolution library (eigen: adds " + EIGEN_CONVS + ")",
+    )
+    p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS")
+    p.add_argument("--tag", default="", help="suffix of the result file name")
+    p.add_argument("--out", default=RESULTS, help="directory of the JSON result")
+    args = p.parse_args(argv)
+    args.parts = [s for s in args.parts.split(",") if s]
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        p.error(f"unknown parts {sorted(unknown)}; valid: {PARTS}")
+    return args
+
+
+def prepare_process(args) -> None:
+    """Environment that must be set before jax starts (re-executes once for GLIBC_TUNABLES)."""
+    if args.malloc == "hugepages" and HUGEPAGES not in os.environ.get("GLIBC_TUNABLES", ""):
+        if sys.platform.startswith("linux"):
+            old = os.environ.get("GLIBC_TUNABLES", "")
+            os.environ["GLIBC_TUNABLES"] = f"{old}:{HUGEPAGES}" if old else HUGEPAGES
+            os.execv(sys.executable, [sys.executable, *sys.argv])
+    flags = os.environ.get("XLA_FLAGS", "")
+    if args.devices:
+        flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", flags)
+        flags += f" --xla_force_host_platform_device_count={args.devices}"
+    if args.cpu_convs == "eigen" and "ynn_fusion_type" not in flags + args.xla_flags:
+        if _jaxlib_version() >= (0, 10):
+            flags += " " + EIGEN_CONVS
+    os.environ["XLA_FLAGS"] = f"{flags} {args.xla_flags}".strip()
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    return tuple(int(p) for p in re.findall(r"\d+", version("jaxlib"))[:2])
+
+
+def timed(fn, steps: int) -> list[float]:
+    """Seconds of `steps` calls of fn(), each ended by block_until_ready."""
+    import jax
+
+    out = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+# ----------------------------------------------------------------------------- the parts
+
+
+def make_config(args):
+    from configs import cifar_simclr
+
+    c = cifar_simclr.get_config()
+    c.precision = args.precision
+    c.model.name = args.model
+    c.model.width = args.width
+    c.model.conv_impl = args.conv_impl
+    c.pretrain.batch_size = args.batch
+    c.downstream.batch_size = args.batch
+    return c
+
+
+class Peak:
+    """A large matmul in the compute dtype: jitted on one device, and pmapped over all."""
+
+    def __init__(self, size: int, dtype):
+        import jax
+        import jax.numpy as jnp
+
+        n = jax.local_device_count()
+        a = jnp.ones((size, size), dtype)
+        self.flops = 2.0 * size**3
+        self.single = (jax.jit(lambda a: a @ a), a)
+        self.multi = (jax.pmap(lambda a: a @ a), jnp.ones((n, size, size), dtype))
+        self.n = n
+        self.samples: list[float] = []  # FLOP/s
+        self.measure(reps=1)  # compile and warm up
+
+    def measure(self, reps: int = 3) -> float:
+        one = min(timed(lambda: self.single[0](self.single[1]), reps))
+        best = self.flops / one
+        if self.n > 1:
+            all_ = min(timed(lambda: self.multi[0](self.multi[1]), reps))
+            best = max(best, self.n * self.flops / all_)
+        self.samples.append(best)
+        return best
+
+
+def lowered_flops(fn, call_args) -> float:
+    """FLOPs per device of fn(*call_args), from XLA's cost analysis of the lowered program
+    (lowering only: compiling here would compile the step a second time)."""
+    return _flops(fn.lower(*call_args).cost_analysis())
+
+
+def _flops(analysis) -> float:
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0]
+    return float(analysis.get("flops", 0.0))
+
+
+def build_pretrain(config, state_key=None):
+    """(p_step, replicated state) exactly as pretrain.run builds them (no state without a key)."""
+    import functools
+
+    import jax
+
+    from simclr_jax import models, optim, parallel, pretrain
+
+    pc = config.pretrain
+    model = models.build_model(
+        config.model, bn_axis_name=parallel.AXIS, dtype=pretrain.compute_dtype(config)
+    )
+    schedule = optim.make_schedule(pc, 100, 1000)
+    state = None
+    if state_key is not None:
+        tx = optim.make_optimizer(pc, schedule)
+        state = parallel.replicate(
+            pretrain.create_state(model, tx, state_key, config.data.image_size)
+        )
+    step_fn = functools.partial(
+        pretrain.pretrain_step,
+        model=model,
+        aug_cfg=pretrain.augment_spec(config),
+        temperature=pc.temperature,
+        global_batch=pc.batch_size,
+        schedule=schedule,
+    )
+    p_step = jax.pmap(step_fn, axis_name=parallel.AXIS, donate_argnums=(0,))
+    return p_step, state
+
+
+def build_classifier(config, state_key=None):
+    """(p_step, replicated state) as downstream.compare builds them."""
+    import functools
+
+    import jax
+
+    from simclr_jax import downstream, models, optim, parallel, pretrain
+
+    dc = config.downstream
+    schedule = optim.make_schedule(dc, 100, 1000)
+    model = models.build_model(
+        config.model,
+        num_classes=10,
+        bn_axis_name=parallel.AXIS,
+        dtype=pretrain.compute_dtype(config),
+    )
+    state = None
+    if state_key is not None:
+        tx = optim.make_optimizer(dc, schedule)
+        state = parallel.replicate(
+            downstream.create_classifier_state(model, tx, state_key, config.data.image_size)
+        )
+    step_fn = functools.partial(
+        downstream.classifier_step,
+        model=model,
+        image_size=config.data.image_size,
+        global_batch=dc.batch_size,
+        schedule=schedule,
+    )
+    p_step = jax.pmap(step_fn, axis_name=parallel.AXIS, donate_argnums=(0,))
+    return p_step, state
+
+
+def build_augment(config):
+    """pmapped (images, data_key, aug_key, step) -> two views, the first lines of pretrain_step."""
+    import jax
+
+    from simclr_jax import augment, parallel, pretrain
+
+    aug_cfg, global_batch = pretrain.augment_spec(config), config.pretrain.batch_size
+
+    def views(images, data_key, aug_key, step):
+        ids = parallel.device_batch_ids(data_key, step, images.shape[0], global_batch)
+        return augment.two_views(aug_key, step, images[ids], ids, aug_cfg)
+
+    return jax.pmap(views, axis_name=parallel.AXIS)
+
+
+def run_part(name, args, config, data, peak) -> dict:
+    """Compiles, warms up and times one part; returns its row of the results."""
+    import jax
+    import jax.numpy as jnp
+
+    from simclr_jax import parallel, pretrain
+
+    images, labels, keys = data
+    key = pretrain.seed_key(0, pretrain.INIT_KEY)
+    t0 = time.perf_counter()
+    if name == "augment":
+        fn = build_augment(config)
+        step = parallel.replicate(jnp.int32(0))
+        call_args = (images, *keys, step)
+        flops = own = lowered_flops(fn, call_args)
+        call = lambda: fn(*call_args)  # noqa: E731
+    else:
+        build = build_pretrain if name == "pretrain" else build_classifier
+        p_step, state = build(config, key)
+        step_args = (images, *keys) if name == "pretrain" else (images, labels, *keys)
+        own = lowered_flops(p_step, (state, *step_args))
+        # The model's FLOPs: the same step as XLA differentiates it (conv_impl='xla').
+        ref_cfg = make_config(args)
+        ref_cfg.model.conv_impl = "xla"
+        flops = lowered_flops(build(ref_cfg)[0], (state, *step_args))
+        holder = {"state": state}
+
+        def call():
+            holder["state"], metrics = p_step(holder["state"], *step_args)
+            return metrics
+
+    jax.block_until_ready(call())  # compile
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        jax.block_until_ready(call())
+    peak.measure()
+    with jax.transfer_guard("disallow"):  # the data lives on the devices: no copies per step
+        times = timed(call, args.steps)
+    peak.measure()
+    n_dev = jax.device_count()
+    sec = statistics.median(times)
+    total = flops * n_dev
+    return {
+        "part": name,
+        "ms_per_step": 1e3 * sec,
+        "ms_all": [1e3 * t for t in times],
+        "images_per_s": args.batch / sec,
+        "gflop_per_step": total / 1e9,
+        "gflop_per_step_lowered": own * n_dev / 1e9,
+        "gflop_per_s": total / sec / 1e9,
+        "compile_s": compile_s,
+    }
+
+
+def device_name(jax) -> str:
+    dev = jax.devices()[0]
+    kind = "cpu" if dev.platform == "cpu" else dev.device_kind
+    return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    prepare_process(args)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import jax
+    import numpy as np
+
+    from simclr_jax import models, parallel, pretrain
+
+    config = make_config(args)
+    args.conv_impl = models.resolve_conv_impl(args.conv_impl)
+    config.model.conv_impl = args.conv_impl
+    n_dev = jax.device_count()
+    if args.batch % n_dev:
+        raise SystemExit(f"--batch {args.batch} does not split over {n_dev} devices")
+    # The data on the devices, as pretrain.run places it: 4 batches' worth of random images.
+    rng = np.random.default_rng(0)
+    size = config.data.image_size
+    images = rng.integers(0, 256, (4 * args.batch, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, (4 * args.batch,), dtype=np.int32)
+    keys = (pretrain.seed_key(0, pretrain.DATA_KEY), pretrain.seed_key(0, pretrain.AUGMENT_KEY))
+    data = (parallel.replicate(images), parallel.replicate(labels), parallel.replicate(keys))
+
+    peak = Peak(args.peak_size, pretrain.compute_dtype(config))
+    peak.measure()
+    rows = []
+    for name in args.parts:
+        row = run_part(name, args, config, data, peak)
+        rows.append(row)
+        print(f"{name}: {row['ms_per_step']:.1f} ms/step (compile {row['compile_s']:.0f} s)")
+    peak_flops = statistics.median(peak.samples)
+    for row in rows:
+        row["mfu"] = row["gflop_per_s"] * 1e9 / peak_flops
+    by_name = {r["part"]: r for r in rows}
+    result = {
+        "device": device_name(jax),
+        "device_count": n_dev,
+        "model": args.model,
+        "width": args.width,
+        "global_batch": args.batch,
+        "precision": args.precision,
+        "conv_impl": args.conv_impl,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "jax": jax.__version__,
+        "steps": args.steps,
+        "peak_gflop_per_s": peak_flops / 1e9,
+        "peak_samples_gflop_per_s": [p / 1e9 for p in peak.samples],
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "parts": rows,
+    }
+    if "augment" in by_name and "pretrain" in by_name:
+        result["augment_share_of_pretrain"] = (
+            by_name["augment"]["ms_per_step"] / by_name["pretrain"]["ms_per_step"]
+        )
+    write(result, args)
+    print_table(result)
+    return result
+
+
+def write(result: dict, args) -> str:
+    width = "" if args.width == 1 else f"-w{args.width:g}"
+    tag = f"-{args.tag}" if args.tag else ""
+    name = (
+        f"{result['device']}-{result['device_count']}dev-{args.model}{width}-b{args.batch}-"
+        f"{args.precision}{tag}.json"
+    )
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, name)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+    return path
+
+
+def print_table(result: dict) -> None:
+    print(
+        f"\n{result['device']} x{result['device_count']}  {result['model']} w{result['width']:g}  "
+        f"batch {result['global_batch']}  {result['precision']}  conv {result['conv_impl']}  "
+        f"peak {result['peak_gflop_per_s']:.0f} GFLOP/s"
+    )
+    print(f"{'part':<11}{'ms/step':>10}{'images/s':>10}{'GFLOP/step':>12}{'GFLOP/s':>9}{'MFU':>7}")
+    for r in result["parts"]:
+        print(
+            f"{r['part']:<11}{r['ms_per_step']:>10.1f}{r['images_per_s']:>10.1f}"
+            f"{r['gflop_per_step']:>12.1f}{r['gflop_per_s']:>9.1f}{r['mfu']:>7.1%}"
+        )
+    if "augment_share_of_pretrain" in result:
+        print(f"augmentation / pretrain step: {result['augment_share_of_pretrain']:.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Performance invariants of the training step (issue #5), on simulated CPU devices:
+
+* the data lives on the devices: steady-state pretrain steps run under
+  jax.transfer_guard('disallow');
+* no retracing / recompilation after the first step;
+* the train state's buffers are donated (the old state is deleted by a step);
+* bf16 mixed precision: convs in bf16; params, optimizer state, BN statistics, h and the loss
+  float32;
+* conv_impl='gemm' (filter gradient as a GEMM) gives XLA's outputs and gradients;
+* the loop fetches metrics from the devices only at log steps.
+
+The pretrain step is built exactly as `pretrain.run` builds it, with the tiny model.
+"""
+
+import contextlib
+import functools
+import re
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from configs import cifar_simclr
+from simclr_jax import loop, models, optim, parallel, pretrain
+from simclr_jax.metrics import MetricWriter
+
+IMAGE_SIZE = 16
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+
+
+def tiny_config(precision="float32", conv_impl="auto"):
+    c = cifar_simclr.get_config()
+    c.precision = precision
+    c.data.image_size = IMAGE_SIZE
+    c.model.name = "tiny"
+    c.model.conv_impl = conv_impl
+    c.pretrain.batch_size = 2 * jax.device_count()
+    return c
+
+
+def build_step(config):
+    """(p_step, replicated state, step args) as pretrain.run builds them."""
+    pc = config.pretrain
+    schedule = optim.make_schedule(pc, 4, 100)
+    model = models.build_model(
+        config.model, bn_axis_name=parallel.AXIS, dtype=pretrain.compute_dtype(config)
+    )
+    # 'unsafe_rbg' init key: compiling the threefry initialisers is slow on CPU.
+    state = pretrain.create_state(
+        model, optim.make_optimizer(pc, schedule), jax.random.key(0, impl="unsafe_rbg"), IMAGE_SIZE
+    )
+    step_fn = functools.partial(
+        pretrain.pretrain_step,
+        model=model,
+        aug_cfg=pretrain.augment_spec(config),
+        temperature=pc.temperature,
+        global_batch=pc.batch_size,
+        schedule=schedule,
+    )
+    p_step = jax.pmap(step_fn, axis_name=parallel.AXIS, donate_argnums=(0,))
+    images = np.random.default_rng(0).integers(
+        0, 256, (4 * pc.batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8
+    )
+    keys = (pretrain.seed_key(0, pretrain.DATA_KEY), pretrain.seed_key(0, pretrain.AUGMENT_KEY))
+    return (
+        p_step,
+        parallel.replicate(state),
+        (parallel.replicate(images), *parallel.replicate(keys)),
+    )
+
+
+@contextlib.contextmanager
+def count_compile_events():
+    """Counts jax's trace / lower / backend-compile events inside the block (a persistent
+    compilation cache skips backend compiles, not tracing and lowering)."""
+    counts = {e: 0 for e in COMPILE_EVENTS}
+
+    def listener(event, duration, **kwargs):
+        if event in counts:
+            counts[event] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture(scope="module")
+def steady_state():
+    """Runs one step (compiles), then 3 steps under transfer_guard('disallow'), recording the
+    compile events of each phase and whether each step deleted its input state."""
+    p_step, state, args = build_step(tiny_config())
+    with count_compile_events() as first:
+        state, metrics = p_step(state, *args)
+        jax.block_until_ready(metrics)
+    deleted, losses = [], []
+    with count_compile_events() as steady, jax.transfer_guard("disallow"):
+        for _ in range(3):
+            old = state
+            state, metrics = p_step(state, *args)
+            leaves = jax.tree.leaves((old.params, old.batch_stats, old.opt_state, old.step))
+            deleted.append([x.is_deleted() for x in leaves])
+            losses.append(metrics["loss"])
+        jax.block_until_ready(state)
+    return types.SimpleNamespace(
+        first=first, steady=steady, deleted=deleted, losses=jax.device_get(losses), state=state
+    )
+
+
+def test_steady_state_steps_run_under_transfer_guard(steady_state):
+    # Reaching here means no implicit host<->device transfer raised inside the guard.
+    assert np.all(np.isfinite(np.asarray(steady_state.losses)))
+    assert int(steady_state.state.step[0]) == 4
+
+
+def test_no_recompilation_after_first_step(steady_state):
+    assert steady_state.first[COMPILE_EVENTS[0]] >= 1  # the counter sees the first compile
+    assert steady_state.steady == {e: 0 for e in COMPILE_EVENTS}
+
+
+def test_train_state_buffers_are_donated(steady_state):
+    for step_flags in steady_state.deleted:
+        assert step_flags and all(step_flags)
+
+
+def _conv_types(hlo_text: str) -> list[list[str]]:
+    """Element types of (lhs, rhs, out) of each stablehlo.convolution in a lowered module."""
+    lines = [ln for ln in hlo_text.splitlines() if "stablehlo.convolution" in ln]
+    return [re.findall(r"tensor<[^>]*?x?(bf16|f32|f16)>", ln.rsplit(" : ", 1)[-1]) for ln in lines]
+
+
+def test_bfloat16_computes_convs_in_bf16_and_keeps_float32_state():
+    p_step, state, args = build_step(tiny_config("bfloat16"))
+    new_state, metrics = jax.eval_shape(p_step, state, *args)
+    for tree in (new_state.params, new_state.opt_state, new_state.batch_stats):
+        floats = {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
+        assert floats == {jnp.dtype(jnp.float32)}  # (the optimizer's step count is int32)
+    assert metrics["loss"].dtype == jnp.float32
+    convs = _conv_types(p_step.lower(state, *args).as_text())
+    assert len(convs) >= 6  # forward and input-gradient convs of the 5 convs
+    assert all(t == ["bf16", "bf16", "bf16"] for t in convs), convs
+    # h comes back float32 even though the convs are bf16.
+    model = models.build_model(tiny_config("bfloat16").model, dtype=jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((2, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), variables)
+    h, z = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    assert h.dtype == z.dtype == jnp.float32
+
+
+def test_float32_step_has_no_bf16_convs():
+    p_step, state, args = build_step(tiny_config("float32"))
+    convs = _conv_types(p_step.lower(state, *args).as_text())
+    assert convs and all(t == ["f32", "f32", "f32"] for t in convs)
+
+
+# ----------------------------------------------------------------------------- conv lowering
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, cin, cout",
+    [
+        (3, 1, ((1, 1), (1, 1)), 5, 7),  # BasicBlock conv
+        (3, 2, ((1, 1), (1, 1)), 4, 6),  # strided BasicBlock conv
+        (1, 1, ((0, 0), (0, 0)), 6, 5),  # Bottleneck 1x1
+        (1, 2, "SAME", 4, 8),  # projection shortcut
+        (7, 2, ((3, 3), (3, 3)), 3, 4),  # ImageNet stem
+        (3, 1, ((0, 2), (2, 0)), 3, 2),  # asymmetric padding
+    ],
+)
+def test_gemm_filter_grad_matches_xla(kernel, stride, padding, cin, cout):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 10, 12, cin)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)), jnp.float32)
+    dn = ("NHWC", "HWIO", "NHWC")
+    xla = lambda x, k: lax.conv_general_dilated(x, k, (stride,) * 2, padding, dimension_numbers=dn)
+    gemm = lambda x, k: models.gemm_filter_grad_conv(
+        x,
+        k,
+        (stride,) * 2,
+        padding,
+        dimension_numbers=lax.conv_dimension_numbers(x.shape, k.shape, dn),
+    )
+    y = xla(x, k)
+    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    np.testing.assert_array_equal(jax.jit(gemm)(x, k), y)  # the forward is XLA's conv itself
+    vjp = lambda f: jax.jit(lambda x, k, g: jax.vjp(f, x, k)[1](g))(x, k, g)
+    (dx_ref, dk_ref), (dx, dk) = vjp(xla), vjp(gemm)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(dk_ref).max()))
+
+
+def test_gemm_conv_refuses_what_it_does_not_implement():
+    x, k = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 2, 4))
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+    with pytest.raises(NotImplementedError, match="conv_impl='xla'"):
+        models.gemm_filter_grad_conv(
+            x, k, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=2
+        )
+    with pytest.raises(ValueError, match="conv_impl"):
+        models.resolve_conv_impl("winograd")
+    assert models.resolve_conv_impl("auto") == ("gemm" if jax.default_backend() == "cpu" else "xla")
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_conv_impls_give_the_same_model_outputs_and_gradients(stem):
+    cfg = lambda impl: types.SimpleNamespace(
+        name="tiny",
+        width=1,
+        stem=stem,
+        head_layers=2,
+        head_hidden_dim=0,
+        proj_dim=16,
+        conv_impl=impl,
+    )
+    m_xla, m_gemm = models.build_model(cfg("xla")), models.build_model(cfg("gemm"))
+    x = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 32, 32, 3)), jnp.float32)
+    init = jax.jit(lambda x: m_xla.init(jax.random.key(0, impl="unsafe_rbg"), x, train=False))
+    variables = init(x)
+    shapes = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)
+    assert shapes(jax.eval_shape(lambda x: m_gemm.init(jax.random.key(0), x, train=False), x)) == (
+        shapes(variables)
+    )
+
+    def run(model):
+        def loss(params):
+            v = {"params": params, "batch_stats": variables["batch_stats"]}
+            (h, z), _ = model.apply(v, x, train=True, mutable=["batch_stats"])
+            return jnp.sum(z * jnp.linspace(-1, 1, z.size).reshape(z.shape)) + jnp.sum(h**2), (h, z)
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+    ((loss_ref, (h_ref, z_ref)), g_ref), ((loss, (h, z)), g) = run(m_xla), run(m_gemm)
+    np.testing.assert_array_equal(h, h_ref)
+    np.testing.assert_array_equal(z, z_ref)
+    assert loss == loss_ref
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_loop_fetches_metrics_only_at_log_steps(tmp_path, monkeypatch):
+    fetches = []
+    real_get = jax.device_get
+    monkeypatch.setattr(loop.jax, "device_get", lambda x: fetches.append(len(x)) or real_get(x))
+    step = jax.jit(lambda s: (s + 1, {"loss": s.astype(jnp.float32)}))
+    spec = loop.LoopSpec("pretrain", 10, 100, log_every=4, checkpoint_every=0, images_per_step=1)
+    writer = MetricWriter(str(tmp_path), enabled=False)
+    loop.run(spec, step, jnp.int32(0), (), 0, writer)
+    assert fetches == [4, 4, 2]  # steps 4, 8 and the last, each fetching its pending metrics
