@@ -96,10 +96,10 @@ def conv_filter_grad(x, g, kernel_shape, strides, padding):
     """d(sum(conv(x, k) * g)) / dk for an NHWC / HWIO convolution, as GEMMs.
 
     x: (N, H, W, Cin), g: (N, Ho, Wo, Cout) -> (KH, KW, Cin, Cout) float32.
-    Stride 1: the KW column shifts of x and the KH row shifts of g are concatenated on the
-    channel axis, so one GEMM (KH*Cout, M) x (M, KW*Cin), M = N*(H+pads)*Wo, gives every tap
-    (3x copies of x and of g instead of 9x of x). Strided (and 1x1) kernels: the usual im2col,
-    KH*KW strided taps of x on the channel axis (small, since the output is s^2 smaller).
+    Stride 1 on maps of at least 4 * (KH - 1) rows: the KW column shifts of x and the KH row
+    shifts of g are stacked on the channel axis, so one GEMM (KH*Cout, M) x (M, KW*Cin),
+    M = N*(H+pads)*Wo, gives every tap (3x copies of x and of g instead of 9x of x). Otherwise
+    (strided, 1x1, small maps): the usual im2col, KH*KW (strided) taps of x on the channel axis.
     """
     kh, kw, cin, cout = kernel_shape
     (pt, pb), (pl, pr) = padding
@@ -107,7 +107,8 @@ def conv_filter_grad(x, g, kernel_shape, strides, padding):
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     n, ho, wo, _ = g.shape
     hp = xp.shape[1]
-    if (sh, sw) == (1, 1) and kh * kw > 1:
+    # The row-shift form also multiplies the kh - 1 padding rows: im2col wins on small maps.
+    if (sh, sw) == (1, 1) and kh * kw > 1 and 4 * (kh - 1) <= ho:
         xs = _stack_channels([xp[:, :, j : j + wo] for j in range(kw)])  # (N, Hp, Wo, KW*Cin)
         rows = [((0, 0), (i, hp - ho - i), (0, 0), (0, 0)) for i in range(kh)]
         gs = _stack_channels([jnp.pad(g, r) for r in rows])  # (N, Hp, Wo, KH*Cout)

@@ -170,19 +170,20 @@ def test_float32_step_has_no_bf16_convs():
 
 
 @pytest.mark.parametrize(
-    "kernel, stride, padding, cin, cout",
+    "kernel, stride, padding, cin, cout, hw",
     [
-        (3, 1, ((1, 1), (1, 1)), 5, 7),  # BasicBlock conv
-        (3, 2, ((1, 1), (1, 1)), 4, 6),  # strided BasicBlock conv
-        (1, 1, ((0, 0), (0, 0)), 6, 5),  # Bottleneck 1x1
-        (1, 2, "SAME", 4, 8),  # projection shortcut
-        (7, 2, ((3, 3), (3, 3)), 3, 4),  # ImageNet stem
-        (3, 1, ((0, 2), (2, 0)), 3, 2),  # asymmetric padding
+        (3, 1, ((1, 1), (1, 1)), 5, 7, (10, 12)),  # BasicBlock conv (row-shift GEMM)
+        (3, 1, ((1, 1), (1, 1)), 5, 7, (4, 6)),  # ... on a small map (im2col)
+        (3, 2, ((1, 1), (1, 1)), 4, 6, (10, 12)),  # strided BasicBlock conv
+        (1, 1, ((0, 0), (0, 0)), 6, 5, (10, 12)),  # Bottleneck 1x1
+        (1, 2, "SAME", 4, 8, (10, 12)),  # projection shortcut
+        (7, 2, ((3, 3), (3, 3)), 3, 4, (10, 12)),  # ImageNet stem
+        (3, 1, ((0, 2), (2, 0)), 3, 2, (10, 12)),  # asymmetric padding
     ],
 )
-def test_gemm_filter_grad_matches_xla(kernel, stride, padding, cin, cout):
+def test_gemm_filter_grad_matches_xla(kernel, stride, padding, cin, cout, hw):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(3, 10, 12, cin)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(3, *hw, cin)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)), jnp.float32)
     dn = ("NHWC", "HWIO", "NHWC")
     xla = lambda x, k: lax.conv_general_dilated(x, k, (stride,) * 2, padding, dimension_numbers=dn)
