@@ -48,6 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.head_layers = 2  # projection head depth (SimCLR v1: 2-layer MLP)
     c.model.head_hidden_dim = 0  # 0 = the encoder's feature dim
     c.model.proj_dim = 128  # z dimension
+    # BN (no centring) on z, as the official SimCLR code's head; False: z = W2 relu(BN(W1 h)).
+    c.model.head_bn_output = True
     # How convolutions are differentiated (same params either way): 'gemm' computes the filter
     # gradient as one GEMM, several times faster on XLA:CPU; 'auto' = gemm on CPU, xla elsewhere.
     c.model.conv_impl = "auto"

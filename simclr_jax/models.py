@@ -327,7 +327,7 @@ class ProjectionHead(nn.Module):
     num_layers: int = 2
     hidden_dim: int = 0  # 0: same as the input feature dim F
     out_dim: int = 128
-    bn_output: bool = False  # BN (no bias) on z, as SimCLR v2's head
+    bn_output: bool = False  # BN (no centring) on z, as the official SimCLR code's head
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
 
@@ -343,7 +343,10 @@ class ProjectionHead(nn.Module):
             # No bias: the BN that follows has its own.
             x = dense(hidden, use_bias=False, name=f"dense{i + 1}")(x)  # (B, hidden)
             x = nn.relu(norm(name=f"bn{i + 1}")(x))
-        x = dense(self.out_dim, use_bias=not self.bn_output, name=f"dense{self.num_layers}")(x)
+        # No bias on z either: NT-Xent is blind to a bias shared by every z except through the
+        # normalisation, its gradient is ~1/|z| and LARS does not scale it (biases skip the trust
+        # ratio), so a bias here blows up in a step or two and collapses every z onto it.
+        x = dense(self.out_dim, use_bias=False, name=f"dense{self.num_layers}")(x)
         if self.bn_output:
             x = norm(use_bias=False, name=f"bn{self.num_layers}")(x)
         return x.astype(jnp.float32)  # (B, out_dim)

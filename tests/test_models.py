@@ -89,7 +89,7 @@ def test_width_and_head_options():
     head = variables["params"]["head"]
     kernels = [head[f"dense{i}"]["kernel"].shape for i in (1, 2, 3)]
     assert kernels == [(4096, 256), (256, 256), (256, 64)]
-    assert "bias" in head["dense3"] and "bn3" not in head
+    assert "bias" not in head["dense3"] and "bn3" not in head  # z = W3 x: no bias (see the head)
     cfg = make_cfg(head_layers=1, head_bn_output=True)
     head = abstract_init(models.build_model(cfg))[0]["params"]["head"]
     assert set(head) == {"dense1", "bn1"} and "bias" not in head["dense1"]

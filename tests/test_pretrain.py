@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from simclr_jax import augment, data, models, optim, parallel, pretrain
-from tests.helpers import TINY_FLAGS, max_param_diffs, run_cli, tiny_config
+from tests.helpers import TINY_FLAGS, max_param_diff, run_cli, tiny_config
 
 
 def _loss_curve(config, images, devices, steps=3):
@@ -37,7 +37,7 @@ def _loss_curve(config, images, devices, steps=3):
     for _ in range(steps):
         rstate, metrics = p_step(rstate, rimages, *keys)
         losses.append(float(metrics["loss"][0]))
-    return np.array(losses), parallel.unreplicate(rstate).params
+    return np.array(losses), parallel.unreplicate(rstate)
 
 
 def test_loss_curve_is_the_same_on_1_2_4_8_devices():
@@ -45,14 +45,37 @@ def test_loss_curve_is_the_same_on_1_2_4_8_devices():
         pytest.skip("needs 8 (simulated) devices")
     config = tiny_config()
     images = data.load_digits().train_images[:128]
-    ref, ref_params = _loss_curve(config, images, jax.devices()[:1])
+    ref, ref_state = _loss_curve(config, images, jax.devices()[:1])
     assert np.all(np.isfinite(ref)) and ref[0] > ref[-1] - 1.0
     for n in (2, 4, 8):
-        losses, params = _loss_curve(config, images, jax.devices()[:n])
+        losses, state = _loss_curve(config, images, jax.devices()[:n])
         rel = np.abs(losses - ref) / np.abs(ref)
         assert rel.max() < 1e-4, (n, losses, ref)
-        rest, head_bias = max_param_diffs(params, ref_params)
-        assert rest < 1e-5 and head_bias < 1e-2, (n, rest, head_bias)
+        # Float summation order only: measured <= 2.4e-7 on jax 0.10.2, <= 1.6e-5 on 0.7.2
+        # (BN biases, whose gradient is a sum over every pixel of the global batch).
+        diff, leaf = max_param_diff(state.params, ref_state.params)
+        assert diff < 1e-4, (n, diff, leaf)
+
+
+@pytest.mark.parametrize("bn_output", [False, True])
+def test_projections_do_not_collapse(bn_output):
+    """Regression: z = W2 x + b collapsed within 3 steps. NT-Xent sees b only through the
+    normalisation, its gradient is ~1/|z| and LARS does not scale biases, so b grew to ~1e3, every
+    z pointed along it and the loss sat at log(2N - 1). The head has no bias on z now."""
+    config = tiny_config(**{"model.head_bn_output": bn_output})
+    images = data.load_digits().train_images[:128]
+    losses, state = _loss_curve(config, images, jax.devices()[:1], steps=6)
+    model = models.build_model(config.model)
+    views, _ = augment.two_views(
+        jax.random.PRNGKey(3), 0, images[:64], np.arange(64), pretrain.augment_spec(config)
+    )
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    (_, z), _ = model.apply(variables, views, train=True, mutable=["batch_stats"])
+    z = np.asarray(z, np.float64)
+    z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)  # as the loss: 0 stays 0
+    off_diagonal = (z @ z.T)[~np.eye(64, dtype=bool)]
+    assert off_diagonal.mean() < 0.5, (off_diagonal.mean(), losses)
+    assert np.ptp(losses[3:]) > 1e-3, losses  # not frozen at log(2N - 1)
 
 
 def test_device_batch_ids_cover_the_epoch_without_repeats():
