@@ -26,6 +26,9 @@ def main(argv):
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/jax chatter at INFO
     logging.getLogger("simclr_jax").setLevel(logging.INFO)
+    from simclr_jax import xla_env
+
+    xla_env.prefer_eigen_convolutions()  # XLA:CPU only; before jax starts (see xla_env)
     from simclr_jax import pipeline  # after flag parsing: jax starts here, not before
     from simclr_jax.errors import USER_ERRORS
 

@@ -35,11 +35,10 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from simclr_jax import xla_env  # noqa: E402  (imports no jax: flags go in before jax starts)
+
 HUGEPAGES = "glibc.malloc.hugetlb=1"
-# XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK by default; Eigen's convolutions run the
-# ResNet's forward, input and (most of all) filter gradients faster on this machine. Dots and
-# reductions stay with YNNPACK. Only read by the CPU compiler; unknown to jaxlib < 0.10.
-EIGEN_CONVS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PARTS = ("augment", "pretrain", "classifier")
 
@@ -61,7 +60,7 @@ def parse_args(argv=None):
         "--cpu-convs",
         default="eigen",
         choices=("eigen", "ynn"),
-        help="XLA:CPU convolution library (eigen: adds " + EIGEN_CONVS + ")",
+        help="XLA:CPU convolution library (eigen: adds " + xla_env.EIGEN_CONVS + ", as run.py)",
     )
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS")
     p.add_argument("--tag", default="", help="suffix of the result file name")
@@ -85,16 +84,10 @@ def prepare_process(args) -> None:
     if args.devices:
         flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", flags)
         flags += f" --xla_force_host_platform_device_count={args.devices}"
-    if args.cpu_convs == "eigen" and "ynn_fusion_type" not in flags + args.xla_flags:
-        if _jaxlib_version() >= (0, 10):
-            flags += " " + EIGEN_CONVS
     os.environ["XLA_FLAGS"] = f"{flags} {args.xla_flags}".strip()
-
-
-def _jaxlib_version() -> tuple[int, ...]:
-    from importlib.metadata import version
-
-    return tuple(int(p) for p in re.findall(r"\d+", version("jaxlib"))[:2])
+    # As run.py: Eigen's convolutions on XLA:CPU (simclr_jax/xla_env.py), unless --cpu-convs ynn.
+    os.environ["SIMCLR_JAX_CPU_CONVS"] = args.cpu_convs
+    xla_env.prefer_eigen_convolutions()
 
 
 def timed(fn, steps: int) -> list[float]:
@@ -305,7 +298,6 @@ def device_name(jax) -> str:
 def main(argv=None):
     args = parse_args(argv)
     prepare_process(args)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
     import numpy as np
 

@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     # BN (no centring) on z, as the official SimCLR code's head; False: z = W2 relu(BN(W1 h)).
     c.model.head_bn_output = True
     # How convolutions are differentiated (same params either way): 'gemm' computes the filter
-    # gradient as one GEMM, several times faster on XLA:CPU; 'auto' = gemm on CPU, xla elsewhere.
+    # gradient as one GEMM (faster with YNNPACK's CPU convolutions); 'auto' picks it there, else xla.
     c.model.conv_impl = "auto"
 
     c.pretrain = ml_collections.ConfigDict()

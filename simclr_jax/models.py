@@ -29,8 +29,8 @@ the input gradient but computes the filter gradient as one GEMM over shifted cop
 (`gemm_filter_grad_conv`). XLA:CPU's default convolution library (YNNPACK, jaxlib 0.10) runs the
 filter gradient, a convolution with an H x W window, 3-9x slower than the forward conv; the GEMM
 form is 2-3x faster (benchmarks/README.md). The parameters are nn.Conv's either way (same names
-and shapes), and 'auto' picks 'gemm' on CPU, 'xla' on GPU/TPU (cuDNN and the TPU compiler do
-the filter gradient well).
+and shapes). 'auto' picks 'gemm' where XLA:CPU's convolutions are YNNPACK's, else 'xla' (GPU,
+TPU, and CPU with Eigen's convolutions, whose filter gradient beats the GEMM).
 """
 
 import functools
@@ -181,12 +181,26 @@ def gemm_filter_grad_conv(
     return _gemm_conv(lhs, rhs, tuple(int(s) for s in window_strides), padding)
 
 
+@functools.cache
+def cpu_convs_use_ynnpack() -> bool:
+    """Whether XLA:CPU hands convolutions to YNNPACK (jaxlib 0.10's default; Eigen's with
+    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce, and before YNNPACK).
+    Read off a small compiled convolution (compiled once, nothing run)."""
+    x = jax.ShapeDtypeStruct((2, 16, 16, 32), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
+    conv = jax.jit(_xla_conv, static_argnums=(2, 3))
+    return "__ynn_fusion" in conv.lower(x, k, (1, 1), ((1, 1), (1, 1))).compile().as_text()
+
+
 def resolve_conv_impl(conv_impl: str) -> str:
-    """'auto' -> 'gemm' on CPU, 'xla' on GPU / TPU; checks the name."""
+    """Checks the name; 'auto' -> 'gemm' where XLA:CPU's convolutions are YNNPACK's (whose
+    filter gradient is the slow one), else 'xla' (GPU, TPU, Eigen's CPU convolutions, whose
+    filter gradient beats the GEMM: benchmarks/README.md)."""
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv_impl {conv_impl!r}; valid: {CONV_IMPLS}")
     if conv_impl == "auto":
-        return "gemm" if jax.default_backend() == "cpu" else "xla"
+        cpu = jax.default_backend() == "cpu"
+        return "gemm" if cpu and cpu_convs_use_ynnpack() else "xla"
     return conv_impl
 
 
@@ -395,7 +409,7 @@ MODELS = {"resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50, "tin
 
 def build_encoder(model_cfg, bn_axis_name: str | None = None, dtype: Any = jnp.float32) -> ResNet:
     """The ResNet named by `model_cfg.name`, with its `width`, `stem` and `conv_impl` (optional,
-    default 'auto': 'gemm' on CPU, 'xla' on GPU / TPU)."""
+    default 'auto', see `resolve_conv_impl`)."""
     if model_cfg.name not in MODELS:
         raise ValueError(f"unknown model {model_cfg.name!r}; valid names: {sorted(MODELS)}")
     if model_cfg.stem not in STEMS:

@@ -14,7 +14,10 @@ The pretrain step is built exactly as `pretrain.run` builds it, with the tiny mo
 
 import contextlib
 import functools
+import os
 import re
+import subprocess
+import sys
 import types
 
 import jax
@@ -24,7 +27,7 @@ import pytest
 from jax import lax
 
 from configs import cifar_simclr
-from simclr_jax import loop, models, optim, parallel, pretrain
+from simclr_jax import loop, models, optim, parallel, pretrain, xla_env
 from simclr_jax.metrics import MetricWriter
 
 IMAGE_SIZE = 16
@@ -212,7 +215,40 @@ def test_gemm_conv_refuses_what_it_does_not_implement():
         )
     with pytest.raises(ValueError, match="conv_impl"):
         models.resolve_conv_impl("winograd")
-    assert models.resolve_conv_impl("auto") == ("gemm" if jax.default_backend() == "cpu" else "xla")
+    ynn = jax.default_backend() == "cpu" and models.cpu_convs_use_ynnpack()
+    assert models.resolve_conv_impl("auto") == ("gemm" if ynn else "xla")
+
+
+def test_eigen_convolutions_are_asked_for_only_where_they_apply():
+    flag = xla_env.EIGEN_CONVS
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    known = (
+        xla_env.EIGEN_CONVS_JAXLIB[0] <= xla_env.jaxlib_version() <= xla_env.EIGEN_CONVS_JAXLIB[1]
+    )
+    assert xla_env.prefer_eigen_convolutions(env) == known
+    assert env["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=2")
+    assert (flag in env["XLA_FLAGS"]) == known
+    assert xla_env.prefer_eigen_convolutions(env) == known  # idempotent
+    assert env["XLA_FLAGS"].count("ynn_fusion_type") == int(known)
+    chosen = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}  # the user's choice
+    assert not xla_env.prefer_eigen_convolutions(chosen)
+    assert chosen["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
+    opted_out = {"SIMCLR_JAX_CPU_CONVS": "ynn"}
+    assert not xla_env.prefer_eigen_convolutions(opted_out) and "XLA_FLAGS" not in opted_out
+
+
+@pytest.mark.skipif(
+    not xla_env.prefer_eigen_convolutions({}), reason="this jaxlib has no YNNPACK fusion flag"
+)
+def test_auto_picks_xla_when_cpu_convolutions_are_eigens():
+    """run.py's setting (xla_env) makes XLA:CPU's convolutions Eigen's; 'auto' then keeps XLA's
+    filter gradient, and 'gemm' with jaxlib's default YNNPACK convolutions."""
+    code = "from simclr_jax import models; print(models.resolve_conv_impl('auto'))"
+    for flags, want in ((xla_env.EIGEN_CONVS, "xla"), ("", "gemm")):
+        env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-1] == want, flags
 
 
 @pytest.mark.parametrize("stem", ["cifar", "imagenet"])

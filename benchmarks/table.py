@@ -1,0 +1,43 @@
+"""Markdown table of benchmark results: `python benchmarks/table.py benchmarks/results/cpu-*.json`.
+
+One row per (file, part): the settings that differ between runs (devices, conv lowering, XLA:CPU
+convolution library, malloc), ms/step, images/s and MFU against the peak measured in that run.
+"""
+
+import json
+import sys
+
+
+def settings(result: dict) -> str:
+    flags = result.get("xla_flags", "")
+    convs = "eigen" if "ynn_fusion_type=individual_dot,reduce" in flags else "default"
+    if "xla_cpu_use_onednn=true" in flags.lower():
+        convs = "onednn"
+    malloc = "hugepages" if "hugetlb=1" in result.get("glibc_tunables", "") else "default"
+    return f"{result['device_count']} | {result['conv_impl']} | {convs} | {malloc}"
+
+
+def rows(paths, parts=("pretrain", "augment", "classifier")):
+    yield (
+        "| run | batch | devices | conv_impl | CPU convs | malloc | part | ms/step | images/s | "
+        "peak GFLOP/s | MFU |"
+    )
+    yield "|---|---|---|---|---|---|---|---|---|---|---|"
+    for path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        name = path.rsplit("/", 1)[-1].removesuffix(".json")
+        for p in r["parts"]:
+            if p["part"] not in parts:
+                continue
+            yield (
+                f"| {name} | {r['global_batch']} | {settings(r)} | {p['part']} | "
+                f"{p['ms_per_step']:.0f} | {p['images_per_s']:.1f} | {r['peak_gflop_per_s']:.0f} | "
+                f"{p['mfu']:.0%} |"
+            )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    print("\n".join(rows(sys.argv[1:])))

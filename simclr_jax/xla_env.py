@@ -1,0 +1,40 @@
+"""XLA:CPU settings that must be made before jax starts (imports nothing from jax).
+
+jaxlib 0.10's XLA:CPU hands convolutions to YNNPACK, whose filter gradient runs 3-9x slower than
+Eigen's on the ResNets here; with Eigen's convolutions the whole ResNet-18 pretrain step is ~1.3x
+faster (benchmarks/README.md). `prefer_eigen_convolutions` asks for them, for this process and the
+processes it starts, unless XLA_FLAGS already chooses. The flag is only read by the CPU compiler
+(harmless with a GPU or TPU) and only set for the jaxlib versions known to have it: XLA aborts on
+an unknown flag.
+"""
+
+import os
+import re
+from importlib import metadata
+
+EIGEN_CONVS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
+# jaxlib versions whose XLA has the flag (0.10.x measured); extend when a newer one is checked.
+EIGEN_CONVS_JAXLIB = ((0, 10), (0, 10))
+
+
+def jaxlib_version() -> tuple[int, int]:
+    try:
+        major, minor = re.findall(r"\d+", metadata.version("jaxlib"))[:2]
+    except (metadata.PackageNotFoundError, ValueError):
+        return (0, 0)
+    return int(major), int(minor)
+
+
+def prefer_eigen_convolutions(environ=os.environ) -> bool:
+    """Adds EIGEN_CONVS to environ['XLA_FLAGS'] where it applies; True if it is set there now.
+    SIMCLR_JAX_CPU_CONVS=ynn keeps jaxlib's default."""
+    flags = environ.get("XLA_FLAGS", "")
+    if "ynn_fusion_type" in flags:
+        return EIGEN_CONVS in flags
+    low, high = EIGEN_CONVS_JAXLIB
+    if environ.get("SIMCLR_JAX_CPU_CONVS", "eigen") == "ynn" or not (
+        low <= jaxlib_version() <= high
+    ):
+        return False
+    environ["XLA_FLAGS"] = f"{flags} {EIGEN_CONVS}".strip()
+    return True
