@@ -158,32 +158,18 @@ def _flops(analysis) -> float:
 
 def build_pretrain(config, state_key=None):
     """(p_step, replicated state) exactly as pretrain.run builds them (no state without a key)."""
-    import functools
 
-    import jax
-
-    from simclr_jax import models, optim, parallel, pretrain
+    from simclr_jax import optim, parallel, pretrain
 
     pc = config.pretrain
-    model = models.build_model(
-        config.model, bn_axis_name=parallel.AXIS, dtype=pretrain.compute_dtype(config)
-    )
     schedule = optim.make_schedule(pc, 100, 1000)
+    model, p_step = pretrain.make_step(config, schedule)
     state = None
     if state_key is not None:
         tx = optim.make_optimizer(pc, schedule)
         state = parallel.replicate(
             pretrain.create_state(model, tx, state_key, config.data.image_size)
         )
-    step_fn = functools.partial(
-        pretrain.pretrain_step,
-        model=model,
-        aug_cfg=pretrain.augment_spec(config),
-        temperature=pc.temperature,
-        global_batch=pc.batch_size,
-        schedule=schedule,
-    )
-    p_step = jax.pmap(step_fn, axis_name=parallel.AXIS, donate_argnums=(0,))
     return p_step, state
 
 

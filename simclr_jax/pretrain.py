@@ -88,6 +88,23 @@ def pretrain_step(
     return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
+def make_step(config, schedule, devices=None):
+    """(model, pmapped step): `pretrain_step` for `config`, over `devices` (default: every device),
+    the state donated. pretrain.run, the benchmark and the tests all build the step here."""
+    model = models.build_model(
+        config.model, bn_axis_name=parallel.AXIS, dtype=compute_dtype(config)
+    )
+    step_fn = functools.partial(
+        pretrain_step,
+        model=model,
+        aug_cfg=augment_spec(config),
+        temperature=config.pretrain.temperature,
+        global_batch=config.pretrain.batch_size,
+        schedule=schedule,
+    )
+    return model, jax.pmap(step_fn, axis_name=parallel.AXIS, devices=devices, donate_argnums=(0,))
+
+
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     if num_examples < global_batch:
         raise ValueError(
@@ -152,9 +169,7 @@ def run(config, ds, writer, ckpt: Checkpointer) -> tuple[TrainState, loop.LoopRe
     spe = steps_per_epoch(len(ds.train_labels), global_batch)
     n_steps = total_steps(pc, spe)
     schedule = optim.make_schedule(pc, spe, n_steps)
-    model = models.build_model(
-        config.model, bn_axis_name=parallel.AXIS, dtype=compute_dtype(config)
-    )
+    model, p_step = make_step(config, schedule)
     state = create_state(
         model,
         optim.make_optimizer(pc, schedule),
@@ -163,15 +178,6 @@ def run(config, ds, writer, ckpt: Checkpointer) -> tuple[TrainState, loop.LoopRe
     )
     state, start = restore_or_init(ckpt, state, config)
 
-    step_fn = functools.partial(
-        pretrain_step,
-        model=model,
-        aug_cfg=augment_spec(config),
-        temperature=pc.temperature,
-        global_batch=global_batch,
-        schedule=schedule,
-    )
-    p_step = jax.pmap(step_fn, axis_name=parallel.AXIS, donate_argnums=(0,))
     images = parallel.replicate(ds.train_images)
     keys = parallel.replicate((seed_key(config.seed, DATA_KEY), seed_key(config.seed, AUGMENT_KEY)))
     meta = checkpoint_meta(config, "pretrain")

@@ -11,27 +11,19 @@ import pytest
 
 from simclr_jax import data, downstream, models, optim, parallel, pipeline, pretrain, report
 from simclr_jax.checkpoint import CheckpointError
+from tests.helpers import tiny_config
 
 
 def _config(**overrides):
-    """The digits config on the tiny model, a few pretraining steps, two classifier epochs."""
-    from configs import digits_simclr
-
-    c = digits_simclr.get_config()
-    c.model.name = "tiny"
-    c.pretrain.num_steps = 4
-    c.pretrain.batch_size = 64
-    c.pretrain.log_every = 2
-    c.pretrain.checkpoint_every = 2
-    c.pretrain.knn_every = 0
-    c.downstream.epochs = 2
-    c.downstream.batch_size = 32
-    c.downstream.label_fraction = 0.1
-    c.downstream.linear_epochs = 5
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        c[section][name] = value
-    return c
+    """tiny_config on every digits image, 64 images a pretraining step, two classifier epochs."""
+    settings = {
+        "data.max_train_examples": 0,
+        "pretrain.batch_size": 64,
+        "downstream.epochs": 2,
+        "downstream.label_fraction": 0.1,
+        "downstream.linear_epochs": 5,
+    }
+    return tiny_config(**(settings | overrides))
 
 
 def _phase(records, phase):

@@ -13,7 +13,6 @@ The pretrain step is built exactly as `pretrain.run` builds it, with the tiny mo
 """
 
 import contextlib
-import functools
 import os
 import re
 import subprocess
@@ -52,22 +51,11 @@ def build_step(config):
     """(p_step, replicated state, step args) as pretrain.run builds them."""
     pc = config.pretrain
     schedule = optim.make_schedule(pc, 4, 100)
-    model = models.build_model(
-        config.model, bn_axis_name=parallel.AXIS, dtype=pretrain.compute_dtype(config)
-    )
+    model, p_step = pretrain.make_step(config, schedule)
     # 'unsafe_rbg' init key: compiling the threefry initialisers is slow on CPU.
     state = pretrain.create_state(
         model, optim.make_optimizer(pc, schedule), jax.random.key(0, impl="unsafe_rbg"), IMAGE_SIZE
     )
-    step_fn = functools.partial(
-        pretrain.pretrain_step,
-        model=model,
-        aug_cfg=pretrain.augment_spec(config),
-        temperature=pc.temperature,
-        global_batch=pc.batch_size,
-        schedule=schedule,
-    )
-    p_step = jax.pmap(step_fn, axis_name=parallel.AXIS, donate_argnums=(0,))
     images = np.random.default_rng(0).integers(
         0, 256, (4 * pc.batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8
     )

@@ -17,19 +17,10 @@ def _loss_curve(config, images, devices, steps=3):
     pc = config.pretrain
     spe = len(images) // pc.batch_size
     schedule = optim.make_schedule(pc, spe, 10)
-    model = models.build_model(config.model, bn_axis_name=parallel.AXIS)
+    model, p_step = pretrain.make_step(config, schedule, devices)
     state = pretrain.create_state(
         model, optim.make_optimizer(pc, schedule), pretrain.seed_key(0, 0), 32
     )
-    step = functools.partial(
-        pretrain.pretrain_step,
-        model=model,
-        aug_cfg=pretrain.augment_spec(config),
-        temperature=pc.temperature,
-        global_batch=pc.batch_size,
-        schedule=schedule,
-    )
-    p_step = jax.pmap(step, axis_name=parallel.AXIS, devices=devices)
     rep = functools.partial(parallel.replicate, devices=devices)
     keys = rep((pretrain.seed_key(0, 1), pretrain.seed_key(0, 2)))
     rstate, rimages = rep(state), rep(images)
