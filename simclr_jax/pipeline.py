@@ -106,6 +106,8 @@ def encoder_source(config, workdir: str) -> str:
 def run(config, workdir: str, mode: str = "all") -> dict:
     """Runs the stages of `mode` in `workdir`; returns a summary dict (also logged)."""
     parallel.initialize_distributed(config.distributed)
+    if jax.process_index() != 0:  # process 0 reports progress; the others only warn
+        logging.getLogger("simclr_jax").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     config_lib.validate(config, mode)
     source = encoder_source(config, workdir) if mode == "downstream" else None
     prepare_workdir(workdir, config, mode)
