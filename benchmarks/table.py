@@ -5,12 +5,16 @@ convolution library, malloc), ms/step, images/s and MFU against the peak measure
 """
 
 import json
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from simclr_jax import xla_env  # noqa: E402  (imports no jax)
 
 
 def settings(result: dict) -> str:
     flags = result.get("xla_flags", "")
-    convs = "eigen" if "ynn_fusion_type=individual_dot,reduce" in flags else "default"
+    convs = "eigen" if xla_env.EIGEN_CONVS in flags else "default"
     if "xla_cpu_use_onednn=true" in flags.lower():
         convs = "onednn"
     malloc = "hugepages" if "hugetlb=1" in result.get("glibc_tunables", "") else "default"

@@ -175,34 +175,17 @@ def build_pretrain(config, state_key=None):
 
 def build_classifier(config, state_key=None):
     """(p_step, replicated state) as downstream.compare builds them."""
-    import functools
-
-    import jax
-
-    from simclr_jax import downstream, models, optim, parallel, pretrain
+    from simclr_jax import downstream, optim, parallel
 
     dc = config.downstream
     schedule = optim.make_schedule(dc, 100, 1000)
-    model = models.build_model(
-        config.model,
-        num_classes=10,
-        bn_axis_name=parallel.AXIS,
-        dtype=pretrain.compute_dtype(config),
-    )
+    model, p_step = downstream.make_classifier_step(config, schedule, num_classes=10)
     state = None
     if state_key is not None:
         tx = optim.make_optimizer(dc, schedule)
         state = parallel.replicate(
             downstream.create_classifier_state(model, tx, state_key, config.data.image_size)
         )
-    step_fn = functools.partial(
-        downstream.classifier_step,
-        model=model,
-        image_size=config.data.image_size,
-        global_batch=dc.batch_size,
-        schedule=schedule,
-    )
-    p_step = jax.pmap(step_fn, axis_name=parallel.AXIS, donate_argnums=(0,))
     return p_step, state
 
 

@@ -297,6 +297,25 @@ def train_classifier(config, phase, state, ckpt, meta, p_step, step_args, spec, 
     return result
 
 
+def make_classifier_step(config, schedule, num_classes: int, devices=None):
+    """(model, pmapped step): `classifier_step` for `config`, over `devices` (default: every
+    device), the state donated. compare, the benchmark and the tests all build the step here."""
+    model = models.build_model(
+        config.model,
+        num_classes=num_classes,
+        bn_axis_name=parallel.AXIS,
+        dtype=pretrain.compute_dtype(config),
+    )
+    step_fn = functools.partial(
+        classifier_step,
+        model=model,
+        image_size=config.data.image_size,
+        global_batch=config.downstream.batch_size,
+        schedule=schedule,
+    )
+    return model, jax.pmap(step_fn, axis_name=parallel.AXIS, devices=devices, donate_argnums=(0,))
+
+
 def compare(config, ds, workdir: str, writer, subset: np.ndarray, encoder: dict, encoder_id: dict):
     """The pretrained ('finetune') and the 'scratch' classifier runs: identical data order,
     augmentation keys, head init, optimizer and schedule; only f's initial weights differ.
@@ -307,20 +326,7 @@ def compare(config, ds, workdir: str, writer, subset: np.ndarray, encoder: dict,
     total = int(dc.epochs * spe)
     schedule = optim.make_schedule(dc, spe, total)
     tx = optim.make_optimizer(dc, schedule)
-    model = models.build_model(
-        config.model,
-        num_classes=ds.num_classes,
-        bn_axis_name=parallel.AXIS,
-        dtype=pretrain.compute_dtype(config),
-    )
-    step_fn = functools.partial(
-        classifier_step,
-        model=model,
-        image_size=image_size,
-        global_batch=dc.batch_size,
-        schedule=schedule,
-    )
-    p_step = jax.pmap(step_fn, axis_name=parallel.AXIS, donate_argnums=(0,))  # one for both runs
+    model, p_step = make_classifier_step(config, schedule, ds.num_classes)  # one for both runs
     step_args = parallel.replicate(
         (
             ds.train_images[ids],

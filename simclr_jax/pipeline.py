@@ -35,7 +35,7 @@ def _identity(cfg: dict) -> dict:
         for part in key.split("."):
             node = node.get(part, {}) if isinstance(node, dict) else None
         if key == "model" and isinstance(node, dict):  # conv_impl etc.: same params
-            node = {k: v for k, v in node.items() if k not in pretrain.COMPUTE_ONLY_KEYS}
+            node = pretrain.model_identity(node)
         out[key] = node
     return out
 

@@ -118,11 +118,16 @@ def total_steps(section, spe: int) -> int:
     return int(section.num_steps) if section.num_steps > 0 else int(section.epochs * spe)
 
 
+def model_identity(model: dict) -> dict:
+    """The model config's keys that decide the parameters (COMPUTE_ONLY_KEYS left out)."""
+    return {k: v for k, v in model.items() if k not in COMPUTE_ONLY_KEYS}
+
+
 def checkpoint_meta(config, phase: str) -> dict:
     """What a checkpoint must agree with to be restored: the model and the data it was made for."""
     return {
         "phase": phase,
-        "model": {k: v for k, v in config.model.to_dict().items() if k not in COMPUTE_ONLY_KEYS},
+        "model": model_identity(config.model.to_dict()),
         "data": {"name": config.data.name, "image_size": config.data.image_size},
     }
 
@@ -132,7 +137,7 @@ def check_meta(meta: dict, config, where: str) -> None:
     for key in ("model", "data"):
         got = meta.get(key)
         if key == "model" and isinstance(got, dict):
-            got = {k: v for k, v in got.items() if k not in COMPUTE_ONLY_KEYS}
+            got = model_identity(got)
         if got != want[key]:
             raise CheckpointError(
                 f"The checkpoint in {where} was made for {key} {meta.get(key)} but the config asks "

@@ -1,7 +1,6 @@
 """Downstream: the labelled subset, the classifier step, the report, and the whole path end to end
 (pretrain -> fine-tune vs scratch -> linear probe and kNN -> report; then --mode=downstream)."""
 
-import functools
 import json
 import os
 
@@ -64,15 +63,7 @@ def step_setup():
     images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     labels = np.arange(64, dtype=np.int32) % 10
     schedule = optim.make_schedule(dc, 2, 4)
-    model = models.build_model(config.model, num_classes=10, bn_axis_name=parallel.AXIS)
-    step = functools.partial(
-        downstream.classifier_step,
-        model=model,
-        image_size=32,
-        global_batch=dc.batch_size,
-        schedule=schedule,
-    )
-    p_step = jax.pmap(step, axis_name=parallel.AXIS)
+    model, p_step = downstream.make_classifier_step(config, schedule, num_classes=10)
     args = parallel.replicate((images, labels, pretrain.seed_key(0, 4), pretrain.seed_key(0, 5)))
     return config, model, optim.make_optimizer(dc, schedule), p_step, args
 
