@@ -17,7 +17,14 @@ def settings(result: dict) -> str:
     convs = "eigen" if xla_env.EIGEN_CONVS in flags else "default"
     if "xla_cpu_use_onednn=true" in flags.lower():
         convs = "onednn"
-    malloc = "hugepages" if "hugetlb=1" in result.get("glibc_tunables", "") else "default"
+    tunables = result.get("glibc_tunables", "")
+    malloc = (
+        "retain"
+        if "mmap_max=0" in tunables
+        else "hugepages"
+        if "hugetlb=1" in tunables
+        else "default"
+    )
     return f"{result['device_count']} | {result['conv_impl']} | {convs} | {malloc}"
 
 

@@ -19,9 +19,9 @@ Writes benchmarks/results/<device>-<n>dev-<model>[-w<width>]-b<batch>-<precision
 and prints a short table. On CPU, --devices sets XLA_FLAGS=--xla_force_host_platform_device_count
 before jax starts (one device per core runs the cores' convolutions side by side), XLA:CPU's
 convolutions are Eigen's rather than YNNPACK's (--cpu-convs), and glibc's
-malloc is told to back large buffers with transparent huge pages (GLIBC_TUNABLES, by re-executing
-this script): XLA:CPU allocates its temporaries afresh every step, and faulting them in 4 KiB
-pages costs a large share of a step on a VM.
+malloc is told to back large buffers with transparent huge pages (--malloc, GLIBC_TUNABLES, by
+re-executing this script): XLA:CPU allocates its temporaries afresh every step and faults them in
+again (535,000 4 KiB pages a step at batch 128).
 
   python benchmarks/throughput.py --model resnet18 --batch 256 --precision float32 --devices 2
   python benchmarks/throughput.py --model tiny --batch 64 --steps 3 --parts pretrain
@@ -38,7 +38,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from simclr_jax import xla_env  # noqa: E402  (imports no jax: flags go in before jax starts)
 
-HUGEPAGES = "glibc.malloc.hugetlb=1"
+# glibc malloc settings (GLIBC_TUNABLES, read when a process starts). 'retain': one arena that
+# never maps nor trims, so freed memory is reused (no page faults per step; see README.md).
+MALLOC = {
+    "hugepages": "glibc.malloc.hugetlb=1",
+    "retain": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+    "glibc.malloc.trim_threshold=68719476736",
+    "default": "",
+}
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PARTS = ("augment", "pretrain", "classifier")
 
@@ -55,7 +62,12 @@ def parse_args(argv=None):
     p.add_argument("--conv-impl", default="auto", help="auto | xla | gemm (models.CONV_IMPLS)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated of {PARTS}")
     p.add_argument("--peak-size", type=int, default=2048, help="side of the peak matmul")
-    p.add_argument("--malloc", default="hugepages", choices=("hugepages", "default"))
+    p.add_argument(
+        "--malloc",
+        default="hugepages",
+        choices=tuple(MALLOC),
+        help="glibc malloc: hugepages (THP for large blocks), retain (keep freed memory), default",
+    )
     p.add_argument(
         "--cpu-convs",
         default="eigen",
@@ -75,11 +87,10 @@ def parse_args(argv=None):
 
 def prepare_process(args) -> None:
     """Environment that must be set before jax starts (re-executes once for GLIBC_TUNABLES)."""
-    if args.malloc == "hugepages" and HUGEPAGES not in os.environ.get("GLIBC_TUNABLES", ""):
-        if sys.platform.startswith("linux"):
-            old = os.environ.get("GLIBC_TUNABLES", "")
-            os.environ["GLIBC_TUNABLES"] = f"{old}:{HUGEPAGES}" if old else HUGEPAGES
-            os.execv(sys.executable, [sys.executable, *sys.argv])
+    want, old = MALLOC[args.malloc], os.environ.get("GLIBC_TUNABLES", "")
+    if want and want not in old and sys.platform.startswith("linux"):
+        os.environ["GLIBC_TUNABLES"] = f"{old}:{want}" if old else want
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     flags = os.environ.get("XLA_FLAGS", "")
     if args.devices:
         flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", flags)
@@ -258,6 +269,15 @@ def run_part(name, args, config, data, peak) -> dict:
     }
 
 
+def max_rss_gib() -> float | None:
+    """Peak resident memory of this process (host memory: the CPU backend's buffers)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def device_name(jax) -> str:
     dev = jax.devices()[0]
     kind = "cpu" if dev.platform == "cpu" else dev.device_kind
@@ -312,6 +332,7 @@ def main(argv=None):
         "peak_gflop_per_s": peak_flops / 1e9,
         "peak_samples_gflop_per_s": [p / 1e9 for p in peak.samples],
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "max_rss_gib": max_rss_gib(),
         "parts": rows,
     }
     if "augment" in by_name and "pretrain" in by_name:
