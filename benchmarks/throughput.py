@@ -50,8 +50,9 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PARTS = ("augment", "pretrain", "classifier")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a step benchmark (also benchmarks/profile_step.py's)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default="resnet18", help="resnet18 | resnet34 | resnet50 | tiny")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier")
     p.add_argument("--batch", type=int, default=256, help="global batch (source images)")
@@ -77,6 +78,11 @@ def parse_args(argv=None):
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     p.add_argument("--out", default=RESULTS, help="directory of the JSON result")
+    return p
+
+
+def parse_args(argv=None):
+    p = argument_parser(__doc__.split("\n")[0])
     args = p.parse_args(argv)
     args.parts = [s for s in args.parts.split(",") if s]
     unknown = set(args.parts) - set(PARTS)
