@@ -163,8 +163,12 @@ class Peak:
 
 def lowered_flops(fn, call_args) -> float:
     """FLOPs per device of fn(*call_args), from XLA's cost analysis of the lowered program
-    (lowering only: compiling here would compile the step a second time)."""
-    return _flops(fn.lower(*call_args).cost_analysis())
+    (lowering only where jax can: compiling here would compile the step a second time)."""
+    lowered = fn.lower(*call_args)
+    analysis = lowered.cost_analysis()
+    if analysis is None:  # older jax (0.7) analyses only compiled programs
+        analysis = lowered.compile().cost_analysis()
+    return _flops(analysis)
 
 
 def _flops(analysis) -> float:
