@@ -5,7 +5,7 @@ batch, precision, devices and CPU settings), runs it --warmup times, then traces
 `jax.profiler.trace` and prints the operations' time from the trace, by kind (the HLO name
 without its number: `transpose_copy_fusion`, `convolution`, `ynn_fusion`, ...) and the single
 slowest ones, with the step's page faults and CPU time. The trace (open it in Perfetto or
-TensorBoard) and the optimized HLO are written under --out.
+TensorBoard) and the optimized HLO are written under --trace-dir.
 
 On CPU the thunk executor runs independent operations side by side, and a convolution's trace
 event may end before its Eigen work does, so the times of different rows overlap and do not add
@@ -34,8 +34,7 @@ def parse_args(argv=None):
     p.set_defaults(devices=1, warmup=2, malloc="default")
     p.add_argument("--top", type=int, default=15, help="rows of each table")
     p.add_argument("--trace-dir", default="/tmp/simclr_jax_profile", help="trace and HLO")
-    args = p.parse_args(argv)
-    return args
+    return p.parse_args(argv)
 
 
 def op_times(trace_dir: str) -> dict[str, float]:
@@ -68,18 +67,12 @@ def main(argv=None):
     args = parse_args(argv)
     throughput.prepare_process(args)
     import jax
-    import numpy as np
 
-    from simclr_jax import models, parallel, pretrain
+    from simclr_jax import models, pretrain
 
     config = throughput.make_config(args)
     config.model.conv_impl = models.resolve_conv_impl(args.conv_impl)
-    rng = np.random.default_rng(0)
-    size = config.data.image_size
-    images = parallel.replicate(rng.integers(0, 256, (4 * args.batch, size, size, 3), np.uint8))
-    keys = parallel.replicate(
-        (pretrain.seed_key(0, pretrain.DATA_KEY), pretrain.seed_key(0, pretrain.AUGMENT_KEY))
-    )
+    images, _, keys = throughput.device_data(config, args.batch)
     p_step, state = throughput.build_pretrain(config, pretrain.seed_key(0, pretrain.INIT_KEY))
     os.makedirs(args.trace_dir, exist_ok=True)
     p_step = p_step.lower(state, images, *keys).compile()  # compiled once, its HLO kept

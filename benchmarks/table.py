@@ -9,6 +9,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import MALLOC  # noqa: E402  (imports no jax)
+
 from simclr_jax import xla_env  # noqa: E402  (imports no jax)
 
 
@@ -18,13 +21,7 @@ def settings(result: dict) -> str:
     if "xla_cpu_use_onednn=true" in flags.lower():
         convs = "onednn"
     tunables = result.get("glibc_tunables", "")
-    malloc = (
-        "retain"
-        if "mmap_max=0" in tunables
-        else "hugepages"
-        if "hugetlb=1" in tunables
-        else "default"
-    )
+    malloc = next((name for name, t in MALLOC.items() if t and t in tunables), "default")
     return f"{result['device_count']} | {result['conv_impl']} | {convs} | {malloc}"
 
 

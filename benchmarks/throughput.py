@@ -51,18 +51,15 @@ PARTS = ("augment", "pretrain", "classifier")
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:
-    """The options of a step benchmark (also benchmarks/profile_step.py's)."""
+    """The options that choose and set up the step (shared with benchmarks/profile_step.py)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default="resnet18", help="resnet18 | resnet34 | resnet50 | tiny")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier")
     p.add_argument("--batch", type=int, default=256, help="global batch (source images)")
     p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--devices", type=int, default=0, help="CPU: simulated devices (0: as set)")
-    p.add_argument("--steps", type=int, default=5, help="timed runs per part (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs after compilation")
     p.add_argument("--conv-impl", default="auto", help="auto | xla | gemm (models.CONV_IMPLS)")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated of {PARTS}")
-    p.add_argument("--peak-size", type=int, default=2048, help="side of the peak matmul")
     p.add_argument(
         "--malloc",
         default="hugepages",
@@ -76,13 +73,16 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
         help="XLA:CPU convolution library (eigen: adds " + xla_env.EIGEN_CONVS + ", as run.py)",
     )
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS")
-    p.add_argument("--tag", default="", help="suffix of the result file name")
-    p.add_argument("--out", default=RESULTS, help="directory of the JSON result")
     return p
 
 
 def parse_args(argv=None):
     p = argument_parser(__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=5, help="timed runs per part (median)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated of {PARTS}")
+    p.add_argument("--peak-size", type=int, default=2048, help="side of the peak matmul")
+    p.add_argument("--tag", default="", help="suffix of the result file name")
+    p.add_argument("--out", default=RESULTS, help="directory of the JSON result")
     args = p.parse_args(argv)
     args.parts = [s for s in args.parts.split(",") if s]
     unknown = set(args.parts) - set(PARTS)
@@ -175,6 +175,21 @@ def _flops(analysis) -> float:
     if isinstance(analysis, list | tuple):
         analysis = analysis[0]
     return float(analysis.get("flops", 0.0))
+
+
+def device_data(config, batch: int):
+    """(images, labels, (data_key, augment_key)), replicated on the devices as pretrain.run
+    places the dataset: 4 batches' worth of random uint8 images and labels."""
+    import numpy as np
+
+    from simclr_jax import parallel, pretrain
+
+    rng = np.random.default_rng(0)
+    size = config.data.image_size
+    images = rng.integers(0, 256, (4 * batch, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, (4 * batch,), dtype=np.int32)
+    keys = (pretrain.seed_key(0, pretrain.DATA_KEY), pretrain.seed_key(0, pretrain.AUGMENT_KEY))
+    return parallel.replicate(images), parallel.replicate(labels), parallel.replicate(keys)
 
 
 def build_pretrain(config, state_key=None):
@@ -298,9 +313,8 @@ def main(argv=None):
     args = parse_args(argv)
     prepare_process(args)
     import jax
-    import numpy as np
 
-    from simclr_jax import models, parallel, pretrain
+    from simclr_jax import models, pretrain
 
     config = make_config(args)
     args.conv_impl = models.resolve_conv_impl(args.conv_impl)
@@ -308,13 +322,7 @@ def main(argv=None):
     n_dev = jax.device_count()
     if args.batch % n_dev:
         raise SystemExit(f"--batch {args.batch} does not split over {n_dev} devices")
-    # The data on the devices, as pretrain.run places it: 4 batches' worth of random images.
-    rng = np.random.default_rng(0)
-    size = config.data.image_size
-    images = rng.integers(0, 256, (4 * args.batch, size, size, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, (4 * args.batch,), dtype=np.int32)
-    keys = (pretrain.seed_key(0, pretrain.DATA_KEY), pretrain.seed_key(0, pretrain.AUGMENT_KEY))
-    data = (parallel.replicate(images), parallel.replicate(labels), parallel.replicate(keys))
+    data = device_data(config, args.batch)
 
     peak = Peak(args.peak_size, pretrain.compute_dtype(config))
     peak.measure()
