@@ -30,7 +30,7 @@ def main(argv):
 
     xla_env.prefer_eigen_convolutions()  # XLA:CPU only; before jax starts (see xla_env)
     from simclr_jax import pipeline  # after flag parsing: jax starts here, not before
-    from simclr_jax.errors import USER_ERRORS
+    from simclr_jax.errors import UserError
 
     config_path = flags.FLAGS["config"].config_filename
     workdir = _WORKDIR.value or os.path.join(
@@ -41,7 +41,7 @@ def main(argv):
     except KeyboardInterrupt as err:
         print(f"\n{err or 'interrupted'} Rerun the same command to resume.", file=sys.stderr)
         sys.exit(130)
-    except USER_ERRORS as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"done: results in {summary['workdir']}")

@@ -1,8 +1,7 @@
 """Per-convolution times of ResNet-18 (CIFAR stem): forward, input gradient, filter gradient.
 
 Each of the network's distinct convolutions is jitted alone (forward; `jax.vjp` input gradient;
-filter gradient as XLA differentiates it and as `models.gemm_filter_grad_conv` computes it),
-run twice, then timed 3 times (median); the sums are weighted by how often the layer occurs.
+filter gradient as XLA differentiates it), run twice, then timed 3 times (median); the sums are weighted by how often the layer occurs.
 XLA_FLAGS as set (run.py's setting, Eigen's convolutions, is applied unless --cpu-convs ynn):
 
   python benchmarks/conv_layers.py --batch 128
@@ -44,8 +43,6 @@ def main(argv=None):
     import numpy as np
     from jax import lax
 
-    from simclr_jax import models
-
     rng = np.random.default_rng(0)
 
     def bench(f, *a):
@@ -60,7 +57,7 @@ def main(argv=None):
         return statistics.median(times) * 1e3
 
     def layer(side, cin, cout, k, s):
-        """(ms of forward, input grad, filter grad, GEMM filter grad; GFLOP of one of them)."""
+        """(ms of forward, input grad, filter grad; GFLOP of one of them)."""
         pad = ((k // 2, k // 2),) * 2
         x = rng.random((args.batch, side, side, cin), np.float32)
         w = rng.random((k, k, cin, cout), np.float32)
@@ -69,21 +66,17 @@ def main(argv=None):
         def conv(x, w):
             return lax.conv_general_dilated(x, w, (s, s), pad, dimension_numbers=dn)
 
-        def gemm(x, w):
-            return models.gemm_filter_grad_conv(x, w, (s, s), pad, dimension_numbers=dn)
-
         def input_grad(g, w):
             return jax.vjp(lambda x_: conv(x_, w), x)[1](g)[0]
 
-        def filter_grad(x, g, fn=conv):
-            return jax.vjp(lambda w_: fn(x, w_), w)[1](g)[0]
+        def filter_grad(x, g):
+            return jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0]
 
         g = rng.random(jax.eval_shape(conv, x, w).shape, np.float32)
         row = {
             "forward": bench(conv, x, w),
             "input grad": bench(input_grad, g, w) if cin > 3 else 0.0,  # the stem has none
             "filter grad": bench(filter_grad, x, g),
-            "filter grad gemm": bench(lambda x, g: filter_grad(x, g, gemm), x, g),
         }
         return row, 2 * g.size * k * k * cin / 1e9
 

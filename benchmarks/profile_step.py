@@ -68,12 +68,12 @@ def main(argv=None):
     throughput.prepare_process(args)
     import jax
 
-    from simclr_jax import models, pretrain
+    from simclr_jax import train_state
 
     config = throughput.make_config(args)
-    config.model.conv_impl = models.resolve_conv_impl(args.conv_impl)
     images, _, keys = throughput.device_data(config, args.batch)
-    p_step, state = throughput.build_pretrain(config, pretrain.seed_key(0, pretrain.INIT_KEY))
+    key = train_state.seed_key(0, train_state.INIT_KEY)
+    p_step, state = throughput.build_step("pretrain", config, key)
     os.makedirs(args.trace_dir, exist_ok=True)
     p_step = p_step.lower(state, images, *keys).compile()  # compiled once, its HLO kept
     with open(os.path.join(args.trace_dir, "step.hlo.txt"), "w") as f:
@@ -94,8 +94,8 @@ def main(argv=None):
 
     times = op_times(args.trace_dir)
     print(
-        f"{args.model} batch {args.batch} {args.precision} on {jax.device_count()} device(s), "
-        f"conv_impl {config.model.conv_impl}: untraced step {wall:.2f} s, "
+        f"{args.model} batch {args.batch} {args.precision} on {jax.device_count()} device(s): "
+        f"untraced step {wall:.2f} s, "
         f"CPU user {usage['user']:.2f} s + system {usage['system']:.2f} s, "
         f"{usage['faults']:.0f} page faults"
     )

@@ -1,7 +1,7 @@
 """Markdown table of benchmark results: `python benchmarks/table.py benchmarks/results/cpu-*.json`.
 
-One row per (file, part): the settings that differ between runs (devices, conv lowering, XLA:CPU
-convolution library, malloc), ms/step, images/s and MFU against the peak measured in that run.
+One row per (file, part): the settings that differ between runs (devices, conv lowering (results
+before it was removed), XLA:CPU convolution library, malloc), ms/step, images/s and MFU against the peak measured in that run.
 """
 
 import json
@@ -22,7 +22,7 @@ def settings(result: dict) -> str:
         convs = "onednn"
     tunables = result.get("glibc_tunables", "")
     malloc = next((name for name, t in MALLOC.items() if t and t in tunables), "default")
-    return f"{result['device_count']} | {result['conv_impl']} | {convs} | {malloc}"
+    return f"{result['device_count']} | {result.get('conv_impl', 'xla')} | {convs} | {malloc}"
 
 
 def rows(paths, parts=("pretrain", "augment", "classifier")):

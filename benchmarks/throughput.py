@@ -6,14 +6,12 @@ after --warmup, each ended by block_until_ready):
   augment     gathering a batch on device by index and making its two views (as pretrain_step);
   pretrain    the full pretrain step, built as `pretrain.run` builds it (pmapped over
               parallel.AXIS, train state donated), run under jax.transfer_guard('disallow');
-  classifier  the downstream classifier step (`downstream.classifier_step`), built the same way;
+  classifier  the downstream classifier step (`classifier.classifier_step`), built the same way;
 
 and reports ms/step, images/s and model FLOP utilisation (MFU): the step's FLOPs from XLA's cost
 analysis, over the step time, over the machine's peak measured in the same run (the best of a
 large matmul, in the same precision, jitted on one device and pmapped over all of them; measured
-between the parts, so that load on a shared machine hits both alike). The FLOPs are those of the
-model as XLA differentiates it (the step lowered with conv_impl='xla'), so that MFU does not
-depend on how the convolutions are lowered; the lowered step's own count is in the JSON too.
+between the parts, so that load on a shared machine hits both alike).
 
 Writes benchmarks/results/<device>-<n>dev-<model>[-w<width>]-b<batch>-<precision>[-<tag>].json
 and prints a short table. On CPU, --devices sets XLA_FLAGS=--xla_force_host_platform_device_count
@@ -59,7 +57,6 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--devices", type=int, default=0, help="CPU: simulated devices (0: as set)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs after compilation")
-    p.add_argument("--conv-impl", default="auto", help="auto | xla | gemm (models.CONV_IMPLS)")
     p.add_argument(
         "--malloc",
         default="hugepages",
@@ -129,7 +126,6 @@ def make_config(args):
     c.precision = args.precision
     c.model.name = args.model
     c.model.width = args.width
-    c.model.conv_impl = args.conv_impl
     c.pretrain.batch_size = args.batch
     c.downstream.batch_size = args.batch
     return c
@@ -182,46 +178,35 @@ def device_data(config, batch: int):
     places the dataset: 4 batches' worth of random uint8 images and labels."""
     import numpy as np
 
-    from simclr_jax import parallel, pretrain
+    from simclr_jax import parallel, train_state
 
     rng = np.random.default_rng(0)
     size = config.data.image_size
     images = rng.integers(0, 256, (4 * batch, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, (4 * batch,), dtype=np.int32)
-    keys = (pretrain.seed_key(0, pretrain.DATA_KEY), pretrain.seed_key(0, pretrain.AUGMENT_KEY))
+    keys = (
+        train_state.seed_key(0, train_state.DATA_KEY),
+        train_state.seed_key(0, train_state.AUGMENT_KEY),
+    )
     return parallel.replicate(images), parallel.replicate(labels), parallel.replicate(keys)
 
 
-def build_pretrain(config, state_key=None):
-    """(p_step, replicated state) exactly as pretrain.run builds them (no state without a key)."""
+def build_step(part: str, config, state_key=None):
+    """(p_step, replicated state) of the 'pretrain' or 'classifier' part, built exactly as
+    pretrain.run / downstream.compare build them (no state without a key)."""
+    from simclr_jax import classifier, optim, parallel, pretrain, train_state
 
-    from simclr_jax import optim, parallel, pretrain
-
-    pc = config.pretrain
-    schedule = optim.make_schedule(pc, 100, 1000)
-    model, p_step = pretrain.make_step(config, schedule)
+    section = config.pretrain if part == "pretrain" else config.downstream
+    schedule = optim.make_schedule(section, 100, 1000)
+    if part == "pretrain":
+        model, p_step = pretrain.make_step(config, schedule)
+    else:
+        model, p_step = classifier.make_classifier_step(config, schedule, num_classes=10)
     state = None
     if state_key is not None:
-        tx = optim.make_optimizer(pc, schedule)
-        state = parallel.replicate(
-            pretrain.create_state(model, tx, state_key, config.data.image_size)
-        )
-    return p_step, state
-
-
-def build_classifier(config, state_key=None):
-    """(p_step, replicated state) as downstream.compare builds them."""
-    from simclr_jax import downstream, optim, parallel
-
-    dc = config.downstream
-    schedule = optim.make_schedule(dc, 100, 1000)
-    model, p_step = downstream.make_classifier_step(config, schedule, num_classes=10)
-    state = None
-    if state_key is not None:
-        tx = optim.make_optimizer(dc, schedule)
-        state = parallel.replicate(
-            downstream.create_classifier_state(model, tx, state_key, config.data.image_size)
-        )
+        tx = optim.make_optimizer(section, schedule)
+        state = train_state.create_state(model, tx, state_key, config.data.image_size)
+        state = parallel.replicate(state)
     return p_step, state
 
 
@@ -229,9 +214,9 @@ def build_augment(config):
     """pmapped (images, data_key, aug_key, step) -> two views, the first lines of pretrain_step."""
     import jax
 
-    from simclr_jax import augment, parallel, pretrain
+    from simclr_jax import augment, parallel
 
-    aug_cfg, global_batch = pretrain.augment_spec(config), config.pretrain.batch_size
+    aug_cfg, global_batch = augment.spec_from_config(config), config.pretrain.batch_size
 
     def views(images, data_key, aug_key, step):
         ids = parallel.device_batch_ids(data_key, step, images.shape[0], global_batch)
@@ -245,26 +230,21 @@ def run_part(name, args, config, data, peak) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from simclr_jax import parallel, pretrain
+    from simclr_jax import parallel, train_state
 
     images, labels, keys = data
-    key = pretrain.seed_key(0, pretrain.INIT_KEY)
+    key = train_state.seed_key(0, train_state.INIT_KEY)
     t0 = time.perf_counter()
     if name == "augment":
         fn = build_augment(config)
         step = parallel.replicate(jnp.int32(0))
         call_args = (images, *keys, step)
-        flops = own = lowered_flops(fn, call_args)
+        flops = lowered_flops(fn, call_args)
         call = lambda: fn(*call_args)  # noqa: E731
     else:
-        build = build_pretrain if name == "pretrain" else build_classifier
-        p_step, state = build(config, key)
+        p_step, state = build_step(name, config, key)
         step_args = (images, *keys) if name == "pretrain" else (images, labels, *keys)
-        own = lowered_flops(p_step, (state, *step_args))
-        # The model's FLOPs: the same step as XLA differentiates it (conv_impl='xla').
-        ref_cfg = make_config(args)
-        ref_cfg.model.conv_impl = "xla"
-        flops = lowered_flops(build(ref_cfg)[0], (state, *step_args))
+        flops = lowered_flops(p_step, (state, *step_args))
         holder = {"state": state}
 
         def call():
@@ -288,7 +268,6 @@ def run_part(name, args, config, data, peak) -> dict:
         "ms_all": [1e3 * t for t in times],
         "images_per_s": args.batch / sec,
         "gflop_per_step": total / 1e9,
-        "gflop_per_step_lowered": own * n_dev / 1e9,
         "gflop_per_s": total / sec / 1e9,
         "compile_s": compile_s,
     }
@@ -314,17 +293,15 @@ def main(argv=None):
     prepare_process(args)
     import jax
 
-    from simclr_jax import models, pretrain
+    from simclr_jax import train_state
 
     config = make_config(args)
-    args.conv_impl = models.resolve_conv_impl(args.conv_impl)
-    config.model.conv_impl = args.conv_impl
     n_dev = jax.device_count()
     if args.batch % n_dev:
         raise SystemExit(f"--batch {args.batch} does not split over {n_dev} devices")
     data = device_data(config, args.batch)
 
-    peak = Peak(args.peak_size, pretrain.compute_dtype(config))
+    peak = Peak(args.peak_size, train_state.compute_dtype(config))
     peak.measure()
     rows = []
     for name in args.parts:
@@ -342,7 +319,6 @@ def main(argv=None):
         "width": args.width,
         "global_batch": args.batch,
         "precision": args.precision,
-        "conv_impl": args.conv_impl,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "jax": jax.__version__,
@@ -380,7 +356,7 @@ def write(result: dict, args) -> str:
 def print_table(result: dict) -> None:
     print(
         f"\n{result['device']} x{result['device_count']}  {result['model']} w{result['width']:g}  "
-        f"batch {result['global_batch']}  {result['precision']}  conv {result['conv_impl']}  "
+        f"batch {result['global_batch']}  {result['precision']}  "
         f"peak {result['peak_gflop_per_s']:.0f} GFLOP/s"
     )
     print(f"{'part':<11}{'ms/step':>10}{'images/s':>10}{'GFLOP/step':>12}{'GFLOP/s':>9}{'MFU':>7}")

@@ -22,74 +22,91 @@ def get_config() -> ml_collections.ConfigDict:
     c.precision = "float32"  # 'float32' or 'bfloat16' (convs/matmuls in bf16; params, BN, loss f32)
     c.restore = ""  # checkpoint dir to restore the encoder from in --mode=downstream ('' = workdir)
     c.overwrite = False  # allow a workdir that holds a run of a different config to be replaced
-
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "cifar10"  # 'digits' (embedded) or any tfds image classification set
-    c.data.data_dir = (
-        ""  # tfds data_dir of a prepared copy ('' = tfds default, ~/tensorflow_datasets)
-    )
-    c.data.image_size = 32  # side of the views fed to the encoder
-    c.data.max_train_examples = 0  # 0 = all; a smaller number subsamples (quick tests)
-
-    c.augment = ml_collections.ConfigDict()
-    c.augment.crop_scale_min = 0.08  # random resized crop area in [crop_scale_min, 1]
-    c.augment.flip_prob = 0.5
-    c.augment.jitter_strength = (
-        0.5  # s: brightness/contrast/saturation 0.8 s, hue 0.2 s (CIFAR 0.5)
-    )
-    c.augment.jitter_prob = 0.8
-    c.augment.grayscale_prob = 0.2
-    c.augment.blur_prob = 0.0  # the official CIFAR recipe uses no blur
-
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "resnet18"  # resnet18 | resnet34 | resnet50 | tiny
-    c.model.width = 1.0  # channel multiplier (base 64 channels)
-    c.model.stem = "cifar"  # 'cifar' (3x3 stride 1, no max-pool) or 'imagenet' (7x7/2 + max-pool)
-    c.model.head_layers = 2  # projection head depth (SimCLR v1: 2-layer MLP)
-    c.model.head_hidden_dim = 0  # 0 = the encoder's feature dim
-    c.model.proj_dim = 128  # z dimension
-    # BN (no centring) on z, as the official SimCLR code's head; False: z = W2 relu(BN(W1 h)).
-    c.model.head_bn_output = True
-    # How convolutions are differentiated (same params either way): 'gemm' computes the filter
-    # gradient as one GEMM (faster with YNNPACK's CPU convolutions); 'auto' picks it there, else xla.
-    c.model.conv_impl = "auto"
-
-    c.pretrain = ml_collections.ConfigDict()
-    c.pretrain.batch_size = 512  # global: split over every device of every process
-    c.pretrain.epochs = 1000
-    c.pretrain.num_steps = 0  # > 0 overrides epochs
-    c.pretrain.temperature = 0.5  # tau of NT-Xent
-    c.pretrain.optimizer = "lars"  # lars | sgd | adamw
-    c.pretrain.learning_rate = 1.0  # base LR, scaled by batch_size/256 (linear) or sqrt(batch_size)
-    c.pretrain.lr_scaling = "linear"  # linear | sqrt | none
-    c.pretrain.warmup_epochs = 10.0  # linear warm-up, then cosine decay to 0
-    c.pretrain.weight_decay = 1e-4  # not applied to biases and BN parameters
-    c.pretrain.momentum = 0.9
-    c.pretrain.log_every = 50  # steps between metric fetches / log lines
-    c.pretrain.checkpoint_every = 1000  # steps between orbax checkpoints (and one at the end)
-    c.pretrain.keep_checkpoints = 3
-    c.pretrain.knn_every = 0  # epochs between kNN monitor evaluations (0 = off)
-
-    c.downstream = ml_collections.ConfigDict()
-    c.downstream.epochs = 10  # fine-tune and from-scratch classifiers
-    c.downstream.label_fraction = 1.0  # class-balanced labelled subset of the train split
-    c.downstream.batch_size = 256
-    c.downstream.optimizer = "sgd"  # sgd | adamw | lars
-    c.downstream.learning_rate = 0.1  # peak, scaled like pretraining (with downstream.batch_size)
-    c.downstream.lr_scaling = "linear"
-    c.downstream.warmup_epochs = 1.0
-    c.downstream.weight_decay = 5e-4
-    c.downstream.momentum = 0.9
-    c.downstream.linear_epochs = 100  # linear probe on frozen features
-    c.downstream.linear_learning_rate = 0.1
-    c.downstream.linear_batch_size = 512
-    c.downstream.knn_k = 200
-    c.downstream.knn_temperature = 0.1
-    c.downstream.checkpoint_every = 0  # steps between classifier checkpoints (0 = once per epoch)
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.enabled = False  # call jax.distributed.initialize() (auto on TPU pods / SLURM)
-    c.distributed.coordinator_address = ""  # host:port of process 0 ('' = auto-detect)
-    c.distributed.num_processes = 0  # 0 = auto-detect
-    c.distributed.process_id = -1  # -1 = auto-detect
+    c.data = _data()
+    c.augment = _augment()
+    c.model = _model()
+    c.pretrain = _pretrain()
+    c.downstream = _downstream()
+    c.distributed = _distributed()
     return c
+
+
+def _data() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    d.name = "cifar10"  # 'digits' (embedded) or any tfds image classification set
+    d.data_dir = ""  # tfds data_dir of a prepared copy ('' = tfds default, ~/tensorflow_datasets)
+    d.image_size = 32  # side of the views fed to the encoder
+    d.max_train_examples = 0  # 0 = all; a smaller number subsamples (quick tests)
+    return d
+
+
+def _augment() -> ml_collections.ConfigDict:
+    a = ml_collections.ConfigDict()
+    a.crop_scale_min = 0.08  # random resized crop area in [crop_scale_min, 1]
+    a.flip_prob = 0.5
+    a.jitter_strength = 0.5  # s: brightness/contrast/saturation 0.8 s, hue 0.2 s (CIFAR 0.5)
+    a.jitter_prob = 0.8
+    a.grayscale_prob = 0.2
+    a.blur_prob = 0.0  # the official CIFAR recipe uses no blur
+    return a
+
+
+def _model() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.name = "resnet18"  # resnet18 | resnet34 | resnet50 | tiny
+    m.width = 1.0  # channel multiplier (base 64 channels)
+    m.stem = "cifar"  # 'cifar' (3x3 stride 1, no max-pool) or 'imagenet' (7x7/2 + max-pool)
+    m.head_layers = 2  # projection head depth (SimCLR v1: 2-layer MLP)
+    m.head_hidden_dim = 0  # 0 = the encoder's feature dim
+    m.proj_dim = 128  # z dimension
+    # BN (no centring) on z, as the official SimCLR code's head; False: z = W2 relu(BN(W1 h)).
+    m.head_bn_output = True
+    return m
+
+
+def _pretrain() -> ml_collections.ConfigDict:
+    p = ml_collections.ConfigDict()
+    p.batch_size = 512  # global: split over every device of every process
+    p.epochs = 1000
+    p.num_steps = 0  # > 0 overrides epochs
+    p.temperature = 0.5  # tau of NT-Xent
+    p.optimizer = "lars"  # lars | sgd | adamw
+    p.learning_rate = 1.0  # base LR, scaled by batch_size/256 (linear) or sqrt(batch_size)
+    p.lr_scaling = "linear"  # linear | sqrt | none
+    p.warmup_epochs = 10.0  # linear warm-up, then cosine decay to 0
+    p.weight_decay = 1e-4  # not applied to biases and BN parameters
+    p.momentum = 0.9
+    p.log_every = 50  # steps between metric fetches / log lines
+    p.checkpoint_every = 1000  # steps between orbax checkpoints (and one at the end)
+    p.keep_checkpoints = 3
+    p.knn_every = 0  # epochs between kNN monitor evaluations (0 = off)
+    return p
+
+
+def _downstream() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    d.epochs = 10  # fine-tune and from-scratch classifiers
+    d.label_fraction = 1.0  # class-balanced labelled subset of the train split
+    d.batch_size = 256
+    d.optimizer = "sgd"  # sgd | adamw | lars
+    d.learning_rate = 0.1  # peak, scaled like pretraining (with downstream.batch_size)
+    d.lr_scaling = "linear"
+    d.warmup_epochs = 1.0
+    d.weight_decay = 5e-4
+    d.momentum = 0.9
+    d.linear_epochs = 100  # linear probe on frozen features
+    d.linear_learning_rate = 0.1
+    d.linear_batch_size = 512
+    d.knn_k = 200
+    d.knn_temperature = 0.1
+    d.checkpoint_every = 0  # steps between classifier checkpoints (0 = once per epoch)
+    return d
+
+
+def _distributed() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    d.enabled = False  # call jax.distributed.initialize() (auto on TPU pods / SLURM)
+    d.coordinator_address = ""  # host:port of process 0 ('' = auto-detect)
+    d.num_processes = 0  # 0 = auto-detect
+    d.process_id = -1  # -1 = auto-detect
+    return d

@@ -1,22 +1,19 @@
 """SimCLR data augmentation: pure functions of a `jax.random` key, run on the accelerator.
 
-This module owns every random image transformation of the project:
-
-* single-image ops `op(key, image, ...) -> image` on float32 (H, W, C) images in [0, 1]
-  (random resized crop, flip, colour jitter, grayscale, Gaussian blur, and the pad-crop-flip
-  used by the downstream classifier);
+* single-image ops `op(key, image, ...) -> image` on float32 (H, W, C) images in [0, 1]: random
+  resized crop, flip, colour jitter, grayscale, Gaussian blur, the classifier's pad-crop-flip;
 * `simclr_view`, the SimCLR pipeline crop -> flip -> colour jitter -> grayscale -> blur;
-* the batched entry points `two_views` (pretraining) and `downstream_batch` (classifier), which
-  take uint8 batches and derive one key per example from its *global* example index, so a view
-  never depends on how many devices run the step.
+* the batched entry points `two_views` (pretraining) and `downstream_batch` (classifier): uint8
+  batches, one key per example from its *global* index, so a view never depends on how many
+  devices run the step.
 
-Every op is jit- and vmap-able: no data-dependent shapes, random application via `jnp.where`
-(under vmap a `lax.cond` would become a select anyway), and a clip to [0, 1] after each op.
-Colour arithmetic is written elementwise rather than as matmuls so that it stays float32 on TPU,
-where a default-precision matmul would round to bfloat16.
+Every op is jit- and vmap-able: static shapes, random application via `jnp.where` (under vmap a
+`lax.cond` becomes a select anyway), a clip to [0, 1] after each op. Colour arithmetic is
+elementwise, not matmuls, so it stays float32 on TPU (a default-precision matmul rounds to bf16).
 """
 
 import math
+import types
 from collections.abc import Sequence
 from functools import partial
 
@@ -35,7 +32,7 @@ def _uniforms(key, n: int) -> jnp.ndarray:
     """(n,) uniforms in [0, 1) from one draw, rounded up to a power of two.
 
     One draw per op keeps the number of threefry calls low, and XLA:CPU compiles threefry for
-    some sizes far slower than for powers of two (9 per example: ~4 s; 16: ~1 s).
+    some sizes far slower than for powers of two (benchmarks/README.md, compile times).
     """
     return jax.random.uniform(key, (1 << (n - 1).bit_length(),))[:n]
 
@@ -267,6 +264,12 @@ def simclr_view(key, image_uint8, cfg):
     return image
 
 
+def spec_from_config(config) -> types.SimpleNamespace:
+    """What `simclr_view` reads: the config's augment section plus the output size (a plain
+    namespace, closed over when jitting)."""
+    return types.SimpleNamespace(**config.augment.to_dict(), image_size=config.data.image_size)
+
+
 def example_keys(key, step, example_ids):
     """Per-example keys fold_in(fold_in(key, step), id) for global example ids (B,) -> (B, ...)."""
     step_key = jax.random.fold_in(key, step)
@@ -283,8 +286,8 @@ def two_views(key, step, images_uint8, example_ids, cfg):
     keys = example_keys(key, step, example_ids)  # (B,)
     fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
     view_keys = jnp.concatenate([fold(keys, 0), fold(keys, 1)])  # (2B,): all view 0, then view 1
-    # Both views in one flat vmap over 2B: traced and compiled once (nesting a vmap over the
-    # view axis compiles about twice as slowly on CPU).
+    # Both views in one flat vmap over 2B: traced and compiled once (a vmap nested over the view
+    # axis compiles more slowly on CPU: benchmarks/README.md, compile times).
     images = jnp.concatenate([images_uint8, images_uint8])  # (2B, H, W, 3)
     views = jax.vmap(lambda k, image: simclr_view(k, image, cfg))(view_keys, images)
     return views[:batch], views[batch:]  # (B, S, S, 3) each

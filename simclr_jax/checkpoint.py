@@ -13,6 +13,7 @@ reads it back. Callers see single-device arrays either way.
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -23,10 +24,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one is required, or one that does not fit the config."""
 
 
 def _replicated_sharding() -> NamedSharding:
@@ -108,6 +105,28 @@ class Checkpointer:
                 continue
             return tree, meta, step
         return None
+
+    def restore_matching(
+        self, target: Any, check: Callable[[dict], None]
+    ) -> tuple[Any, dict, int] | None:
+        """`restore_latest`, for checkpoints whose metadata `check` accepts (it raises otherwise).
+
+        The newest checkpoint's metadata is checked before anything is restored, so that one made
+        for another model fails with `check`'s message rather than looking unreadable (a shape
+        mismatch), and the restored one is checked again (an older one may have been used).
+        """
+        steps = self.steps()
+        if steps:
+            try:
+                meta = self.read_meta(steps[-1])
+            except Exception:  # damaged metadata: restore_latest sets that step aside
+                meta = None
+            if meta is not None:
+                check(meta)
+        found = self.restore_latest(target)
+        if found is not None:
+            check(found[1])
+        return found
 
     def _set_aside(self, step: int) -> str:
         """Moves a damaged step out of the manager's way (kept for inspection, not deleted), so

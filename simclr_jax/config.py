@@ -6,15 +6,13 @@ import math
 import jax
 import ml_collections
 
+from simclr_jax.errors import ConfigError
+
 DATASET_CHOICES_HINT = "'digits' (embedded) or a tfds image-classification dataset name"
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALINGS = ("linear", "sqrt", "none")
 PRECISIONS = ("float32", "bfloat16")
 MODES = ("pretrain", "downstream", "all")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and what to set instead."""
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -36,26 +34,32 @@ def _check_prob(c: ml_collections.ConfigDict, section: str, keys: tuple[str, ...
 
 def validate(config: ml_collections.ConfigDict, mode: str = "all") -> None:
     """Raises ConfigError on the first value that cannot work; returns None when all is well."""
-    from simclr_jax import models  # models registers the valid names
-
     _check(mode in MODES, "mode", f"--mode must be one of {MODES}, got {mode!r}")
     _check(config.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
     _check(bool(config.data.name), "data.name", f"set a dataset: {DATASET_CHOICES_HINT}")
+    _check_positive(config, "data", ("image_size",))
+    _check_model(config)
+    _check_augment(config)
+    for section in ("pretrain", "downstream"):
+        _check_optimization(config, section)
+    _check_pretrain(config)
+    _check_downstream(config)
+    check_batch_sizes(config)
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+    from simclr_jax import models  # models registers the valid names
+
     _check(
         config.model.name in models.MODELS,
         "model.name",
         f"unknown model {config.model.name!r}; choose one of {sorted(models.MODELS)}",
     )
-    _check(
-        config.model.stem in ("cifar", "imagenet"), "model.stem", "must be 'cifar' or 'imagenet'"
-    )
-    _check(
-        config.model.conv_impl in models.CONV_IMPLS,
-        "model.conv_impl",
-        f"must be one of {models.CONV_IMPLS}",
-    )
+    _check(config.model.stem in models.STEMS, "model.stem", f"must be one of {models.STEMS}")
     _check_positive(config, "model", ("width", "head_layers", "proj_dim"))
-    _check_positive(config, "data", ("image_size",))
+
+
+def _check_augment(config: ml_collections.ConfigDict) -> None:
     _check_prob(config, "augment", ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob"))
     _check(
         0.0 < config.augment.crop_scale_min <= 1.0,
@@ -63,31 +67,36 @@ def validate(config: ml_collections.ConfigDict, mode: str = "all") -> None:
         "must be in (0, 1]",
     )
     _check(config.augment.jitter_strength >= 0, "augment.jitter_strength", "must be >= 0")
-    for section in ("pretrain", "downstream"):
-        s = config[section]
-        _check(s.optimizer in OPTIMIZERS, f"{section}.optimizer", f"must be one of {OPTIMIZERS}")
-        _check(s.lr_scaling in LR_SCALINGS, f"{section}.lr_scaling", f"one of {LR_SCALINGS}")
-        _check_positive(config, section, ("batch_size", "learning_rate"))
-        _check(s.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
-        _check(s.warmup_epochs >= 0, f"{section}.warmup_epochs", "must be >= 0")
+
+
+def _check_optimization(config: ml_collections.ConfigDict, section: str) -> None:
+    s = config[section]
+    _check(s.optimizer in OPTIMIZERS, f"{section}.optimizer", f"must be one of {OPTIMIZERS}")
+    _check(s.lr_scaling in LR_SCALINGS, f"{section}.lr_scaling", f"one of {LR_SCALINGS}")
+    _check_positive(config, section, ("batch_size", "learning_rate"))
+    _check(s.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
+    _check(s.warmup_epochs >= 0, f"{section}.warmup_epochs", "must be >= 0")
+
+
+def _check_pretrain(config: ml_collections.ConfigDict) -> None:
+    pc = config.pretrain
     _check_positive(config, "pretrain", ("temperature", "log_every", "keep_checkpoints"))
     _check(
-        config.pretrain.epochs > 0 or config.pretrain.num_steps > 0,
+        pc.epochs > 0 or pc.num_steps > 0,
         "pretrain.epochs",
         "set pretrain.epochs > 0 or pretrain.num_steps > 0",
     )
-    _check(config.pretrain.checkpoint_every >= 0, "pretrain.checkpoint_every", "must be >= 0")
-    _check(config.pretrain.knn_every >= 0, "pretrain.knn_every", "must be >= 0 (0 = off)")
-    _check(
-        0.0 < config.downstream.label_fraction <= 1.0,
-        "downstream.label_fraction",
-        "must be in (0, 1]",
-    )
+    _check(pc.checkpoint_every >= 0, "pretrain.checkpoint_every", "must be >= 0")
+    _check(pc.knn_every >= 0, "pretrain.knn_every", "must be >= 0 (0 = off)")
+
+
+def _check_downstream(config: ml_collections.ConfigDict) -> None:
+    dc = config.downstream
+    _check(0.0 < dc.label_fraction <= 1.0, "downstream.label_fraction", "must be in (0, 1]")
     _check_positive(config, "downstream", ("epochs", "linear_batch_size", "knn_k"))
-    _check(config.downstream.linear_epochs >= 0, "downstream.linear_epochs", "must be >= 0")
-    _check(config.downstream.linear_learning_rate > 0, "downstream.linear_learning_rate", "> 0")
-    _check(config.downstream.checkpoint_every >= 0, "downstream.checkpoint_every", "must be >= 0")
-    check_batch_sizes(config)
+    _check(dc.linear_epochs >= 0, "downstream.linear_epochs", "must be >= 0")
+    _check(dc.linear_learning_rate > 0, "downstream.linear_learning_rate", "> 0")
+    _check(dc.checkpoint_every >= 0, "downstream.checkpoint_every", "must be >= 0")
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict) -> None:

@@ -10,12 +10,10 @@ import os
 
 import numpy as np
 
+from simclr_jax.errors import DataError
+
 DIGITS = "digits"
 _READ_CHUNK = 2048  # examples per tfds read; bounds peak memory of the decoded dicts
-
-
-class DataError(RuntimeError):
-    """The dataset cannot be read; the message says how to prepare or point at it."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,11 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from simclr_jax.errors import Divergence
 from simclr_jax.metrics import MetricWriter, progress_bar
-
-
-class Divergence(FloatingPointError):
-    """The loss became NaN or Inf; the message names the first bad step."""
 
 
 class Interrupted(KeyboardInterrupt):

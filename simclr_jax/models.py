@@ -22,15 +22,6 @@ h, z, logits come back as float32.
 
 Cross-device BN: with `bn_axis_name='batch'` and the model applied inside
 `jax.pmap(..., axis_name='batch')`, BN statistics are averaged over every device's batch.
-
-Convolution lowering (`conv_impl`, from `model_cfg.conv_impl`): 'xla' differentiates
-`lax.conv_general_dilated` as XLA does; 'gemm' keeps XLA's convolution for the forward pass and
-the input gradient but computes the filter gradient as one GEMM over shifted copies of the input
-(`gemm_filter_grad_conv`). XLA:CPU's default convolution library (YNNPACK, jaxlib 0.10) runs the
-filter gradient, a convolution with an H x W window, 3-9x slower than the forward conv; the GEMM
-form is 2-3x faster (benchmarks/README.md). The parameters are nn.Conv's either way (same names
-and shapes). 'auto' picks 'gemm' where XLA:CPU's convolutions are YNNPACK's, else 'xla' (GPU,
-TPU, and CPU with Eigen's convolutions, whose filter gradient beats the GEMM).
 """
 
 import functools
@@ -38,16 +29,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-from jax import lax
 
 # Fixed per-channel CIFAR-10 statistics; images arrive in [0, 1].
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.247, 0.243, 0.261)
 
 STEMS = ("cifar", "imagenet")
-CONV_IMPLS = ("auto", "xla", "gemm")
 
 ModuleDef = Any
 
@@ -60,148 +48,6 @@ def _pad(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
     asymmetrically)."""
     p = kernel // 2
     return ((p, p), (p, p))
-
-
-# ----------------------------------------------------------------------------- convolutions
-
-
-def _nhwc(lhs_shape, rhs_shape) -> lax.ConvDimensionNumbers:
-    return lax.conv_dimension_numbers(lhs_shape, rhs_shape, ("NHWC", "HWIO", "NHWC"))
-
-
-def _xla_conv(x, kernel, strides, padding):
-    return lax.conv_general_dilated(
-        x, kernel, strides, padding, dimension_numbers=_nhwc(x.shape, kernel.shape)
-    )
-
-
-def _contract_rows(a, b):
-    """a (M, P), b (M, Q) -> a^T b (P, Q), accumulated in float32 (M is the long axis).
-
-    a is the narrow operand (g's channels): XLA:CPU's GEMM runs this orientation 2-3x faster
-    than b^T a when M is long."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _stack_channels(parts):
-    """[(N, H, W, C)] * k -> (N, H, W, k*C), part-major. Stacking on a new axis before the
-    channels and reshaping copies whole channel rows; XLA:CPU runs that ~1.5x faster than a
-    concatenate on the channel axis."""
-    if len(parts) == 1:
-        return parts[0]
-    return jnp.stack(parts, axis=-2).reshape(*parts[0].shape[:-1], -1)
-
-
-def conv_filter_grad(x, g, kernel_shape, strides, padding):
-    """d(sum(conv(x, k) * g)) / dk for an NHWC / HWIO convolution, as GEMMs.
-
-    x: (N, H, W, Cin), g: (N, Ho, Wo, Cout) -> (KH, KW, Cin, Cout) float32.
-    Stride 1 on maps of at least 4 * (KH - 1) rows: the KW column shifts of x and the KH row
-    shifts of g are stacked on the channel axis, so one GEMM (KH*Cout, M) x (M, KW*Cin),
-    M = N*(H+pads)*Wo, gives every tap (3x copies of x and of g instead of 9x of x). Otherwise
-    (strided, 1x1, small maps): the usual im2col, KH*KW (strided) taps of x on the channel axis.
-    """
-    kh, kw, cin, cout = kernel_shape
-    (pt, pb), (pl, pr) = padding
-    sh, sw = strides
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    n, ho, wo, _ = g.shape
-    hp = xp.shape[1]
-    # The row-shift form also multiplies the kh - 1 padding rows: im2col wins on small maps.
-    if (sh, sw) == (1, 1) and kh * kw > 1 and 4 * (kh - 1) <= ho:
-        xs = _stack_channels([xp[:, :, j : j + wo] for j in range(kw)])  # (N, Hp, Wo, KW*Cin)
-        rows = [((0, 0), (i, hp - ho - i), (0, 0), (0, 0)) for i in range(kh)]
-        gs = _stack_channels([jnp.pad(g, r) for r in rows])  # (N, Hp, Wo, KH*Cout)
-        d = _contract_rows(gs.reshape(-1, kh * cout), xs.reshape(-1, kw * cin))
-        return d.reshape(kh, cout, kw, cin).transpose(0, 2, 3, 1)
-    taps = [
-        lax.slice(
-            xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin), (1, sh, sw, 1)
-        )
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    patches = _stack_channels(taps)  # (N, Ho, Wo, KH*KW*Cin)
-    d = _contract_rows(g.reshape(-1, cout), patches.reshape(-1, kh * kw * cin))  # (Cout, K)
-    return d.T.reshape(kh, kw, cin, cout)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _gemm_conv(x, kernel, strides, padding):
-    return _xla_conv(x, kernel, strides, padding)
-
-
-def _gemm_conv_fwd(x, kernel, strides, padding):
-    return _xla_conv(x, kernel, strides, padding), (x, kernel)
-
-
-def _gemm_conv_bwd(strides, padding, res, g):
-    x, kernel = res
-    # The input gradient stays XLA's (transposed) convolution: it runs as fast as the forward.
-    (dx,) = jax.linear_transpose(lambda t: _xla_conv(t, kernel, strides, padding), x)(g)
-    dk = conv_filter_grad(x, g, kernel.shape, strides, padding)
-    return dx, dk.astype(kernel.dtype)
-
-
-_gemm_conv.defvjp(_gemm_conv_fwd, _gemm_conv_bwd)
-
-
-def gemm_filter_grad_conv(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    precision=None,
-    **unused,
-):
-    """`lax.conv_general_dilated` with the filter gradient of `conv_filter_grad`, for
-    `nn.Conv(conv_general_dilated=...)`. Same forward values and input gradient as XLA's.
-
-    Only plain NHWC / HWIO convolutions (no dilation, one feature group), which is every conv of
-    this module's ResNets; anything else is refused rather than silently lowered another way.
-    """
-    dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-    if (
-        dilated
-        or feature_group_count != 1
-        or lhs.ndim != 4
-        or lax.ConvDimensionNumbers(*dimension_numbers) != _nhwc(lhs.shape, rhs.shape)
-    ):
-        raise NotImplementedError(
-            "conv_impl='gemm' supports undilated, ungrouped NHWC/HWIO 2-D convolutions only; "
-            "use conv_impl='xla'."
-        )
-    if isinstance(padding, str):
-        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _gemm_conv(lhs, rhs, tuple(int(s) for s in window_strides), padding)
-
-
-@functools.cache
-def cpu_convs_use_ynnpack() -> bool:
-    """Whether XLA:CPU hands convolutions to YNNPACK (jaxlib 0.10's default; Eigen's with
-    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce, and before YNNPACK).
-    Read off a small compiled convolution (compiled once, nothing run)."""
-    x = jax.ShapeDtypeStruct((2, 16, 16, 32), jnp.float32)
-    k = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
-    conv = jax.jit(_xla_conv, static_argnums=(2, 3))
-    return "__ynn_fusion" in conv.lower(x, k, (1, 1), ((1, 1), (1, 1))).compile().as_text()
-
-
-def resolve_conv_impl(conv_impl: str) -> str:
-    """Checks the name; 'auto' -> 'gemm' where XLA:CPU's convolutions are YNNPACK's (whose
-    filter gradient is the slow one), else 'xla' (GPU, TPU, Eigen's CPU convolutions, whose
-    filter gradient beats the GEMM: benchmarks/README.md)."""
-    if conv_impl not in CONV_IMPLS:
-        raise ValueError(f"unknown conv_impl {conv_impl!r}; valid: {CONV_IMPLS}")
-    if conv_impl == "auto":
-        cpu = jax.default_backend() == "cpu"
-        return "gemm" if cpu and cpu_convs_use_ynnpack() else "xla"
-    return conv_impl
 
 
 class BasicBlock(nn.Module):
@@ -268,7 +114,6 @@ class ResNet(nn.Module):
     zero_init_residual: bool = True
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
-    conv_impl: str = "xla"  # 'xla' | 'gemm' (see the module docstring); 'auto' resolves per backend
 
     @property
     def base_filters(self) -> int:
@@ -284,16 +129,12 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        if self.stem not in STEMS:
-            raise ValueError(f"unknown stem {self.stem!r}; valid: {STEMS}")
-        conv_impl = resolve_conv_impl(self.conv_impl)
         conv = functools.partial(
             nn.Conv,
             use_bias=False,
             kernel_init=conv_init,
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            conv_general_dilated=gemm_filter_grad_conv if conv_impl == "gemm" else None,
         )
         norm = _batch_norm(train, self.bn_axis_name, self.dtype)
         x = (x.astype(jnp.float32) - jnp.array(CIFAR_MEAN)) / jnp.array(CIFAR_STD)
@@ -312,7 +153,8 @@ class ResNet(nn.Module):
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # (B, feat_dim)
 
     def _stem(self, x, conv: ModuleDef, norm: ModuleDef):
-        """(B, H, W, 3) -> (B, H, W, C) for CIFAR, (B, H/4, W/4, C) for ImageNet."""
+        """(B, H, W, 3) -> (B, H, W, C) for CIFAR, (B, H/4, W/4, C) for ImageNet (STEMS; the
+        config is checked before any model is built)."""
         if self.stem == "cifar":
             x = conv(self.base_filters, (3, 3), padding=_pad(3), name="stem_conv")(x)
             return nn.relu(norm(name="stem_bn")(x))
@@ -347,8 +189,6 @@ class ProjectionHead(nn.Module):
 
     @nn.compact
     def __call__(self, h, train: bool):
-        if self.num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
         norm = _batch_norm(train, self.bn_axis_name, self.dtype)
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
         hidden = self.hidden_dim or h.shape[-1]
@@ -408,19 +248,14 @@ MODELS = {"resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50, "tin
 
 
 def build_encoder(model_cfg, bn_axis_name: str | None = None, dtype: Any = jnp.float32) -> ResNet:
-    """The ResNet named by `model_cfg.name`, with its `width`, `stem` and `conv_impl` (optional,
-    default 'auto', see `resolve_conv_impl`)."""
-    if model_cfg.name not in MODELS:
-        raise ValueError(f"unknown model {model_cfg.name!r}; valid names: {sorted(MODELS)}")
-    if model_cfg.stem not in STEMS:
-        raise ValueError(f"unknown stem {model_cfg.stem!r}; valid: {STEMS}")
+    """The ResNet named by `model_cfg.name` (a key of MODELS), with its `width` and `stem`
+    (the config checks both: `config.validate`)."""
     return MODELS[model_cfg.name](
         width=model_cfg.width,
         stem=model_cfg.stem,
         zero_init_residual=getattr(model_cfg, "zero_init_residual", True),
         bn_axis_name=bn_axis_name,
         dtype=dtype,
-        conv_impl=resolve_conv_impl(getattr(model_cfg, "conv_impl", "auto")),
     )
 
 
@@ -431,7 +266,7 @@ def build_model(
 
     `model_cfg` needs `name` (a key of MODELS), `width`, `stem`, `head_layers`,
     `head_hidden_dim` (0: feat_dim), `proj_dim`; optional `zero_init_residual` (True),
-    `head_bn_output` (False) and `conv_impl` ('auto').
+    `head_bn_output` (False).
     """
     encoder = build_encoder(model_cfg, bn_axis_name, dtype)
     if num_classes is not None:
@@ -445,8 +280,3 @@ def build_model(
         dtype=dtype,
     )
     return SimCLRModel(encoder=encoder, head=head)
-
-
-def feature_dim(model_cfg) -> int:
-    """Size of h for `model_cfg` (512 for resnet18 at width 1, 2048 for resnet50)."""
-    return build_encoder(model_cfg).feat_dim

@@ -1,5 +1,6 @@
 """Devices: the one pmap axis name, replication of state and data, the per-device slice of a global
-batch, and jax.distributed set-up for multi-host runs."""
+batch, the chunked loop over examples that evaluations share, and jax.distributed set-up for
+multi-host runs."""
 
 import logging
 import os
@@ -13,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 log = logging.getLogger(__name__)
 
 AXIS = "batch"  # used by pmap, nn.BatchNorm(axis_name=...), lax.pmean/psum and lax.all_gather
+EVAL_CHUNK = 256  # images per device per evaluation call (bounds the activations' memory)
 
 
 def replicate(tree, devices=None):
@@ -30,13 +32,6 @@ def replicate(tree, devices=None):
 def unreplicate(tree):
     """The first local device's copy of a replicated tree, as single-device arrays (no host copy)."""
     return jax.tree.map(lambda x: x.addressable_data(0)[0], tree)
-
-
-def per_device(global_batch: int) -> int:
-    n = jax.device_count()
-    if global_batch % n:
-        raise ValueError(f"global batch {global_batch} does not split over {n} devices")
-    return global_batch // n
 
 
 def epoch_permutation(key, epoch, num_examples: int):
@@ -70,6 +65,19 @@ def shard_indices(indices: np.ndarray, pad_to: int) -> tuple[np.ndarray, np.ndar
     lo = jax.process_index() * per_proc
     shape = (jax.local_device_count(), -1)
     return padded[lo : lo + per_proc].reshape(shape), valid[lo : lo + per_proc].reshape(shape)
+
+
+def index_chunks(num_examples: int, max_per_device: int = EVAL_CHUNK):
+    """The one chunked evaluation loop: covers range(num_examples) in calls of at most
+    max_per_device rows on each of all devices. Yields (ids (k,), local_ids, mask), the last two
+    (local_devices, per_device) as `shard_indices` gives them, for a pmapped function to gather
+    rows by index. Every call has the same shape, so the function compiles once."""
+    n_dev = jax.device_count()
+    per_call = min(max_per_device, -(-num_examples // n_dev)) * n_dev
+    for start in range(0, num_examples, per_call):
+        ids = np.arange(start, min(num_examples, start + per_call), dtype=np.int32)
+        local_ids, mask = shard_indices(ids, per_call)
+        yield ids, local_ids, mask
 
 
 def detect_cluster() -> str | None:

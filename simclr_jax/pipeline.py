@@ -10,18 +10,16 @@ import time
 import jax
 from jax.experimental import multihost_utils
 
-from simclr_jax import checkpoint, data, parallel, pretrain
+from simclr_jax import checkpoint, data, parallel, pretrain, report
 from simclr_jax import config as config_lib
+from simclr_jax.errors import CheckpointError, WorkdirError
 from simclr_jax.metrics import METRICS_FILE, MetricWriter
+from simclr_jax.train_state import model_identity
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 # The sections that make two runs incomparable: a workdir holding another one is refused.
 IDENTITY_KEYS = ("data.name", "data.image_size", "model")
-
-
-class WorkdirError(RuntimeError):
-    """The workdir cannot be used as asked; the message says why and what to do."""
 
 
 def pretrain_dir(workdir: str) -> str:
@@ -34,19 +32,13 @@ def _identity(cfg: dict) -> dict:
         node = cfg
         for part in key.split("."):
             node = node.get(part, {}) if isinstance(node, dict) else None
-        if key == "model" and isinstance(node, dict):  # conv_impl etc.: same params
-            node = pretrain.model_identity(node)
+        if key == "model" and isinstance(node, dict):  # keys of earlier versions left out
+            node = model_identity(node)
         out[key] = node
     return out
 
 
-def prepare_workdir(workdir: str, config, mode: str) -> None:
-    """Creates the workdir, refuses one that holds a different run, writes config.json.
-
-    Every process checks; only process 0 deletes and writes (atomically, so that the others read
-    the old file or the new one whole), and nobody goes on before it has finished.
-    """
-    primary = jax.process_index() == 0
+def _check_writable(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
@@ -57,28 +49,44 @@ def prepare_workdir(workdir: str, config, mode: str) -> None:
         raise WorkdirError(
             f"--workdir {workdir!r} is not writable ({err}). Choose another --workdir."
         ) from err
+
+
+def _identity_changes(path: str, config) -> dict:
+    """{key: (old, new)} for the identity keys where the run in `path` (a config.json) differs."""
+    with open(path) as f:
+        old = _identity(json.load(f))
+    new = _identity(json.loads(config.to_json()))
+    return {k: (v, new[k]) for k, v in old.items() if v != new[k]}
+
+
+def _delete_run(workdir: str) -> None:
+    shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+    for name in (METRICS_FILE, "tensorboard"):
+        p = os.path.join(workdir, name)
+        shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (
+            os.path.exists(p) and os.remove(p)
+        )
+
+
+def prepare_workdir(workdir: str, config, mode: str) -> None:
+    """Creates the workdir, refuses one that holds a different run, writes config.json.
+
+    Every process checks; only process 0 deletes and writes (atomically, so that the others read
+    the old file or the new one whole), and nobody goes on before it has finished.
+    """
+    primary = jax.process_index() == 0
+    _check_writable(workdir)
     path = os.path.join(workdir, CONFIG_FILE)
-    new = json.loads(config.to_json())
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        diff = {
-            k: (v, _identity(new)[k]) for k, v in _identity(old).items() if v != _identity(new)[k]
-        }
-        if diff and not config.overwrite:
-            lines = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items())
-            raise WorkdirError(
-                f"--workdir {workdir!r} holds a run of a different config ({lines}). Use another "
-                f"--workdir, or pass --config.overwrite=True to delete that run and start anew."
-            )
-        if diff and mode != "downstream" and primary:
-            log.warning("Overwriting the run in %s (config.overwrite=True).", workdir)
-            shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
-            for name in (METRICS_FILE, "tensorboard"):
-                p = os.path.join(workdir, name)
-                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (
-                    os.path.exists(p) and os.remove(p)
-                )
+    diff = _identity_changes(path, config) if os.path.exists(path) else {}
+    if diff and not config.overwrite:
+        lines = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items())
+        raise WorkdirError(
+            f"--workdir {workdir!r} holds a run of a different config ({lines}). Use another "
+            f"--workdir, or pass --config.overwrite=True to delete that run and start anew."
+        )
+    if diff and mode != "downstream" and primary:
+        log.warning("Overwriting the run in %s (config.overwrite=True).", workdir)
+        _delete_run(workdir)
     if primary:
         with open(path + ".tmp", "w") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -95,7 +103,7 @@ def encoder_source(config, workdir: str) -> str:
         where = ckpt_root
     steps = [d for d in os.listdir(where) if d.isdigit()] if os.path.isdir(where) else []
     if not steps:
-        raise checkpoint.CheckpointError(
+        raise CheckpointError(
             f"--mode=downstream needs a pretraining checkpoint, and {where} holds none. Run "
             f"--mode=pretrain (or all) with this --workdir first, or point --config.restore at a "
             f"workdir or checkpoint directory of a finished pretraining run."
@@ -103,14 +111,7 @@ def encoder_source(config, workdir: str) -> str:
     return where
 
 
-def run(config, workdir: str, mode: str = "all") -> dict:
-    """Runs the stages of `mode` in `workdir`; returns a summary dict (also logged)."""
-    parallel.initialize_distributed(config.distributed)
-    if jax.process_index() != 0:  # process 0 reports progress; the others only warn
-        logging.getLogger("simclr_jax").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
-    config_lib.validate(config, mode)
-    source = encoder_source(config, workdir) if mode == "downstream" else None
-    prepare_workdir(workdir, config, mode)
+def _load_data(config):
     t0 = time.perf_counter()
     ds = data.load(config.data)
     log.info(
@@ -121,27 +122,47 @@ def run(config, workdir: str, mode: str = "all") -> dict:
         time.perf_counter() - t0,
         jax.device_count(),
     )
+    return ds
+
+
+def _pretrain_stage(config, ds, workdir: str, writer) -> dict:
+    ckpt = checkpoint.Checkpointer(pretrain_dir(workdir), keep=config.pretrain.keep_checkpoints)
+    try:
+        _, result = pretrain.run(config, ds, writer, ckpt)
+    finally:
+        ckpt.close()
+    return {"wall_s": result.wall_s, "images_per_s": result.images_per_s, **result.last_record}
+
+
+def _downstream_stage(config, ds, workdir: str, writer, source: str) -> dict:
+    """The comparison, then the report (written by process 0, from the workdir's files)."""
+    from simclr_jax import downstream  # noqa: PLC0415 (the heavier stage, only when used)
+
+    summary = downstream.run(config, ds, workdir, writer, source)
+    if writer.enabled:
+        rep = report.write(workdir)
+        summary.update(report.summary(rep), wall_s=rep["wall_s"])
+        log.info("Report: %s", os.path.join(workdir, report.REPORT_MD))
+    return summary
+
+
+def run(config, workdir: str, mode: str = "all") -> dict:
+    """Runs the stages of `mode` in `workdir`; returns a summary dict (also logged)."""
+    parallel.initialize_distributed(config.distributed)
+    if jax.process_index() != 0:  # process 0 reports progress; the others only warn
+        logging.getLogger("simclr_jax").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+    config_lib.validate(config, mode)
+    source = encoder_source(config, workdir) if mode == "downstream" else None
+    prepare_workdir(workdir, config, mode)
+    ds = _load_data(config)
     writer = MetricWriter(workdir)
     summary = {"workdir": os.path.abspath(workdir), "mode": mode}
     try:
         if mode in ("pretrain", "all"):
-            ckpt = checkpoint.Checkpointer(
-                pretrain_dir(workdir), keep=config.pretrain.keep_checkpoints
-            )
-            try:
-                _, result = pretrain.run(config, ds, writer, ckpt)
-            finally:
-                ckpt.close()
-            summary["pretrain"] = {
-                "wall_s": result.wall_s,
-                "images_per_s": result.images_per_s,
-                **result.last_record,
-            }
+            summary["pretrain"] = _pretrain_stage(config, ds, workdir, writer)
             source = pretrain_dir(workdir)
         if mode in ("downstream", "all"):
-            from simclr_jax import downstream  # noqa: PLC0415 (the heavier stage, only when used)
-
-            summary["downstream"] = downstream.run(config, ds, workdir, writer, source)
+            summary["downstream"] = _downstream_stage(config, ds, workdir, writer, source)
     finally:
         writer.close()
     return summary

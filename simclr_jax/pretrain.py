@@ -1,66 +1,32 @@
-"""SimCLR pretraining: the train state, the pmapped step (gather a batch on device, two views,
-f and g, NT-Xent over the global batch, LARS update) and the run that resumes from, and writes,
+"""SimCLR pretraining: the pmapped step (gather a batch on device, two views, f and g, NT-Xent
+over the global batch, LARS update), the kNN monitor, and the run that resumes from, and writes,
 orbax checkpoints.
 """
 
 import functools
 import logging
-import types
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax.training import train_state
 from jax import lax
 
 from simclr_jax import augment, evaluate, loop, losses, models, optim, parallel
-from simclr_jax.checkpoint import Checkpointer, CheckpointError
+from simclr_jax.checkpoint import Checkpointer
+from simclr_jax.errors import ConfigError
+from simclr_jax.train_state import (
+    AUGMENT_KEY,
+    DATA_KEY,
+    INIT_KEY,
+    TrainState,
+    checked_restore,
+    checkpoint_meta,
+    compute_dtype,
+    create_state,
+    seed_key,
+    state_tree,
+)
 
 log = logging.getLogger(__name__)
-
-# Model keys that change how, not what, is computed: checkpoints move freely between them.
-COMPUTE_ONLY_KEYS = ("conv_impl",)
-# fold_in tags of the config seed: one independent stream per use.
-INIT_KEY, DATA_KEY, AUGMENT_KEY = 0, 1, 2
-
-
-class TrainState(train_state.TrainState):
-    batch_stats: Any = None
-
-
-def seed_key(seed: int, tag: int):
-    return jax.random.fold_in(jax.random.PRNGKey(seed), tag)
-
-
-def compute_dtype(config):
-    return jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
-
-
-def augment_spec(config) -> types.SimpleNamespace:
-    """The augment section plus the output size (a plain, hashable-by-closure namespace)."""
-    return types.SimpleNamespace(**config.augment.to_dict(), image_size=config.data.image_size)
-
-
-def create_state(model, tx, key, image_size: int) -> TrainState:
-    """Unreplicated state on the default device. init runs in eval mode (no BN axis needed)."""
-    dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
-    variables = jax.jit(functools.partial(model.init, train=False))(key, dummy)
-    return TrainState.create(
-        apply_fn=model.apply,
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        tx=tx,
-    )
-
-
-def state_tree(state: TrainState) -> dict:
-    """What a checkpoint holds (the unreplicated state's arrays)."""
-    return {
-        "step": state.step,
-        "params": state.params,
-        "batch_stats": state.batch_stats,
-        "opt_state": state.opt_state,
-    }
 
 
 def pretrain_step(
@@ -97,7 +63,7 @@ def make_step(config, schedule, devices=None):
     step_fn = functools.partial(
         pretrain_step,
         model=model,
-        aug_cfg=augment_spec(config),
+        aug_cfg=augment.spec_from_config(config),
         temperature=config.pretrain.temperature,
         global_batch=config.pretrain.batch_size,
         schedule=schedule,
@@ -107,7 +73,7 @@ def make_step(config, schedule, devices=None):
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     if num_examples < global_batch:
-        raise ValueError(
+        raise ConfigError(
             f"config.pretrain.batch_size={global_batch} is larger than the {num_examples} training "
             f"images; lower it."
         )
@@ -118,51 +84,15 @@ def total_steps(section, spe: int) -> int:
     return int(section.num_steps) if section.num_steps > 0 else int(section.epochs * spe)
 
 
-def model_identity(model: dict) -> dict:
-    """The model config's keys that decide the parameters (COMPUTE_ONLY_KEYS left out)."""
-    return {k: v for k, v in model.items() if k not in COMPUTE_ONLY_KEYS}
-
-
-def checkpoint_meta(config, phase: str) -> dict:
-    """What a checkpoint must agree with to be restored: the model and the data it was made for."""
-    return {
-        "phase": phase,
-        "model": model_identity(config.model.to_dict()),
-        "data": {"name": config.data.name, "image_size": config.data.image_size},
-    }
-
-
-def check_meta(meta: dict, config, where: str) -> None:
-    want = checkpoint_meta(config, meta.get("phase", "pretrain"))
-    for key in ("model", "data"):
-        got = meta.get(key)
-        if key == "model" and isinstance(got, dict):
-            got = model_identity(got)
-        if got != want[key]:
-            raise CheckpointError(
-                f"The checkpoint in {where} was made for {key} {meta.get(key)} but the config asks "
-                f"for {want[key]}. Use the config the checkpoint was trained with, or another "
-                f"--workdir / --config.restore."
-            )
-
-
 def restore_or_init(ckpt: Checkpointer, state: TrainState, config) -> tuple[TrainState, int]:
     """The newest readable checkpoint's state, or `state` itself (a fresh start)."""
-    steps = ckpt.steps()
-    if steps:  # a checkpoint of another model must fail clearly, not look 'unreadable'
-        try:
-            meta = ckpt.read_meta(steps[-1])
-        except Exception:  # damaged metadata: restore_latest below sets it aside
-            meta = None
-        if meta is not None:
-            check_meta(meta, config, ckpt.directory)
-    found = ckpt.restore_latest(state_tree(state))
+    had_checkpoints = bool(ckpt.steps())  # damaged ones are set aside by the restore
+    found = checked_restore(ckpt, state_tree(state), config)
     if found is None:
-        if steps:
+        if had_checkpoints:
             log.warning("No usable checkpoint in %s: starting from scratch.", ckpt.directory)
         return state, 0
-    tree, meta, step = found
-    check_meta(meta, config, ckpt.directory)
+    tree, _, step = found
     log.info("Resuming pretraining from step %d (%s).", step, ckpt.directory)
     return state.replace(**tree), step
 

@@ -1,6 +1,7 @@
 """The report of a run, from the files in its workdir only: metrics.jsonl and config.json ->
-report.json (every number), report.md (the table a person reads first) and two PNG plots
-(test accuracy / test loss per epoch, the pretrained and the scratch classifier on the same axes).
+report.json (every number), report.md (the table a person reads first) and the plots of
+`plots.py` (test accuracy / test loss per epoch, the pretrained and the scratch classifier on the
+same axes).
 
 It imports neither jax nor the training modules, so it can be rerun on a finished (or copied)
 workdir:  python -m simclr_jax.report WORKDIR
@@ -11,14 +12,14 @@ import math
 import os
 import sys
 
+from simclr_jax import plots
+
 # The file names the training side writes (metrics.METRICS_FILE, pipeline.CONFIG_FILE); repeated
 # here rather than imported, since those modules import jax.
 METRICS_FILE, CONFIG_FILE = "metrics.jsonl", "config.json"
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 ACCURACY_PNG, LOSS_PNG = "accuracy.png", "loss.png"
 RUNS = ("finetune", "scratch")
-LABELS = {"finetune": "pretrained (SimCLR f)", "scratch": "from scratch"}
-COLORS = {"finetune": "tab:blue", "scratch": "tab:orange"}
 CURVE_KEYS = (
     ("loss", "train_loss"),
     ("accuracy", "train_acc"),
@@ -165,11 +166,10 @@ def _secs(x) -> str:
     return f"{x:.1f} s" if x < 120 else f"{x / 60:.1f} min"
 
 
-def markdown(rep: dict) -> str:
-    cfg, dc = rep["config"], rep["config"]["downstream"]
+def _header(rep: dict) -> list[str]:
+    cfg = rep["config"]
     model = cfg["model"]
-    pre, lin, knn = rep["pretrain"], rep["linear"] or {}, rep["knn"] or {}
-    lines = [
+    return [
         f"# SimCLR on {cfg['data']['name']}: pretrained vs scratch",
         "",
         f"Labelled training images: **{_or_q(rep['num_labelled'])}** (label fraction "
@@ -179,9 +179,12 @@ def markdown(rep: dict) -> str:
         f"restored from step {_or_q(rep['encoder_step'])} of the pretraining run in "
         f"{rep['encoder_source']}. Wall times include compilation.",
         "",
-        "| Method | Test accuracy | Test loss | Wall time |",
-        "|---|---:|---:|---:|",
     ]
+
+
+def _method_table(rep: dict) -> list[str]:
+    pre, lin, knn = rep["pretrain"], rep["linear"] or {}, rep["knn"] or {}
+    lines = ["| Method | Test accuracy | Test loss | Wall time |", "|---|---:|---:|---:|"]
     for run, what in (
         ("finetune", "Fine-tuned from the pretrained encoder"),
         ("scratch", "From scratch"),
@@ -197,7 +200,7 @@ def markdown(rep: dict) -> str:
         if pre["steps"] is not None
         else "| SimCLR pretraining (another workdir) | — | — | — |"
     )
-    lines += [
+    return lines + [
         f"| Linear probe, frozen encoder ({lin.get('epochs', '—')} epochs) | "
         f"{_pct(lin.get('test_acc'))} | {_num(lin.get('test_loss'))} | {_secs(lin.get('wall_s'))} |",
         f"| kNN, frozen encoder (k={knn.get('k', '—')}, T={knn.get('temperature', '—')}) | "
@@ -205,6 +208,11 @@ def markdown(rep: dict) -> str:
         pretrain_row,
         "",
     ]
+
+
+def _protocol(rep: dict) -> list[str]:
+    dc = rep["config"]["downstream"]
+    lines = []
     s = summary(rep)
     if "pretrained_minus_scratch" in s:
         lines.append(
@@ -212,13 +220,18 @@ def markdown(rep: dict) -> str:
             f"**{100 * s['pretrained_minus_scratch']:+.2f} points**. Best epoch: "
             f"{_pct(rep['finetune']['best_test_acc'])} vs {_pct(rep['scratch']['best_test_acc'])}."
         )
-    lines += [
+    return lines + [
         f"Both classifiers: same data order, augmentation (random crop + flip), head init, "
         f"{dc['optimizer']} (peak lr {peak_lr(dc):g}, batch {dc['batch_size']}, weight decay "
         f"{dc['weight_decay']:g}), warm-up then cosine decay; only the encoder's initial weights differ. "
         f"Frozen features (BN in inference mode) come from the pretrained encoder; kNN: cosine "
         f"similarity, temperature-weighted votes; the linear probe uses standardised features.",
         "",
+    ]
+
+
+def _per_epoch(rep: dict) -> list[str]:
+    lines = [
         "## Per epoch",
         "",
         "| Epoch | Pretrained test acc | Scratch test acc | Pretrained test loss | Scratch test loss |",
@@ -235,43 +248,13 @@ def markdown(rep: dict) -> str:
             f"| {epoch} | {_pct(at(ft, 'test_acc'))} | {_pct(at(sc, 'test_acc'))} | "
             f"{_num(at(ft, 'test_loss'))} | {_num(at(sc, 'test_loss'))} |"
         )
+    return lines
+
+
+def markdown(rep: dict) -> str:
+    lines = _header(rep) + _method_table(rep) + _protocol(rep) + _per_epoch(rep)
     lines += ["", f"![test accuracy]({ACCURACY_PNG})", "", f"![test loss]({LOSS_PNG})", ""]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def plot(rep: dict, metric: str, path: str) -> None:
-    """`metric` ('acc' or 'loss') per epoch: test solid, train dashed, one colour per run."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(6.4, 4.2), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for run in RUNS:
-        r = rep[run]
-        for split, style in (("test", "-"), ("train", "--")):
-            ys = r[f"{split}_{metric}"]
-            if any(y is not None for y in ys):
-                ax.plot(
-                    r["epoch"],
-                    ys,
-                    style,
-                    color=COLORS[run],
-                    marker="o" if split == "test" else None,
-                    label=f"{LABELS[run]}, {split}",
-                )
-    name = "accuracy" if metric == "acc" else "cross-entropy loss"
-    title = f"{rep['config']['data']['name']}, {_or_q(rep['num_labelled'])} labelled images"
-    ax.set(xlabel="epoch", ylabel=name, title=f"{title}: {name}")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
 
 
 def write(workdir: str) -> dict:
@@ -283,8 +266,8 @@ def write(workdir: str) -> dict:
     os.replace(tmp, os.path.join(workdir, REPORT_JSON))
     with open(os.path.join(workdir, REPORT_MD), "w") as f:
         f.write(markdown(rep))
-    plot(rep, "acc", os.path.join(workdir, ACCURACY_PNG))
-    plot(rep, "loss", os.path.join(workdir, LOSS_PNG))
+    plots.classifier_curves(rep, "acc", os.path.join(workdir, ACCURACY_PNG))
+    plots.classifier_curves(rep, "loss", os.path.join(workdir, LOSS_PNG))
     return rep
 
 

@@ -1,9 +1,8 @@
 """XLA:CPU settings that must be made before jax starts (imports nothing from jax).
 
-jaxlib 0.10's XLA:CPU hands convolutions to YNNPACK, whose filter gradient runs 3-9x slower than
-Eigen's on the ResNets here; with Eigen's convolutions the whole ResNet-18 pretrain step is ~1.3x
-faster (benchmarks/README.md). `prefer_eigen_convolutions` asks for them, for this process and the
-processes it starts, unless XLA_FLAGS already chooses. The flag is only read by the CPU compiler
+XLA:CPU hands convolutions to YNNPACK, whose filter gradient is much slower than Eigen's on the
+ResNets here (benchmarks/README.md has the measurements). `prefer_eigen_convolutions` asks for
+Eigen's, for this process and the processes it starts, unless XLA_FLAGS already chooses. The flag is only read by the CPU compiler
 (harmless with a GPU or TPU) and only set for the jaxlib versions known to have it: XLA aborts on
 an unknown flag.
 """

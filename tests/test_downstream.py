@@ -8,8 +8,19 @@ import jax
 import numpy as np
 import pytest
 
-from simclr_jax import data, downstream, models, optim, parallel, pipeline, pretrain, report
-from simclr_jax.checkpoint import CheckpointError
+from simclr_jax import (
+    classifier,
+    data,
+    downstream,
+    evaluate,
+    models,
+    optim,
+    parallel,
+    pipeline,
+    report,
+    train_state,
+)
+from simclr_jax.errors import CheckpointError
 from tests.helpers import tiny_config
 
 
@@ -63,14 +74,16 @@ def step_setup():
     images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     labels = np.arange(64, dtype=np.int32) % 10
     schedule = optim.make_schedule(dc, 2, 4)
-    model, p_step = downstream.make_classifier_step(config, schedule, num_classes=10)
-    args = parallel.replicate((images, labels, pretrain.seed_key(0, 4), pretrain.seed_key(0, 5)))
+    model, p_step = classifier.make_classifier_step(config, schedule, num_classes=10)
+    args = parallel.replicate(
+        (images, labels, train_state.seed_key(0, 4), train_state.seed_key(0, 5))
+    )
     return config, model, optim.make_optimizer(dc, schedule), p_step, args
 
 
 def _train(step_setup, encoder=None, steps=3):
     _, model, tx, p_step, args = step_setup
-    state = downstream.create_classifier_state(model, tx, pretrain.seed_key(0, 3), 32, encoder)
+    state = train_state.create_state(model, tx, train_state.seed_key(0, 3), 32, encoder)
     rstate, losses = parallel.replicate(state), []
     for _ in range(steps):
         rstate, metrics = p_step(rstate, *args)
@@ -90,11 +103,11 @@ def test_scratch_runs_with_the_same_seed_are_identical(step_setup):
 
 def test_pretrained_init_copies_the_encoder_and_keeps_the_head(step_setup):
     config, model, tx, _, _ = step_setup
-    key = pretrain.seed_key(0, 3)
-    sc = downstream.create_classifier_state(model, tx, key, 32)
+    key = train_state.seed_key(0, 3)
+    sc = train_state.create_state(model, tx, key, 32)
     # A SimCLR model's encoder subtree has the classifier encoder's structure (traced only).
     simclr = jax.eval_shape(
-        lambda: downstream.init_variables(models.build_model(config.model), key, 32)
+        lambda: train_state.init_variables(models.build_model(config.model), key, 32)
     )
     for col in ("params", "batch_stats"):
         assert jax.tree.structure(simclr[col]["encoder"]) == jax.tree.structure(
@@ -105,7 +118,7 @@ def test_pretrained_init_copies_the_encoder_and_keeps_the_head(step_setup):
         "params": jax.tree.map(lambda x: x + 0.25, sc.params["encoder"]),
         "batch_stats": jax.tree.map(lambda x: x + 0.5, sc.batch_stats["encoder"]),
     }
-    ft = downstream.create_classifier_state(model, tx, key, 32, encoder)
+    ft = train_state.create_state(model, tx, key, 32, encoder)
     jax.tree.map(np.testing.assert_array_equal, ft.params["encoder"], encoder["params"])
     jax.tree.map(np.testing.assert_array_equal, ft.batch_stats["encoder"], encoder["batch_stats"])
     jax.tree.map(np.testing.assert_array_equal, ft.params["head"], sc.params["head"])
@@ -119,7 +132,7 @@ def test_linear_probe_separates_separable_features():
     centers = rng.normal(size=(3, 8)) * 4
     y = np.arange(90) % 3
     x = centers[y] + rng.normal(size=(90, 8))
-    res = downstream.linear_probe(
+    res = evaluate.linear_probe(
         x[:60], y[:60], x[60:], y[60:], 3,
         epochs=20, batch_size=16, learning_rate=0.1, seed=0,
     )  # fmt: skip
@@ -232,9 +245,9 @@ def test_end_to_end_then_downstream_only_then_a_mismatched_model(tmp_path):
     assert again["knn_test_acc"] == pytest.approx(out["knn_test_acc"])
 
     # The restored encoder is the pretraining checkpoint's, shaped for the classifier.
-    encoder, step = downstream.restore_encoder(_config(), pipeline.pretrain_dir(workdir))
+    encoder, step = train_state.restore_encoder(_config(), pipeline.pretrain_dir(workdir))
     classifier = models.build_model(_config().model, num_classes=10)
-    shapes = jax.eval_shape(lambda: downstream.init_variables(classifier, jax.random.key(0), 32))
+    shapes = jax.eval_shape(lambda: train_state.init_variables(classifier, jax.random.key(0), 32))
     assert step == 4
     assert jax.tree.structure(encoder["params"]) == jax.tree.structure(shapes["params"]["encoder"])
 

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from simclr_jax import config as config_lib
 from simclr_jax import models
+from simclr_jax.errors import ConfigError
 
 
 def make_cfg(name="tiny", **overrides):
@@ -59,7 +61,7 @@ def count(tree):
 def test_tiny_forward_shapes(tiny):
     (model, variables), x = tiny, images(4)
     h, z = apply(model, variables, x)
-    assert h.shape == (4, models.feature_dim(make_cfg())) == (4, 16)
+    assert h.shape == (4, models.build_encoder(make_cfg()).feat_dim) == (4, 16)
     assert z.shape == (4, 128)
     h_only = apply(model, variables, x, method="encode")
     np.testing.assert_allclose(h_only, h)
@@ -76,7 +78,7 @@ def test_resnet_cifar_shapes_and_param_count(name, params, feat):
     assert count(variables["params"]["encoder"]) == params
     h, z = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
     assert h.shape == (2, feat) and z.shape == (2, 128)
-    assert models.feature_dim(cfg) == feat
+    assert models.build_encoder(cfg).feat_dim == feat
     # Default head: Dense(feat -> feat) -> BN -> ReLU -> Dense(feat -> 128).
     assert variables["params"]["head"]["dense1"]["kernel"].shape == (feat, feat)
     assert variables["params"]["head"]["dense2"]["kernel"].shape == (feat, 128)
@@ -84,7 +86,7 @@ def test_resnet_cifar_shapes_and_param_count(name, params, feat):
 
 def test_width_and_head_options():
     cfg = make_cfg("resnet50", width=2, head_layers=3, head_hidden_dim=256, proj_dim=64)
-    assert models.feature_dim(cfg) == 4096
+    assert models.build_encoder(cfg).feat_dim == 4096
     variables, x = abstract_init(models.build_model(cfg))
     head = variables["params"]["head"]
     kernels = [head[f"dense{i}"]["kernel"].shape for i in (1, 2, 3)]
@@ -181,10 +183,15 @@ def test_cross_device_batch_norm_matches_global_batch(tiny):
         np.testing.assert_allclose(a, np.broadcast_to(b, a.shape), rtol=1e-5, atol=1e-6)
 
 
-def test_unknown_names_raise():
-    with pytest.raises(ValueError, match="resnet18"):
-        models.build_model(make_cfg("resnet19"))
-    with pytest.raises(ValueError, match="tiny"):
-        models.feature_dim(make_cfg("vit"))
-    with pytest.raises(ValueError, match="stem"):
-        models.build_model(make_cfg(stem="mnist"))
+def test_unknown_names_are_refused_by_the_config_check():
+    from configs import digits_simclr
+
+    for key, value, message in (
+        ("name", "resnet19", "resnet18"),
+        ("name", "vit", "tiny"),
+        ("stem", "mnist", "stem"),
+    ):
+        c = digits_simclr.get_config()
+        c.model[key] = value
+        with pytest.raises(ConfigError, match=message):
+            config_lib.validate(c)

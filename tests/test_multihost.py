@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from simclr_jax import models, optim, parallel, pretrain
+from simclr_jax import models, optim, parallel, train_state
 from simclr_jax.checkpoint import Checkpointer
 from tests.helpers import REPO, TINY_FLAGS, max_param_diff, run_cli, tiny_config
 
@@ -73,7 +73,9 @@ def _restore(workdir, step):
     config = tiny_config()
     model = models.build_model(config.model, bn_axis_name=parallel.AXIS)
     tx = optim.make_optimizer(config.pretrain, optim.make_schedule(config.pretrain, 8, STEPS))
-    target = pretrain.state_tree(pretrain.create_state(model, tx, pretrain.seed_key(0, 0), 32))
+    target = train_state.state_tree(
+        train_state.create_state(model, tx, train_state.seed_key(0, 0), 32)
+    )
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "pretrain"), create=False)
     try:
         return ckpt.restore(step, target)[0]

@@ -6,27 +6,23 @@
 * the train state's buffers are donated (the old state is deleted by a step);
 * bf16 mixed precision: convs in bf16; params, optimizer state, BN statistics, h and the loss
   float32;
-* conv_impl='gemm' (filter gradient as a GEMM) gives XLA's outputs and gradients;
+* XLA:CPU is asked for Eigen's convolutions only where the flag exists;
 * the loop fetches metrics from the devices only at log steps.
 
 The pretrain step is built exactly as `pretrain.run` builds it, with the tiny model.
 """
 
 import contextlib
-import os
 import re
-import subprocess
-import sys
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 from configs import cifar_simclr
-from simclr_jax import loop, models, optim, parallel, pretrain, xla_env
+from simclr_jax import loop, models, optim, parallel, pretrain, train_state, xla_env
 from simclr_jax.metrics import MetricWriter
 
 IMAGE_SIZE = 16
@@ -37,12 +33,11 @@ COMPILE_EVENTS = (
 )
 
 
-def tiny_config(precision="float32", conv_impl="auto"):
+def tiny_config(precision="float32"):
     c = cifar_simclr.get_config()
     c.precision = precision
     c.data.image_size = IMAGE_SIZE
     c.model.name = "tiny"
-    c.model.conv_impl = conv_impl
     c.pretrain.batch_size = 2 * jax.device_count()
     return c
 
@@ -53,13 +48,16 @@ def build_step(config):
     schedule = optim.make_schedule(pc, 4, 100)
     model, p_step = pretrain.make_step(config, schedule)
     # 'unsafe_rbg' init key: compiling the threefry initialisers is slow on CPU.
-    state = pretrain.create_state(
+    state = train_state.create_state(
         model, optim.make_optimizer(pc, schedule), jax.random.key(0, impl="unsafe_rbg"), IMAGE_SIZE
     )
     images = np.random.default_rng(0).integers(
         0, 256, (4 * pc.batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8
     )
-    keys = (pretrain.seed_key(0, pretrain.DATA_KEY), pretrain.seed_key(0, pretrain.AUGMENT_KEY))
+    keys = (
+        train_state.seed_key(0, train_state.DATA_KEY),
+        train_state.seed_key(0, train_state.AUGMENT_KEY),
+    )
     return (
         p_step,
         parallel.replicate(state),
@@ -157,54 +155,7 @@ def test_float32_step_has_no_bf16_convs():
     assert convs and all(t == ["f32", "f32", "f32"] for t in convs)
 
 
-# ----------------------------------------------------------------------------- conv lowering
-
-
-@pytest.mark.parametrize(
-    "kernel, stride, padding, cin, cout, hw",
-    [
-        (3, 1, ((1, 1), (1, 1)), 5, 7, (10, 12)),  # BasicBlock conv (row-shift GEMM)
-        (3, 1, ((1, 1), (1, 1)), 5, 7, (4, 6)),  # ... on a small map (im2col)
-        (3, 2, ((1, 1), (1, 1)), 4, 6, (10, 12)),  # strided BasicBlock conv
-        (1, 1, ((0, 0), (0, 0)), 6, 5, (10, 12)),  # Bottleneck 1x1
-        (1, 2, "SAME", 4, 8, (10, 12)),  # projection shortcut
-        (7, 2, ((3, 3), (3, 3)), 3, 4, (10, 12)),  # ImageNet stem
-        (3, 1, ((0, 2), (2, 0)), 3, 2, (10, 12)),  # asymmetric padding
-    ],
-)
-def test_gemm_filter_grad_matches_xla(kernel, stride, padding, cin, cout, hw):
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(3, *hw, cin)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)), jnp.float32)
-    dn = ("NHWC", "HWIO", "NHWC")
-    xla = lambda x, k: lax.conv_general_dilated(x, k, (stride,) * 2, padding, dimension_numbers=dn)
-    gemm = lambda x, k: models.gemm_filter_grad_conv(
-        x,
-        k,
-        (stride,) * 2,
-        padding,
-        dimension_numbers=lax.conv_dimension_numbers(x.shape, k.shape, dn),
-    )
-    y = xla(x, k)
-    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-    np.testing.assert_array_equal(jax.jit(gemm)(x, k), y)  # the forward is XLA's conv itself
-    vjp = lambda f: jax.jit(lambda x, k, g: jax.vjp(f, x, k)[1](g))(x, k, g)
-    (dx_ref, dk_ref), (dx, dk) = vjp(xla), vjp(gemm)
-    np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(dk_ref).max()))
-
-
-def test_gemm_conv_refuses_what_it_does_not_implement():
-    x, k = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 2, 4))
-    dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
-    with pytest.raises(NotImplementedError, match="conv_impl='xla'"):
-        models.gemm_filter_grad_conv(
-            x, k, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=2
-        )
-    with pytest.raises(ValueError, match="conv_impl"):
-        models.resolve_conv_impl("winograd")
-    ynn = jax.default_backend() == "cpu" and models.cpu_convs_use_ynnpack()
-    assert models.resolve_conv_impl("auto") == ("gemm" if ynn else "xla")
+# ----------------------------------------------------------------------------- XLA:CPU
 
 
 def test_eigen_convolutions_are_asked_for_only_where_they_apply():
@@ -223,56 +174,6 @@ def test_eigen_convolutions_are_asked_for_only_where_they_apply():
     assert chosen["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
     opted_out = {"SIMCLR_JAX_CPU_CONVS": "ynn"}
     assert not xla_env.prefer_eigen_convolutions(opted_out) and "XLA_FLAGS" not in opted_out
-
-
-@pytest.mark.skipif(
-    not xla_env.prefer_eigen_convolutions({}), reason="this jaxlib has no YNNPACK fusion flag"
-)
-def test_auto_picks_xla_when_cpu_convolutions_are_eigens():
-    """run.py's setting (xla_env) makes XLA:CPU's convolutions Eigen's; 'auto' then keeps XLA's
-    filter gradient, and 'gemm' with jaxlib's default YNNPACK convolutions."""
-    code = "from simclr_jax import models; print(models.resolve_conv_impl('auto'))"
-    for flags, want in ((xla_env.EIGEN_CONVS, "xla"), ("", "gemm")):
-        env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.split()[-1] == want, flags
-
-
-@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
-def test_conv_impls_give_the_same_model_outputs_and_gradients(stem):
-    cfg = lambda impl: types.SimpleNamespace(
-        name="tiny",
-        width=1,
-        stem=stem,
-        head_layers=2,
-        head_hidden_dim=0,
-        proj_dim=16,
-        conv_impl=impl,
-    )
-    m_xla, m_gemm = models.build_model(cfg("xla")), models.build_model(cfg("gemm"))
-    x = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 32, 32, 3)), jnp.float32)
-    init = jax.jit(lambda x: m_xla.init(jax.random.key(0, impl="unsafe_rbg"), x, train=False))
-    variables = init(x)
-    shapes = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)
-    assert shapes(jax.eval_shape(lambda x: m_gemm.init(jax.random.key(0), x, train=False), x)) == (
-        shapes(variables)
-    )
-
-    def run(model):
-        def loss(params):
-            v = {"params": params, "batch_stats": variables["batch_stats"]}
-            (h, z), _ = model.apply(v, x, train=True, mutable=["batch_stats"])
-            return jnp.sum(z * jnp.linspace(-1, 1, z.size).reshape(z.shape)) + jnp.sum(h**2), (h, z)
-
-        return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-
-    ((loss_ref, (h_ref, z_ref)), g_ref), ((loss, (h, z)), g) = run(m_xla), run(m_gemm)
-    np.testing.assert_array_equal(h, h_ref)
-    np.testing.assert_array_equal(z, z_ref)
-    assert loss == loss_ref
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from simclr_jax import augment, data, models, optim, parallel, pretrain
+from simclr_jax import augment, data, models, optim, parallel, pretrain, train_state
 from tests.helpers import TINY_FLAGS, max_param_diff, run_cli, tiny_config
 
 
@@ -18,11 +18,11 @@ def _loss_curve(config, images, devices, steps=3):
     spe = len(images) // pc.batch_size
     schedule = optim.make_schedule(pc, spe, 10)
     model, p_step = pretrain.make_step(config, schedule, devices)
-    state = pretrain.create_state(
-        model, optim.make_optimizer(pc, schedule), pretrain.seed_key(0, 0), 32
+    state = train_state.create_state(
+        model, optim.make_optimizer(pc, schedule), train_state.seed_key(0, 0), 32
     )
     rep = functools.partial(parallel.replicate, devices=devices)
-    keys = rep((pretrain.seed_key(0, 1), pretrain.seed_key(0, 2)))
+    keys = rep((train_state.seed_key(0, 1), train_state.seed_key(0, 2)))
     rstate, rimages = rep(state), rep(images)
     losses = []
     for _ in range(steps):
@@ -58,7 +58,7 @@ def test_projections_do_not_collapse(bn_output):
     losses, state = _loss_curve(config, images, jax.devices()[:1], steps=6)
     model = models.build_model(config.model)
     views, _ = augment.two_views(
-        jax.random.PRNGKey(3), 0, images[:64], np.arange(64), pretrain.augment_spec(config)
+        jax.random.PRNGKey(3), 0, images[:64], np.arange(64), augment.spec_from_config(config)
     )
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     (_, z), _ = model.apply(variables, views, train=True, mutable=["batch_stats"])
@@ -73,7 +73,7 @@ def test_device_batch_ids_cover_the_epoch_without_repeats():
     if jax.device_count() < 4:
         pytest.skip("needs 4 (simulated) devices")
     devices = jax.devices()[:4]
-    key = parallel.replicate(pretrain.seed_key(0, 1), devices)
+    key = parallel.replicate(train_state.seed_key(0, 1), devices)
     ids_fn = jax.pmap(
         lambda k, s: parallel.device_batch_ids(k, s, 40, 8),
         axis_name=parallel.AXIS,
@@ -86,7 +86,7 @@ def test_device_batch_ids_cover_the_epoch_without_repeats():
 
 
 def test_augment_spec_carries_image_size():
-    spec = pretrain.augment_spec(tiny_config())
+    spec = augment.spec_from_config(tiny_config())
     assert spec.image_size == 32 and spec.crop_scale_min == 0.3
     view = augment.simclr_view(jax.random.PRNGKey(0), np.zeros((32, 32, 3), np.uint8), spec)
     assert view.shape == (32, 32, 3)

@@ -237,3 +237,23 @@ def test_damaged_dataset_file_fails_clearly(tmp_path):
     out = run_cli([*args, f"--config.data.data_dir={tmp_path / 'tfds'}"], timeout=120)
     assert out.returncode == 2
     assert "cifar10" in out.stderr and ("damaged" in out.stderr or "not prepared" in out.stderr)
+
+
+def test_a_run_written_before_conv_impl_was_removed_restores(tmp_path):
+    """tests/data/legacy_run: a tiny 2-step pretraining run written by commit 7250eb2, whose
+    config.json still has model.conv_impl. Its workdir is accepted, its checkpoint restores, and
+    the encoder that comes back is the checkpoint's, bitwise."""
+    from simclr_jax import pipeline, train_state
+    from tests.helpers import tiny_config
+
+    workdir = str(tmp_path / "legacy")
+    shutil.copytree(os.path.join(REPO, "tests", "data", "legacy_run"), workdir)
+    assert "conv_impl" in json.load(open(os.path.join(workdir, "config.json")))["model"]
+    encoder, step = train_state.restore_encoder(tiny_config(), pipeline.pretrain_dir(workdir))
+    saved = _params(workdir, 2)
+    assert step == 2
+    _assert_same_tree(encoder["params"], saved["params"]["encoder"])
+    _assert_same_tree(encoder["batch_stats"], saved["batch_stats"]["encoder"])
+    config = tiny_config(**{"downstream.epochs": 1, "downstream.batch_size": 8})
+    out = pipeline.run(config, workdir, "downstream")["downstream"]
+    assert out["encoder_step"] == 2 and 0.0 <= out["knn_test_acc"] <= 1.0

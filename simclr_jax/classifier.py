@@ -1,0 +1,218 @@
+"""The downstream classifier (the encoder f + a linear head): its pmapped training step, its test
+evaluation, and one training run with its checkpoints (resumable; started anew when the run's
+settings change). Whether f starts pretrained or from scratch is the caller's choice of state.
+"""
+
+import functools
+import logging
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.experimental import multihost_utils
+
+from simclr_jax import augment, loop, models, parallel
+from simclr_jax.checkpoint import Checkpointer
+from simclr_jax.train_state import (
+    check_meta,
+    checked_restore,
+    checkpoint_meta,
+    compute_dtype,
+    state_tree,
+)
+
+log = logging.getLogger(__name__)
+
+# The downstream keys a classifier checkpoint depends on: change one and the run starts anew.
+RUN_KEYS = (
+    "epochs",
+    "label_fraction",
+    "batch_size",
+    "optimizer",
+    "learning_rate",
+    "lr_scaling",
+    "warmup_epochs",
+    "weight_decay",
+    "momentum",
+)
+
+
+# ----------------------------------------------------------------------------- step and eval
+
+
+def classifier_step(
+    state, images, labels, data_key, aug_key, *, model, image_size, global_batch, schedule
+):
+    """One supervised step on this device's share of the global batch (inside pmap over AXIS).
+
+    images: (N, H, W, 3) uint8 and labels (N,) int32, the labelled subset on every device.
+    """
+    ids = parallel.device_batch_ids(data_key, state.step, images.shape[0], global_batch)  # (n,)
+    x = augment.downstream_batch(aug_key, state.step, images[ids], ids, True, image_size)
+    y = labels[ids]  # (n,)
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # Every device holds the mean over an equal share: the pmean is the global mean's gradient.
+    grads = lax.pmean(grads, parallel.AXIS)
+    metrics = {
+        "loss": lax.pmean(loss, parallel.AXIS),
+        "accuracy": lax.pmean(jnp.mean(jnp.argmax(logits, -1) == y), parallel.AXIS),
+        "learning_rate": schedule(state.step),
+    }
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+
+
+def make_classifier_step(config, schedule, num_classes: int, devices=None):
+    """(model, pmapped step): `classifier_step` for `config`, over `devices` (default: every
+    device), the state donated. The comparison, the benchmark and the tests build it here."""
+    model = models.build_model(
+        config.model,
+        num_classes=num_classes,
+        bn_axis_name=parallel.AXIS,
+        dtype=compute_dtype(config),
+    )
+    step_fn = functools.partial(
+        classifier_step,
+        model=model,
+        image_size=config.data.image_size,
+        global_batch=config.downstream.batch_size,
+        schedule=schedule,
+    )
+    return model, jax.pmap(step_fn, axis_name=parallel.AXIS, devices=devices, donate_argnums=(0,))
+
+
+def eval_step(params, batch_stats, images, labels, ids, mask, *, model, image_size):
+    """Summed test loss and correct count over every device's ids (inside pmap over AXIS).
+
+    ids, mask: (n,) indices into images / labels, and False for padding rows. BN in inference.
+    """
+    x = augment.downstream_batch(None, 0, images[ids], ids, False, image_size)
+    logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+    y = labels[ids]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)  # (n,)
+    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    return (
+        lax.psum(jnp.sum(jnp.where(mask, loss, 0.0)), parallel.AXIS),
+        lax.psum(jnp.sum(jnp.where(mask, correct, 0.0)), parallel.AXIS),
+    )
+
+
+def make_evaluator(model, image_size: int, test_images, test_labels: np.ndarray):
+    """(replicated state) -> {'test_loss', 'test_acc'} over the whole test set.
+
+    test_images: replicated uint8 (local devices, M, H, W, 3).
+    """
+    p_eval = jax.pmap(
+        functools.partial(eval_step, model=model, image_size=image_size),
+        axis_name=parallel.AXIS,
+    )
+    labels = parallel.replicate(np.asarray(test_labels, np.int32))
+    m = len(test_labels)
+
+    def evaluate_state(rstate) -> dict:
+        loss_sum, correct = 0.0, 0.0
+        for _, local_ids, mask in parallel.index_chunks(m):
+            out = p_eval(rstate.params, rstate.batch_stats, test_images, labels, local_ids, mask)
+            loss_sum += float(out[0][0])
+            correct += float(out[1][0])
+        return {"test_loss": loss_sum / m, "test_acc": correct / m}
+
+    return evaluate_state
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def run_meta(config, phase: str, encoder: dict | None) -> dict:
+    """Checkpoint metadata: the model and data (checked strictly), and what the run depends on."""
+    dc = config.downstream
+    return {
+        **checkpoint_meta(config, phase),
+        "run": {
+            "seed": config.seed,
+            "precision": config.precision,
+            "max_train_examples": config.data.max_train_examples,
+            "downstream": {k: dc[k] for k in RUN_KEYS},
+            "encoder": encoder,  # {'dir', 'step'} of the pretrained f; None for scratch
+        },
+    }
+
+
+def _changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, tuple]]:
+    """(dotted key, (old, new)) for every leaf that differs between two nested dicts."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", (a, b)))
+    return out
+
+
+def open_run_checkpoints(directory: str, config, meta: dict) -> Checkpointer:
+    """A Checkpointer for one classifier run. Checkpoints of a run with other downstream
+    settings (or another pretrained encoder) are deleted, so the run starts anew; a checkpoint
+    for another model or data is an error."""
+    ckpt = Checkpointer(directory, keep=config.pretrain.keep_checkpoints)
+    steps = ckpt.steps()
+    if not steps:
+        return ckpt
+    try:
+        old = ckpt.read_meta(steps[-1])
+    except Exception:  # damaged: restore_latest deals with it
+        return ckpt
+    check_meta(old, config, directory)
+    if old.get("run") == meta["run"]:
+        return ckpt
+    log.warning(
+        "%s holds a classifier run with other settings (%s): starting it anew.",
+        directory,
+        "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in _changes(old.get("run") or {}, meta["run"])),
+    )
+    ckpt.close()
+    if jax.process_index() == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("simclr_jax.classifier.rmtree")
+    return Checkpointer(directory, keep=config.pretrain.keep_checkpoints)
+
+
+def train(config, state, ckpt, meta, p_step, step_args, spec, writer, evaluator):
+    """Trains one classifier run with the shared loop: resumes from `ckpt`, and skips training
+    when its last checkpoint is the final step (the curves are then already in metrics.jsonl).
+
+    Each epoch's record gets 'epoch', 'test_loss' and 'test_acc'. Returns the LoopResult.
+    """
+    phase, start = spec.phase, 0
+    found = checked_restore(ckpt, state_tree(state), config)
+    if found is not None:
+        tree, _, start = found
+        state = state.replace(**tree)
+        what = "finished: training skipped" if start >= spec.total_steps else "resuming"
+        log.info("%s: checkpoint of step %d in %s (%s).", phase, start, ckpt.directory, what)
+
+    def save(step, rstate):
+        ckpt.save(step, state_tree(parallel.unreplicate(rstate)), meta)
+
+    def on_epoch_end(epoch, rstate):
+        out = {"epoch": epoch, **evaluator(rstate)}
+        log.info(
+            "%s epoch %d: test acc %.4f, loss %.4f", phase, epoch, out["test_acc"], out["test_loss"]
+        )
+        return out
+
+    result = loop.run(
+        spec, p_step, parallel.replicate(state), step_args, start, writer, save, on_epoch_end
+    )
+    ckpt.wait()
+    return result

@@ -1,0 +1,146 @@
+"""The parts that pretraining and the downstream stage share (neither imports the other).
+
+* `TrainState` (flax's, plus BatchNorm statistics) and `create_state`, the one way a model's
+  variables are initialised, optionally with a pretrained encoder dropped in;
+* the `fold_in` tags of the config seed, one independent random stream per use, and `seed_key`;
+* the compute dtype of a config;
+* what a checkpoint holds (`state_tree`) and what it must agree with to be restored
+  (`checkpoint_meta`, `check_meta`);
+* `restore_encoder`: the pretrained encoder f from a pretraining checkpoint.
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from simclr_jax import models, optim, parallel
+from simclr_jax.checkpoint import Checkpointer
+from simclr_jax.errors import CheckpointError
+
+# fold_in tags of the config seed. Pretraining: model init, data order, augmentation. The two
+# classifier runs share theirs (head init, data order, augmentation); the linear probe's order.
+INIT_KEY, DATA_KEY, AUGMENT_KEY = 0, 1, 2
+CLASSIFIER_INIT_KEY, CLASSIFIER_DATA_KEY, CLASSIFIER_AUGMENT_KEY, LINEAR_KEY = 3, 4, 5, 6
+
+# Model keys of earlier versions that never changed the parameters: ignored when a checkpoint's or
+# a workdir's model is compared with the config's, so runs written before still restore.
+LEGACY_MODEL_KEYS = ("conv_impl",)
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any = None
+
+
+def seed_key(seed: int, tag: int):
+    return jax.random.fold_in(jax.random.PRNGKey(seed), tag)
+
+
+def compute_dtype(config):
+    return jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def init_variables(model, key, image_size: int) -> dict:
+    """model.init in inference mode (no BN axis needed); jitted once per (model, image size),
+    since compiling the many random initialisers is slow on CPU (modules are hashable)."""
+    dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+    return model.init(key, dummy, train=False)
+
+
+def create_state(model, tx, key, image_size: int, encoder: dict | None = None) -> TrainState:
+    """Unreplicated state on the default device, initialised from `key`; the encoder f replaced by
+    `encoder` ({'params', 'batch_stats'}) when given. The rest (a classifier's head) depends on
+    `key` only, so a pretrained and a scratch run start from the same head."""
+    variables = init_variables(model, key, image_size)
+    params, batch_stats = dict(variables["params"]), dict(variables["batch_stats"])
+    if encoder is not None:
+        params["encoder"], batch_stats["encoder"] = encoder["params"], encoder["batch_stats"]
+    return TrainState.create(apply_fn=model.apply, params=params, batch_stats=batch_stats, tx=tx)
+
+
+def state_tree(state: TrainState) -> dict:
+    """What a checkpoint holds (the unreplicated state's arrays)."""
+    return {
+        "step": state.step,
+        "params": state.params,
+        "batch_stats": state.batch_stats,
+        "opt_state": state.opt_state,
+    }
+
+
+def model_identity(model: dict) -> dict:
+    """The model config's keys that decide the parameters (LEGACY_MODEL_KEYS left out)."""
+    return {k: v for k, v in model.items() if k not in LEGACY_MODEL_KEYS}
+
+
+def checkpoint_meta(config, phase: str) -> dict:
+    """What a checkpoint must agree with to be restored: the model and the data it was made for."""
+    return {
+        "phase": phase,
+        "model": model_identity(config.model.to_dict()),
+        "data": {"name": config.data.name, "image_size": config.data.image_size},
+    }
+
+
+def check_meta(meta: dict, config, where: str) -> None:
+    """Raises CheckpointError when the checkpoint metadata `meta` (in `where`) is not `config`'s."""
+    want = checkpoint_meta(config, meta.get("phase", "pretrain"))
+    for key in ("model", "data"):
+        got = meta.get(key)
+        if key == "model" and isinstance(got, dict):
+            got = model_identity(got)
+        if got != want[key]:
+            raise CheckpointError(
+                f"The checkpoint in {where} was made for {key} {meta.get(key)} but the config asks "
+                f"for {want[key]}. Use the config the checkpoint was trained with, or another "
+                f"--workdir / --config.restore."
+            )
+
+
+def checked_restore(ckpt: Checkpointer, target: Any, config) -> tuple[Any, dict, int] | None:
+    """The newest readable checkpoint in `ckpt` made for `config`'s model and data."""
+    return ckpt.restore_matching(target, lambda meta: check_meta(meta, config, ckpt.directory))
+
+
+def abstract_pretrain_tree(config) -> dict:
+    """Shapes, dtypes and placement (default device) of a pretraining checkpoint's tree: the
+    restore target, built as pretraining builds its state but traced only (no init compiled).
+
+    The optimizer state's structure depends on the optimizer, not on the schedule's values, so a
+    constant schedule stands in for pretraining's.
+    """
+    model = models.build_model(
+        config.model, bn_axis_name=parallel.AXIS, dtype=compute_dtype(config)
+    )
+    tx = optim.make_optimizer(config.pretrain, optax.constant_schedule(0.0))
+    key = seed_key(config.seed, INIT_KEY)
+    shapes = jax.eval_shape(
+        lambda: state_tree(create_state(model, tx, key, config.data.image_size))
+    )
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+
+
+def restore_encoder(config, source: str) -> tuple[dict, int]:
+    """The pretrained f from the newest checkpoint in `source`: ({'params', 'batch_stats'}, step).
+
+    Raises CheckpointError when `source` holds no readable checkpoint, or one made for another
+    model or data (checked on the metadata first, so a shape mismatch never hides the cause).
+    """
+    ckpt = Checkpointer(source, create=False, async_save=False)
+    try:
+        found = checked_restore(ckpt, abstract_pretrain_tree(config), config)
+    finally:
+        ckpt.close()
+    if found is None:
+        raise CheckpointError(
+            f"No readable pretraining checkpoint in {source}. Pretrain first (--mode=all or "
+            f"pretrain with this --workdir), or point --config.restore at a finished run."
+        )
+    tree, _, step = found
+    encoder = {"params": tree["params"]["encoder"], "batch_stats": tree["batch_stats"]["encoder"]}
+    return encoder, int(step)
