@@ -126,6 +126,7 @@ def make_config(args):
     c.precision = args.precision
     c.model.name = args.model
     c.model.width = args.width
+    c.data.mean, c.data.std = (0.5,) * 3, (0.29,) * 3  # of the random uint8 images
     c.pretrain.batch_size = args.batch
     c.downstream.batch_size = args.batch
     return c

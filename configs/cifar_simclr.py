@@ -36,6 +36,10 @@ def _data() -> ml_collections.ConfigDict:
     d.name = "cifar10"  # 'digits' (embedded) or any tfds image classification set
     d.data_dir = ""  # tfds data_dir of a prepared copy ('' = tfds default, ~/tensorflow_datasets)
     d.image_size = 32  # side of the views fed to the encoder
+    # Per-channel input normalisation (x - mean) / std of pixels in [0, 1]; () = the train
+    # split's statistics, computed when the data is loaded (and written to config.json).
+    d.mean = ()
+    d.std = ()
     d.max_train_examples = 0  # 0 = all; a smaller number subsamples (quick tests)
     return d
 
@@ -56,7 +60,9 @@ def _model() -> ml_collections.ConfigDict:
     m.name = "resnet18"  # resnet18 | resnet34 | resnet50 | tiny
     m.width = 1.0  # channel multiplier (base 64 channels)
     m.stem = "cifar"  # 'cifar' (3x3 stride 1, no max-pool) or 'imagenet' (7x7/2 + max-pool)
-    m.head_layers = 2  # projection head depth (SimCLR v1: 2-layer MLP)
+    # Projection head depth: 3 linear layers, the official code's default (num_proj_layers=3)
+    # for its CIFAR-10 command; the paper's v1 head had 2.
+    m.head_layers = 3
     m.head_hidden_dim = 0  # 0 = the encoder's feature dim
     m.proj_dim = 128  # z dimension
     # BN (no centring) on z, as the official SimCLR code's head; False: z = W2 relu(BN(W1 h)).
@@ -85,7 +91,8 @@ def _pretrain() -> ml_collections.ConfigDict:
 
 def _downstream() -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
-    d.epochs = 10  # fine-tune and from-scratch classifiers
+    d.epochs = 10  # fine-tune and from-scratch classifiers: the short budget
+    d.long_epochs = 100  # ... and the long one, to convergence (0 = off)
     d.label_fraction = 1.0  # class-balanced labelled subset of the train split
     d.batch_size = 256
     d.optimizer = "sgd"  # sgd | adamw | lars
@@ -94,12 +101,14 @@ def _downstream() -> ml_collections.ConfigDict:
     d.warmup_epochs = 1.0
     d.weight_decay = 5e-4
     d.momentum = 0.9
-    d.linear_epochs = 100  # linear probe on frozen features
-    d.linear_learning_rate = 0.1
-    d.linear_batch_size = 512
+    # Linear probe on frozen (standardised) features: logistic regression fitted by L-BFGS, its
+    # L2 penalty chosen from the grid by stratified cross-validation on the labelled subset.
+    d.linear_l2_grid = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    d.linear_folds = 4
+    d.linear_iters = 200
     d.knn_k = 200
     d.knn_temperature = 0.1
-    d.checkpoint_every = 0  # steps between classifier checkpoints (0 = once per epoch)
+    d.checkpoint_every = 0  # steps between classifier checkpoints (0 = at each test evaluation)
     return d
 
 

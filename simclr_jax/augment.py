@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from simclr_jax.errors import ConfigError
+
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
 
@@ -106,14 +108,15 @@ def random_flip(key, image, p=0.5):
     return jnp.where(jax.random.bernoulli(key, p), image[:, ::-1], image)
 
 
-def crop_flip(key, image, pad: int = 4):
-    """Downstream augmentation: reflect-pad by `pad`, random crop back to (H, W), random flip."""
+def crop_flip(key, image, pad: int = 4, flip_prob: float = 0.5):
+    """Downstream augmentation: reflect-pad by `pad`, random crop back to (H, W), flip with
+    probability flip_prob."""
     height, width, channels = image.shape
     u = _uniforms(key, 3)  # top, left, flip
     top, left = jnp.minimum(jnp.floor(u[:2] * (2 * pad + 1)).astype(jnp.int32), 2 * pad)
     padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
     out = lax.dynamic_slice(padded, (top, left, 0), (height, width, channels))  # (H, W, C)
-    return jnp.where(u[2] < 0.5, out[:, ::-1], out)
+    return jnp.where(u[2] < flip_prob, out[:, ::-1], out)
 
 
 # ----------------------------------------------------------------------------- colour
@@ -265,9 +268,24 @@ def simclr_view(key, image_uint8, cfg):
 
 
 def spec_from_config(config) -> types.SimpleNamespace:
-    """What `simclr_view` reads: the config's augment section plus the output size (a plain
-    namespace, closed over when jitting)."""
-    return types.SimpleNamespace(**config.augment.to_dict(), image_size=config.data.image_size)
+    """What the input side reads: the config's augment section, the output size and the dataset's
+    per-channel mean and std (`normalize`), as a plain namespace closed over when jitting."""
+    mean, std = tuple(config.data.mean), tuple(config.data.std)
+    if len(mean) != 3 or len(std) != 3:
+        raise ConfigError(
+            f"config.data.mean / config.data.std are {mean} / {std}: set three values each, or "
+            f"leave them () and let `data.with_stats(config, dataset)` fill them from the train "
+            f"split (the pipeline does)."
+        )
+    return types.SimpleNamespace(
+        **config.augment.to_dict(), image_size=config.data.image_size, mean=mean, std=std
+    )
+
+
+def normalize(images, spec):
+    """Images in [0, 1] (..., 3) -> the encoder's input: (x - mean) / std per channel, with the
+    statistics of the dataset at hand (`spec.mean`, `spec.std`)."""
+    return (images - jnp.asarray(spec.mean, jnp.float32)) / jnp.asarray(spec.std, jnp.float32)
 
 
 def example_keys(key, step, example_ids):
@@ -293,7 +311,9 @@ def two_views(key, step, images_uint8, example_ids, cfg):
     return views[:batch], views[batch:]  # (B, S, S, 3) each
 
 
-def downstream_batch(key, step, images_uint8, example_ids, train: bool, image_size):
+def downstream_batch(
+    key, step, images_uint8, example_ids, train: bool, image_size, flip_prob: float = 0.5
+):
     """(B, H, W, 3) uint8 -> float32 (B, S, S, 3) in [0, 1] for the classifier, S = image_size.
 
     Images are first resized to S if stored at another size. Training adds crop_flip with
@@ -309,4 +329,4 @@ def downstream_batch(key, step, images_uint8, example_ids, train: bool, image_si
         return images
     keys = example_keys(key, step, example_ids)
     pad = max(1, image_size // 8)
-    return jax.vmap(partial(crop_flip, pad=pad))(keys, images)
+    return jax.vmap(partial(crop_flip, pad=pad, flip_prob=flip_prob))(keys, images)

@@ -26,6 +26,7 @@ from simclr_jax.train_state import (
 
 log = logging.getLogger(__name__)
 
+EVAL_POINTS = 20  # test evaluations of a long classifier run (every epoch of a short one)
 # The downstream keys a classifier checkpoint depends on: change one and the run starts anew.
 RUN_KEYS = (
     "epochs",
@@ -44,14 +45,19 @@ RUN_KEYS = (
 
 
 def classifier_step(
-    state, images, labels, data_key, aug_key, *, model, image_size, global_batch, schedule
+    state, images, labels, data_key, aug_key, *, model, spec, global_batch, schedule
 ):
     """One supervised step on this device's share of the global batch (inside pmap over AXIS).
 
-    images: (N, H, W, 3) uint8 and labels (N,) int32, the labelled subset on every device.
+    images: (N, H, W, 3) uint8 and labels (N,) int32, the labelled subset on every device;
+    spec: `augment.spec_from_config` (image size, normalisation).
     """
     ids = parallel.device_batch_ids(data_key, state.step, images.shape[0], global_batch)  # (n,)
-    x = augment.downstream_batch(aug_key, state.step, images[ids], ids, True, image_size)
+    # The pretraining's flip probability: whether the data is mirror-invariant (digits are not).
+    x = augment.downstream_batch(
+        aug_key, state.step, images[ids], ids, True, spec.image_size, spec.flip_prob
+    )
+    x = augment.normalize(x, spec)
     y = labels[ids]  # (n,)
 
     def loss_fn(params):
@@ -83,19 +89,21 @@ def make_classifier_step(config, schedule, num_classes: int, devices=None):
     step_fn = functools.partial(
         classifier_step,
         model=model,
-        image_size=config.data.image_size,
+        spec=augment.spec_from_config(config),
         global_batch=config.downstream.batch_size,
         schedule=schedule,
     )
     return model, jax.pmap(step_fn, axis_name=parallel.AXIS, devices=devices, donate_argnums=(0,))
 
 
-def eval_step(params, batch_stats, images, labels, ids, mask, *, model, image_size):
+def eval_step(params, batch_stats, images, labels, ids, mask, *, model, spec):
     """Summed test loss and correct count over every device's ids (inside pmap over AXIS).
 
     ids, mask: (n,) indices into images / labels, and False for padding rows. BN in inference.
     """
-    x = augment.downstream_batch(None, 0, images[ids], ids, False, image_size)
+    x = augment.normalize(
+        augment.downstream_batch(None, 0, images[ids], ids, False, spec.image_size), spec
+    )
     logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
     y = labels[ids]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)  # (n,)
@@ -106,13 +114,13 @@ def eval_step(params, batch_stats, images, labels, ids, mask, *, model, image_si
     )
 
 
-def make_evaluator(model, image_size: int, test_images, test_labels: np.ndarray):
-    """(replicated state) -> {'test_loss', 'test_acc'} over the whole test set.
+def make_evaluator(model, spec, test_images, test_labels: np.ndarray, extra: dict | None = None):
+    """(replicated state) -> {'test_loss', 'test_acc', **extra} over the whole test set.
 
     test_images: replicated uint8 (local devices, M, H, W, 3).
     """
     p_eval = jax.pmap(
-        functools.partial(eval_step, model=model, image_size=image_size),
+        functools.partial(eval_step, model=model, spec=spec),
         axis_name=parallel.AXIS,
     )
     labels = parallel.replicate(np.asarray(test_labels, np.int32))
@@ -124,7 +132,7 @@ def make_evaluator(model, image_size: int, test_images, test_labels: np.ndarray)
             out = p_eval(rstate.params, rstate.batch_stats, test_images, labels, local_ids, mask)
             loss_sum += float(out[0][0])
             correct += float(out[1][0])
-        return {"test_loss": loss_sum / m, "test_acc": correct / m}
+        return {"test_loss": loss_sum / m, "test_acc": correct / m, **(extra or {})}
 
     return evaluate_state
 
@@ -132,7 +140,7 @@ def make_evaluator(model, image_size: int, test_images, test_labels: np.ndarray)
 # ----------------------------------------------------------------------------- one run
 
 
-def run_meta(config, phase: str, encoder: dict | None) -> dict:
+def run_meta(config, phase: str, epochs: int, encoder: dict | None) -> dict:
     """Checkpoint metadata: the model and data (checked strictly), and what the run depends on."""
     dc = config.downstream
     return {
@@ -141,10 +149,17 @@ def run_meta(config, phase: str, encoder: dict | None) -> dict:
             "seed": config.seed,
             "precision": config.precision,
             "max_train_examples": config.data.max_train_examples,
-            "downstream": {k: dc[k] for k in RUN_KEYS},
+            "normalisation": [list(config.data.mean), list(config.data.std)],
+            "flip_prob": config.augment.flip_prob,
+            "downstream": {**{k: _plain(dc[k]) for k in RUN_KEYS}, "epochs": epochs},
             "encoder": encoder,  # {'dir', 'step'} of the pretrained f; None for scratch
         },
     }
+
+
+def _plain(value):
+    """Tuples as lists: what the metadata reads back from JSON."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, tuple]]:
@@ -187,12 +202,21 @@ def open_run_checkpoints(directory: str, config, meta: dict) -> Checkpointer:
     return Checkpointer(directory, keep=config.pretrain.keep_checkpoints)
 
 
+def eval_every(epochs: int) -> int:
+    """Epochs between test evaluations (and log records, and by default checkpoints): every
+    epoch of a run of up to EVAL_POINTS epochs, else about EVAL_POINTS times a run."""
+    return max(1, epochs // EVAL_POINTS)
+
+
 def train(config, state, ckpt, meta, p_step, step_args, spec, writer, evaluator):
     """Trains one classifier run with the shared loop: resumes from `ckpt`, and skips training
     when its last checkpoint is the final step (the curves are then already in metrics.jsonl).
 
-    Each epoch's record gets 'epoch', 'test_loss' and 'test_acc'. Returns the LoopResult.
+    The test set is evaluated every `eval_every(epochs)` epochs and after the last one; those
+    records get 'epoch', 'test_loss' and 'test_acc'. Returns the LoopResult.
     """
+    epochs = -(-spec.total_steps // spec.steps_per_epoch)
+    every = eval_every(epochs)
     phase, start = spec.phase, 0
     found = checked_restore(ckpt, state_tree(state), config)
     if found is not None:
@@ -205,6 +229,8 @@ def train(config, state, ckpt, meta, p_step, step_args, spec, writer, evaluator)
         ckpt.save(step, state_tree(parallel.unreplicate(rstate)), meta)
 
     def on_epoch_end(epoch, rstate):
+        if epoch % every and epoch != epochs:
+            return {}
         out = {"epoch": epoch, **evaluator(rstate)}
         log.info(
             "%s epoch %d: test acc %.4f, loss %.4f", phase, epoch, out["test_acc"], out["test_loss"]

@@ -93,16 +93,24 @@ def _check_pretrain(config: ml_collections.ConfigDict) -> None:
 def _check_downstream(config: ml_collections.ConfigDict) -> None:
     dc = config.downstream
     _check(0.0 < dc.label_fraction <= 1.0, "downstream.label_fraction", "must be in (0, 1]")
-    _check_positive(config, "downstream", ("epochs", "linear_batch_size", "knn_k"))
-    _check(dc.linear_epochs >= 0, "downstream.linear_epochs", "must be >= 0")
-    _check(dc.linear_learning_rate > 0, "downstream.linear_learning_rate", "> 0")
+    _check_positive(config, "downstream", ("epochs", "linear_iters", "knn_k"))
+    _check(dc.long_epochs >= 0, "downstream.long_epochs", "must be >= 0 (0 = off)")
+    grid = tuple(dc.linear_l2_grid)
+    _check(
+        bool(grid) and all(isinstance(v, int | float) and v >= 0 for v in grid),
+        "downstream.linear_l2_grid",
+        f"must be one or more penalties >= 0, got {grid!r}",
+    )
+    _check(
+        dc.linear_folds >= 0, "downstream.linear_folds", "must be >= 0 (< 2: no cross-validation)"
+    )
     _check(dc.checkpoint_every >= 0, "downstream.checkpoint_every", "must be >= 0")
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
     """Every global batch must split evenly over all devices (of all processes)."""
     n = jax.device_count()
-    for key in ("pretrain.batch_size", "downstream.batch_size", "downstream.linear_batch_size"):
+    for key in ("pretrain.batch_size", "downstream.batch_size"):
         section, name = key.split(".")
         b = config[section][name]
         _check(

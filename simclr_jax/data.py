@@ -2,10 +2,13 @@
 
 Two sources: the embedded scikit-learn handwritten digits (no network, no files) and any tfds
 image-classification set with `image`/`label` features, read through `tfds.data_source` (array_record;
-no TensorFlow needed to read). Also the class-balanced labelled subset used downstream.
+no TensorFlow needed to read). Also the train split's channel statistics (the encoder's input
+normalisation) and the class-balanced labelled subset used downstream.
 """
 
+import copy
 import dataclasses
+import hashlib
 import os
 
 import numpy as np
@@ -24,6 +27,29 @@ class Dataset:
     test_images: np.ndarray  # (M, H, W, 3) uint8
     test_labels: np.ndarray  # (M,) int32
     num_classes: int
+
+    def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std of the train images' pixels in [0, 1] (float64 sums)."""
+        total, sq, n = np.zeros(3), np.zeros(3), 0
+        for start in range(0, len(self.train_images), _READ_CHUNK):
+            x = self.train_images[start : start + _READ_CHUNK].astype(np.float64) / 255.0
+            total += x.sum(axis=(0, 1, 2))
+            sq += (x * x).sum(axis=(0, 1, 2))
+            n += x[..., 0].size
+        mean = total / n
+        std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
+        return tuple(float(m) for m in mean), tuple(float(max(s, 1e-3)) for s in std)
+
+
+def with_stats(config, ds: Dataset):
+    """A copy of `config` whose data.mean / data.std are the train split's channel statistics
+    where they were left () (the encoder's input normalisation, `augment.normalize`)."""
+    config = copy.deepcopy(config)
+    if not tuple(config.data.mean) or not tuple(config.data.std):
+        mean, std = ds.channel_stats()
+        with config.unlocked():
+            config.data.mean, config.data.std = mean, std
+    return config
 
 
 def load(data_cfg) -> Dataset:
@@ -144,3 +170,10 @@ def labelled_subset(labels: np.ndarray, fraction: float, num_classes: int, seed:
         k = max(1, int(round(fraction * len(members))))
         chosen.append(rng.choice(members, size=k, replace=False))
     return np.sort(np.concatenate(chosen))
+
+
+def subset_digest(indices: np.ndarray) -> str:
+    """A short fingerprint of a set of train indices (order and repeats ignored): every record of
+    the downstream stage carries the one of the images it was fitted on."""
+    unique = np.unique(np.asarray(indices, np.int64))
+    return hashlib.sha1(unique.tobytes()).hexdigest()[:12]

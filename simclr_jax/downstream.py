@@ -1,13 +1,16 @@
 """The downstream comparison: does SimCLR pretraining help when labels are few?
 
-Orchestration only (the parts live in `classifier.py`, `evaluate.py` and `train_state.py`):
+Orchestration only (the parts live in `classifier.py`, `evaluate.py` and `train_state.py`). Every
+method sees the same class-balanced labelled subset of the train split and is scored on the whole
+test split; every record carries the subset's fingerprint (`data.subset_digest`):
 
-* the same classifier (f + a linear head) trained twice on the same class-balanced labelled
-  subset, with the same data order, augmentation keys, head init, optimizer and schedule: once
-  from the pretrained f ('finetune'), once from a random f ('scratch'); test loss and accuracy
-  after every epoch;
-* the frozen-encoder evaluations on the same subset: a linear probe and the weighted kNN vote;
-* the metrics.jsonl records of all of it (phases 'finetune', 'scratch', 'linear', 'knn').
+* baselines: chance; raw pixels (linear probe, kNN); the same encoder at its random
+  initialisation, frozen (linear probe, kNN);
+* the SimCLR encoder, frozen: linear probe and the weighted kNN vote;
+* the same classifier (f + a zero-initialised linear head) trained end to end from the
+  pretrained f ('finetune') and from the weights pretraining started from ('scratch'), with the
+  same data order, augmentation keys, optimizer and schedule, for the short budget (`downstream.epochs`) and for a long one (`downstream.long_epochs`, phases
+  'finetune_long' / 'scratch_long'), test loss and accuracy after every epoch.
 """
 
 import logging
@@ -16,19 +19,25 @@ import time
 
 import numpy as np
 
-from simclr_jax import classifier, data, evaluate, loop, optim, parallel
+from simclr_jax import augment, classifier, data, evaluate, loop, models, optim, parallel
 from simclr_jax.train_state import (
     CLASSIFIER_AUGMENT_KEY,
     CLASSIFIER_DATA_KEY,
     CLASSIFIER_INIT_KEY,
+    INIT_KEY,
     create_state,
+    init_variables,
     restore_encoder,
     seed_key,
 )
 
 log = logging.getLogger(__name__)
 
-FINETUNE, SCRATCH, LINEAR, KNN = "finetune", "scratch", "linear", "knn"
+FINETUNE, SCRATCH, CHANCE = "finetune", "scratch", "chance"
+LONG = "_long"  # suffix of the long-budget classifier runs' phases
+# Frozen features: (source, linear-probe phase, kNN phase).
+FEATURES = (("simclr", "linear", "knn"), ("random", "linear_random", "knn_random"))
+FEATURES += (("pixels", "linear_pixels", "knn_pixels"),)
 
 
 def epoch_indices(subset: np.ndarray, global_batch: int) -> np.ndarray:
@@ -38,17 +47,22 @@ def epoch_indices(subset: np.ndarray, global_batch: int) -> np.ndarray:
     return np.tile(subset, reps)
 
 
-def compare(config, ds, workdir: str, writer, subset: np.ndarray, encoder: dict, encoder_id: dict):
-    """The pretrained ('finetune') and the 'scratch' classifier runs: identical data order,
-    augmentation keys, head init, optimizer and schedule; only f's initial weights differ.
-    Returns {phase: wall seconds of this invocation}."""
+def budgets(config) -> list[tuple[str, int]]:
+    """(phase suffix, epochs) of the classifier runs: the short budget, and the long one if on."""
+    dc = config.downstream
+    return [("", dc.epochs)] + ([(LONG, dc.long_epochs)] if dc.long_epochs > 0 else [])
+
+
+def compare(config, ds, workdir: str, writer, subset: np.ndarray, starts: dict) -> dict:
+    """The pretrained ('finetune') and the 'scratch' classifier runs for each budget: identical
+    data order, augmentation keys, optimizer and schedule; only where they start differs.
+
+    starts: {FINETUNE: (encoder, encoder_id), SCRATCH: (...)}: f's variables and what identifies
+    them in the checkpoints' metadata. Returns {phase: wall seconds of this invocation}.
+    """
     dc, image_size = config.downstream, config.data.image_size
     ids = epoch_indices(subset, dc.batch_size)  # (n_epoch,) train indices
     spe = len(ids) // dc.batch_size
-    total = int(dc.epochs * spe)
-    schedule = optim.make_schedule(dc, spe, total)
-    tx = optim.make_optimizer(dc, schedule)
-    model, p_step = classifier.make_classifier_step(config, schedule, ds.num_classes)
     step_args = parallel.replicate(
         (
             ds.train_images[ids],
@@ -57,30 +71,93 @@ def compare(config, ds, workdir: str, writer, subset: np.ndarray, encoder: dict,
             seed_key(config.seed, CLASSIFIER_AUGMENT_KEY),
         )
     )
-    evaluator = classifier.make_evaluator(
-        model, image_size, parallel.replicate(ds.test_images), ds.test_labels
-    )
+    test_images = parallel.replicate(ds.test_images)
+    digest = {"subset": data.subset_digest(ids)}
     init_key = seed_key(config.seed, CLASSIFIER_INIT_KEY)
-    ckpt_every = dc.checkpoint_every if dc.checkpoint_every > 0 else spe
     walls = {}
-    for phase, enc, enc_id in ((FINETUNE, encoder, encoder_id), (SCRATCH, None, None)):
-        meta = classifier.run_meta(config, phase, enc_id)
-        directory = os.path.join(os.path.abspath(workdir), "checkpoints", phase)
-        ckpt = classifier.open_run_checkpoints(directory, config, meta)
-        try:
-            state = create_state(model, tx, init_key, image_size, enc)
-            spec = loop.LoopSpec(phase, total, spe, spe, ckpt_every, dc.batch_size)
-            result = classifier.train(
-                config, state, ckpt, meta, p_step, step_args, spec, writer, evaluator
-            )
-        finally:
-            ckpt.close()
-        walls[phase] = result.wall_s
+    for suffix, epochs in budgets(config):
+        total = int(epochs * spe)
+        schedule = optim.make_schedule(dc, spe, total)
+        tx = optim.make_optimizer(dc, schedule)
+        model, p_step = classifier.make_classifier_step(config, schedule, ds.num_classes)
+        spec = augment.spec_from_config(config)
+        log_every = spe * classifier.eval_every(epochs)  # records (and checkpoints) per evaluation
+        ckpt_every = dc.checkpoint_every if dc.checkpoint_every > 0 else log_every
+        evaluator = classifier.make_evaluator(model, spec, test_images, ds.test_labels, digest)
+        for run in (FINETUNE, SCRATCH):
+            encoder, encoder_id = starts[run]
+            phase = run + suffix
+            meta = classifier.run_meta(config, phase, epochs, encoder_id)
+            directory = os.path.join(os.path.abspath(workdir), "checkpoints", phase)
+            ckpt = classifier.open_run_checkpoints(directory, config, meta)
+            try:
+                state = create_state(model, tx, init_key, image_size, encoder)
+                loop_spec = loop.LoopSpec(phase, total, spe, log_every, ckpt_every, dc.batch_size)
+                result = classifier.train(
+                    config, state, ckpt, meta, p_step, step_args, loop_spec, writer, evaluator
+                )
+            finally:
+                ckpt.close()
+            walls[phase] = result.wall_s
     return walls
 
 
-def _linear_record(config, ds, writer, features, sizes: dict) -> dict:
-    """Fits the linear probe on the frozen features; writes and returns its 'linear' record."""
+def random_encoder(config) -> dict:
+    """f at its initialisation, exactly as pretraining starts (the same init key): the floor a
+    learned representation has to clear."""
+    variables = init_variables(
+        models.build_model(config.model), seed_key(config.seed, INIT_KEY), config.data.image_size
+    )
+    return {
+        "params": variables["params"]["encoder"],
+        "batch_stats": variables["batch_stats"]["encoder"],
+    }
+
+
+def pixel_features(config, ds, subset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw pixels in [0, 1] at the encoder's input size (what the encoder sees, before its
+    normalisation), flattened: (n, S*S*3) of the subset and (m, S*S*3) of the test split."""
+    import jax  # noqa: PLC0415
+
+    size = config.data.image_size
+
+    def flat(images):
+        chunks = [
+            augment.downstream_batch(None, 0, images[i : i + 1024], None, False, size)
+            for i in range(0, len(images), 1024)
+        ]
+        return np.concatenate([np.asarray(jax.device_get(c)).reshape(len(c), -1) for c in chunks])
+
+    return flat(ds.train_images[subset]), flat(ds.test_images)
+
+
+def frozen_evaluations(config, ds, writer, subset, encoders: dict, encoder_step: int):
+    """Linear probe and kNN on the labelled subset's frozen features, for the SimCLR encoder and
+    the two baselines (random-init encoder, raw pixels), plus chance. Writes one record per
+    method (replacing older ones). encoders: {'simclr': f, 'random': f at init}.
+
+    Returns the records by phase."""
+    train_y, common = ds.train_labels[subset], {"num_test": len(ds.test_labels)}
+    common.update(num_labelled=len(subset), subset=data.subset_digest(subset))
+    writer.drop_phase(CHANCE)
+    out = {CHANCE: writer.write(0, CHANCE, {"test_acc": 1.0 / ds.num_classes, **common})}
+    for source, linear_phase, knn_phase in FEATURES:
+        t0 = time.perf_counter()
+        if source == "pixels":
+            train_x, test_x = pixel_features(config, ds, subset)
+        else:
+            train_x, test_x = evaluate.frozen_features(config, ds, subset, encoders[source])
+        sizes = {**common, "features_s": time.perf_counter() - t0, "features": source}
+        if source == "simclr":
+            sizes["encoder_step"] = encoder_step
+        features = (train_x, train_y, test_x)
+        out[linear_phase] = _linear_record(config, ds, writer, features, linear_phase, sizes)
+        out[knn_phase] = _knn_record(config, ds, writer, features, knn_phase, sizes)
+    return out
+
+
+def _linear_record(config, ds, writer, features, phase: str, sizes: dict) -> dict:
+    """Fits the linear probe on frozen features; writes and returns its record."""
     dc = config.downstream
     train_x, train_y, test_x = features
     t0 = time.perf_counter()
@@ -90,20 +167,19 @@ def _linear_record(config, ds, writer, features, sizes: dict) -> dict:
         test_x,
         ds.test_labels,
         ds.num_classes,
-        epochs=dc.linear_epochs,
-        batch_size=dc.linear_batch_size,
-        learning_rate=dc.linear_learning_rate,
+        l2_grid=tuple(dc.linear_l2_grid),
+        folds=dc.linear_folds,
+        iters=dc.linear_iters,
         seed=config.seed,
     )
     wall = time.perf_counter() - t0
-    writer.drop_phase(LINEAR)
-    log.info("Linear probe: test acc %.4f (%.1fs).", res["test_acc"], wall)
-    steps = res.pop("steps")
-    return writer.write(steps, LINEAR, {**res, "epochs": dc.linear_epochs, **sizes, "wall_s": wall})
+    writer.drop_phase(phase)
+    log.info("%s: test acc %.4f (l2 %g, %.1fs).", phase, res["test_acc"], res["l2"], wall)
+    return writer.write(dc.linear_iters, phase, {**res, **sizes, "wall_s": wall})
 
 
-def _knn_record(config, ds, writer, features, sizes: dict) -> dict:
-    """The weighted kNN vote on the frozen features; writes and returns its 'knn' record."""
+def _knn_record(config, ds, writer, features, phase: str, sizes: dict) -> dict:
+    """The weighted kNN vote on frozen features; writes and returns its record."""
     dc = config.downstream
     train_x, train_y, test_x = features
     t0 = time.perf_counter()
@@ -111,38 +187,18 @@ def _knn_record(config, ds, writer, features, sizes: dict) -> dict:
         train_x, train_y, test_x, ds.test_labels, ds.num_classes, dc.knn_k, dc.knn_temperature
     )
     wall = time.perf_counter() - t0
-    writer.drop_phase(KNN)
+    writer.drop_phase(phase)
     scalars = {"test_acc": acc, "k": min(dc.knn_k, len(train_y)), "temperature": dc.knn_temperature}
-    log.info("kNN (k=%d): test acc %.4f.", scalars["k"], acc)
-    return writer.write(0, KNN, {**scalars, **sizes, "wall_s": wall})
-
-
-def frozen_evaluations(
-    config, ds, writer, subset: np.ndarray, encoder: dict, encoder_step: int
-) -> dict:
-    """Linear probe and kNN on features of the frozen pretrained f (BN in inference mode),
-    extracted once: the labelled subset is the probe's training set and kNN's memory bank.
-    Writes one 'linear' and one 'knn' record (replacing older ones); returns both."""
-    t0 = time.perf_counter()
-    train_x, test_x = evaluate.frozen_features(config, ds, subset, encoder)
-    sizes = {
-        "num_labelled": len(subset),
-        "num_test": len(ds.test_labels),
-        "encoder_step": encoder_step,
-        "features_s": time.perf_counter() - t0,
-    }
-    features = (train_x, ds.train_labels[subset], test_x)
-    out = {}
-    if config.downstream.linear_epochs > 0:
-        out[LINEAR] = _linear_record(config, ds, writer, features, sizes)
-    out[KNN] = _knn_record(config, ds, writer, features, sizes)
-    return out
+    log.info("%s (k=%d): test acc %.4f.", phase, scalars["k"], acc)
+    return writer.write(0, phase, {**scalars, **sizes, "wall_s": wall})
 
 
 def run(config, ds, workdir: str, writer, source: str) -> dict:
-    """The downstream stage: restore f from `source` (a pretraining checkpoint directory), run
-    the pretrained-vs-scratch comparison and the frozen-encoder evaluations.
+    """The downstream stage: restore f from `source` (a pretraining checkpoint directory), the
+    frozen-encoder evaluations and baselines, then the pretrained-vs-scratch comparison.
 
+    'scratch' starts from the very weights SimCLR pretraining started from, so pretraining is
+    the only difference between the two classifiers (their heads start at zero).
     Returns a summary: final test numbers of the frozen evaluations, wall times, the labelled-set
     size (the classifiers' numbers are in metrics.jsonl, which the report reads).
     """
@@ -156,10 +212,13 @@ def run(config, ds, workdir: str, writer, source: str) -> dict:
         len(ds.train_labels),
         dc.label_fraction,
     )
-    walls = compare(
-        config, ds, workdir, writer, subset, encoder, {"dir": source, "step": encoder_step}
-    )
-    frozen = frozen_evaluations(config, ds, writer, subset, encoder, encoder_step)
+    encoders = {"simclr": encoder, "random": random_encoder(config)}
+    frozen = frozen_evaluations(config, ds, writer, subset, encoders, encoder_step)
+    starts = {
+        FINETUNE: (encoder, {"dir": source, "step": encoder_step}),
+        SCRATCH: (encoders["random"], {"init": "the pretraining's initial weights"}),
+    }
+    walls = compare(config, ds, workdir, writer, subset, starts)
     summary = {"encoder_step": encoder_step, "num_labelled": len(subset)}
     summary.update({f"{k}_test_acc": r["test_acc"] for k, r in frozen.items()})
     summary["train_wall_s"] = walls  # this invocation's classifier training (0 when skipped)

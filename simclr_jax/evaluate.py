@@ -15,12 +15,13 @@ from simclr_jax import augment, models, parallel
 from simclr_jax.train_state import LINEAR_KEY, compute_dtype
 
 
-def make_feature_fn(model, image_size: int):
-    """pmapped (variables, images uint8 (N,H,W,3), ids (n,)) -> h (n, F) float32, BN frozen."""
+def make_feature_fn(model, spec):
+    """pmapped (variables, images uint8 (N,H,W,3), ids (n,)) -> h (n, F) float32, BN frozen.
+    spec: `augment.spec_from_config` (image size, normalisation)."""
 
     def features(variables, images, ids):
-        x = augment.downstream_batch(None, 0, images[ids], ids, train=False, image_size=image_size)
-        return model.apply(variables, x, train=False, method="encode")
+        x = augment.downstream_batch(None, 0, images[ids], ids, False, spec.image_size)
+        return model.apply(variables, augment.normalize(x, spec), train=False, method="encode")
 
     return jax.pmap(features, axis_name=parallel.AXIS)
 
@@ -42,7 +43,7 @@ def frozen_features(config, ds, subset: np.ndarray, encoder: dict) -> tuple[np.n
     """h of the labelled subset (n, F) and of the test set (m, F) from the frozen `encoder`
     ({'params', 'batch_stats'} of f), on the host, float32."""
     model = models.build_model(config.model, dtype=compute_dtype(config))
-    feature_fn = make_feature_fn(model, config.data.image_size)
+    feature_fn = make_feature_fn(model, augment.spec_from_config(config))
     variables = parallel.replicate(
         {
             "params": {"encoder": encoder["params"]},
@@ -114,66 +115,96 @@ def knn_eval(
 # ----------------------------------------------------------------------------- linear probe
 
 
-def _probe_order(n: int, batch: int, epochs: int, seed: int) -> jnp.ndarray:
-    """(steps, batch) minibatch indices: a permutation per epoch, the remainder dropped. From
-    numpy seeded with (seed, LINEAR_KEY): a few thousand indices, for which a jax.random program
-    would take longer to compile (XLA:CPU) than the whole fit."""
+def _stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """(n,) fold of each example: a seeded shuffle, then each class dealt round-robin, so every
+    fold holds about 1 / folds of each class."""
     rng = np.random.default_rng([seed, LINEAR_KEY])
-    spe = n // batch
-    order = np.stack([rng.permutation(n)[: spe * batch] for _ in range(epochs)])
-    return jnp.asarray(order.reshape(epochs * spe, batch), jnp.int32)
+    order = rng.permutation(len(labels))
+    fold = np.empty(len(labels), np.int32)
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        fold[members] = (rng.integers(folds) + np.arange(len(members))) % folds
+    return fold
 
 
 def _probe_loss(params, x, y):
-    logits = x @ params["w"] + params["b"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    """Mean cross-entropy per example (n,) of the softmax regression."""
+    return optax.softmax_cross_entropy_with_integer_labels(x @ params["w"] + params["b"], y)
 
 
-def _fit_probe(tx, params, xs, ys, order):
-    """The whole fit, one scan over the minibatches of `order`. Returns (params, losses)."""
+def _fit_probe(xs, ys, weights, l2, num_classes: int, iters: int):
+    """Multinomial logistic regression, L2 penalty on the weights (not the bias), fitted by
+    full-batch L-BFGS (optax) from zero: minimises mean_w(cross-entropy) + l2 / 2 |W|^2, the mean
+    taken with `weights` (n,) (0 leaves an example out). Returns the params."""
 
-    def body(carry, idx):
-        params, opt_state = carry
-        loss, grads = jax.value_and_grad(_probe_loss)(params, xs[idx], ys[idx])
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
+    def objective(params):
+        ce = _probe_loss(params, xs, ys)
+        return jnp.sum(weights * ce) / jnp.sum(weights) + 0.5 * l2 * jnp.sum(params["w"] ** 2)
 
-    (params, _), losses = lax.scan(body, (params, tx.init(params)), order)
-    return params, losses
+    solver = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(objective)
+
+    def body(carry, _):
+        params, state = carry
+        value, grad = value_and_grad(params, state=state)
+        updates, state = solver.update(
+            grad, state, params, value=value, grad=grad, value_fn=objective
+        )
+        return (optax.apply_updates(params, updates), state), None
+
+    params = {"w": jnp.zeros((xs.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
+    (params, _), _ = lax.scan(body, (params, solver.init(params)), None, length=iters)
+    return params
+
+
+_fit = jax.jit(_fit_probe, static_argnames=("num_classes", "iters"))
+
+
+def _cross_validate(xs, ys, fold: np.ndarray, l2_grid, folds: int, num_classes: int, iters: int):
+    """Held-out cross-entropy per penalty, averaged over the folds: each (fold, penalty) fitted
+    on the other folds' examples. One compiled fit serves them all (a Python loop: vmapping the
+    L-BFGS line search ran slower on CPU than fitting one problem after another)."""
+    losses = np.zeros((folds, len(l2_grid)))
+    for f in range(folds):
+        train, held = jnp.asarray(fold != f, jnp.float32), jnp.asarray(fold == f, jnp.float32)
+        for j, l2 in enumerate(l2_grid):
+            params = _fit(xs, ys, train, l2, num_classes=num_classes, iters=iters)
+            losses[f, j] = jnp.sum(held * _probe_loss(params, xs, ys)) / jnp.sum(held)
+    return losses.mean(0)
 
 
 def linear_probe(
-    train_x, train_y, test_x, test_y, num_classes, *, epochs, batch_size, learning_rate, seed
+    train_x, train_y, test_x, test_y, num_classes, *, l2_grid, folds, iters, seed
 ) -> dict:
-    """Softmax regression on frozen features: {'train_loss', 'train_acc', 'test_loss', 'test_acc',
-    'steps'}.
+    """Logistic regression on frozen features, its L2 penalty chosen on the training set alone.
 
-    Features are standardised with the train features' per-dimension mean and std (the probe
-    then needs no per-model learning-rate tuning); SGD with momentum 0.9 and a cosine decay from
-    `learning_rate`, minibatches of min(batch_size, n) drawn without replacement each epoch
-    (the remainder dropped), zero-initialised weights. The whole fit is one jitted scan.
+    Features are standardised with the train features' per-dimension mean and std. The penalty
+    is the one of `l2_grid` with the lowest held-out cross-entropy in `folds`-fold stratified
+    cross-validation on the training set (no choice when the grid has one value or folds < 2);
+    the probe is then refitted on the whole training set. Every fit is full-batch L-BFGS,
+    `iters` iterations from zero (`_fit_probe`). Returns {'train_loss', 'train_acc',
+    'test_loss', 'test_acc', 'l2', 'cv_loss'} (cv_loss: held-out loss per penalty, or None).
     """
     train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     xs = jnp.asarray((train_x - mean) / std, jnp.float32)  # (n, F)
     xt = jnp.asarray((test_x - mean) / std, jnp.float32)  # (m, F)
     ys, yt = jnp.asarray(train_y, jnp.int32), jnp.asarray(test_y, jnp.int32)
-    n = len(train_y)
-    batch = min(batch_size, n)
-    spe, steps = n // batch, epochs * (n // batch)
-    tx = optax.sgd(optax.cosine_decay_schedule(learning_rate, max(steps, 1)), momentum=0.9)
-    params = {"w": jnp.zeros((xs.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
-    # The features go in as arguments: closed over, they would become constants of the program.
-    fit = jax.jit(functools.partial(_fit_probe, tx))
-    params, losses = fit(params, xs, ys, _probe_order(n, batch, epochs, seed))
+    grid, cv_loss = [float(v) for v in l2_grid], None
+    if len(grid) > 1 and folds > 1:
+        fold = _stratified_folds(np.asarray(train_y), folds, seed)
+        cv_loss = [float(v) for v in _cross_validate(xs, ys, fold, grid, folds, num_classes, iters)]
+    l2 = grid[int(np.argmin(cv_loss))] if cv_loss else grid[0]
+    params = _fit(xs, ys, jnp.ones(len(train_y)), l2, num_classes=num_classes, iters=iters)
 
     def acc(x, y):
         return float(jnp.mean(jnp.argmax(x @ params["w"] + params["b"], -1) == y))
 
     return {
-        "train_loss": float(jnp.mean(losses[-spe:])),  # the last epoch's minibatches
+        "train_loss": float(jnp.mean(_probe_loss(params, xs, ys))),
         "train_acc": acc(xs, ys),
-        "test_loss": float(_probe_loss(params, xt, yt)),
+        "test_loss": float(jnp.mean(_probe_loss(params, xt, yt))),
         "test_acc": acc(xt, yt),
-        "steps": steps,
+        "l2": l2,
+        "cv_loss": cv_loss,
     }

@@ -24,6 +24,13 @@ devices, not averaged:
     # metrics['loss'] == L and metrics['contrastive_acc'] are global (already psummed).
 
 Without `axis_name` (one device, or jit over a global batch) the partial IS L.
+
+What is optimised is `OBJECTIVE_SCALE * L` = 2L, the official code's scale: it minimises
+loss_a + loss_b, each a mean over the N rows of one view (google-research/simclr,
+`add_contrastive_loss`). The scale matters under LARS: weight decay is added to the gradient
+before the trust ratio, and BatchNorm and bias parameters skip the trust ratio, so with L the
+decay would weigh twice as much against the gradient and those parameters would move half as
+fast as in the official recipe. The metrics report L itself.
 """
 
 import jax.numpy as jnp
@@ -32,6 +39,8 @@ from jax import lax
 
 # Added to the self-similarity logit; a finite value (not -inf) keeps exp/grad free of NaN.
 LARGE_NUM = 1e9
+# The optimised objective is OBJECTIVE_SCALE * L (the official code's loss_a + loss_b).
+OBJECTIVE_SCALE = 2.0
 
 
 def _l2_normalize(z, eps: float = 1e-12):

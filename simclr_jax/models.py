@@ -4,7 +4,8 @@ This module owns the architectures only; the NT-Xent loss lives in `losses.py`.
 
 * `ResNet`: CIFAR stem (3x3 conv, stride 1, no max-pool) or ImageNet stem (7x7 conv,
   stride 2, 3x3 max-pool); `BasicBlock` (ResNet-18/34) or `Bottleneck` (ResNet-50).
-  Input: float images in [0, 1], (B, H, W, 3); output: h (B, feat_dim), float32.
+  Input: normalised images (B, H, W, 3) (`augment.normalize`: the input pipeline normalises
+  with the statistics of the dataset at hand); output: h (B, feat_dim), float32.
 * `ProjectionHead`: [Dense -> BN -> ReLU] * (num_layers - 1) -> Dense(out_dim).
 * `SimCLRModel`: `__call__(x, train) -> (h, z)`.
 * `Classifier`: `__call__(x, train) -> logits` (B, num_classes).
@@ -30,10 +31,6 @@ from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
-
-# Fixed per-channel CIFAR-10 statistics; images arrive in [0, 1].
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.247, 0.243, 0.261)
 
 STEMS = ("cifar", "imagenet")
 
@@ -104,7 +101,7 @@ def _shortcut(block: nn.Module, x, y):
 
 
 class ResNet(nn.Module):
-    """ResNet encoder f: images (B, H, W, 3) in [0, 1] -> h (B, feat_dim) float32."""
+    """ResNet encoder f: normalised images (B, H, W, 3) -> h (B, feat_dim) float32."""
 
     stage_sizes: Sequence[int]
     block_cls: ModuleDef
@@ -137,8 +134,7 @@ class ResNet(nn.Module):
             param_dtype=jnp.float32,
         )
         norm = _batch_norm(train, self.bn_axis_name, self.dtype)
-        x = (x.astype(jnp.float32) - jnp.array(CIFAR_MEAN)) / jnp.array(CIFAR_STD)
-        x = self._stem(x, conv, norm)
+        x = self._stem(x.astype(jnp.float32), conv, norm)
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 x = self.block_cls(
@@ -223,7 +219,12 @@ class SimCLRModel(nn.Module):
 
 class Classifier(nn.Module):
     """f then a linear layer. `__call__(x, train) -> logits` (B, num_classes) float32;
-    `encode(x, train) -> h`. The encoder is named 'encoder', as in `SimCLRModel`."""
+    `encode(x, train) -> h`. The encoder is named 'encoder', as in `SimCLRModel`.
+
+    The head starts at zero, as the official code's `zero_init_logits_layer` for fine-tuning:
+    the first updates reach the head only (dL/dh = W^T (p - y) = 0), so fine-tuning begins by
+    fitting a linear classifier on f instead of sending a random head's gradients through it.
+    """
 
     encoder: nn.Module
     num_classes: int
@@ -232,7 +233,10 @@ class Classifier(nn.Module):
     def __call__(self, x, train: bool):
         h = self.encoder(x, train)  # (B, F) float32
         # float32 logits for a stable cross-entropy under mixed precision.
-        return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(h)
+        head = nn.Dense(
+            self.num_classes, dtype=jnp.float32, kernel_init=nn.initializers.zeros, name="head"
+        )
+        return head(h)
 
     def encode(self, x, train: bool = False):
         return self.encoder(x, train)

@@ -153,8 +153,9 @@ def run(config, workdir: str, mode: str = "all") -> dict:
         logging.getLogger("simclr_jax").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     config_lib.validate(config, mode)
     source = encoder_source(config, workdir) if mode == "downstream" else None
-    prepare_workdir(workdir, config, mode)
     ds = _load_data(config)
+    config = data.with_stats(config, ds)  # the input normalisation, written to config.json
+    prepare_workdir(workdir, config, mode)
     writer = MetricWriter(workdir)
     summary = {"workdir": os.path.abspath(workdir), "mode": mode}
     try:

@@ -38,14 +38,15 @@ def pretrain_step(
     """
     ids = parallel.device_batch_ids(data_key, state.step, images.shape[0], global_batch)  # (n,)
     v1, v2 = augment.two_views(aug_key, state.step, images[ids], ids, aug_cfg)  # (n, S, S, 3) x2
-    views = jnp.concatenate([v1, v2])  # (2n, S, S, 3): BN sees both views, as in the paper
+    views = augment.normalize(jnp.concatenate([v1, v2]), aug_cfg)  # (2n, S, S, 3): BN sees both
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
         (_, z), updates = model.apply(variables, views, train=True, mutable=["batch_stats"])
         z1, z2 = jnp.split(z, 2)  # (n, D) each
         partial_loss, metrics = losses.nt_xent_with_metrics(z1, z2, temperature, parallel.AXIS)
-        return partial_loss, (metrics, updates["batch_stats"])
+        # The official scale, 2L (losses.OBJECTIVE_SCALE); metrics['loss'] reports L.
+        return losses.OBJECTIVE_SCALE * partial_loss, (metrics, updates["batch_stats"])
 
     grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     grads = lax.psum(grads, parallel.AXIS)  # partial losses sum to L, so their grads sum too
@@ -131,7 +132,7 @@ def run(config, ds, writer, ckpt: Checkpointer) -> tuple[TrainState, loop.LoopRe
 def knn_monitor(config, ds, train_images):
     """on_epoch_end callback: kNN test accuracy of the frozen encoder every knn_every epochs."""
     model = models.build_model(config.model, dtype=compute_dtype(config))
-    feature_fn = evaluate.make_feature_fn(model, config.data.image_size)
+    feature_fn = evaluate.make_feature_fn(model, augment.spec_from_config(config))
     test_images = parallel.replicate(ds.test_images)
     dc = config.downstream
 

@@ -1,7 +1,7 @@
 """The report of a run, from the files in its workdir only: metrics.jsonl and config.json ->
-report.json (every number), report.md (the table a person reads first) and the plots of
-`plots.py` (test accuracy / test loss per epoch, the pretrained and the scratch classifier on the
-same axes).
+report.json (every number), report.md (`report_md.py`: the table a person reads first, every
+accuracy beside its baselines on the same labelled images and test split) and the plots of
+`plots.py`.
 
 It imports neither jax nor the training modules, so it can be rerun on a finished (or copied)
 workdir:  python -m simclr_jax.report WORKDIR
@@ -12,20 +12,21 @@ import math
 import os
 import sys
 
-from simclr_jax import plots
+from simclr_jax import plots, report_md
 
 # The file names the training side writes (metrics.METRICS_FILE, pipeline.CONFIG_FILE); repeated
 # here rather than imported, since those modules import jax.
 METRICS_FILE, CONFIG_FILE = "metrics.jsonl", "config.json"
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 ACCURACY_PNG, LOSS_PNG = "accuracy.png", "loss.png"
-RUNS = ("finetune", "scratch")
-CURVE_KEYS = (
-    ("loss", "train_loss"),
-    ("accuracy", "train_acc"),
-    ("test_loss",) * 2,
-    ("test_acc",) * 2,
-)
+RUNS = ("finetune", "scratch", "finetune_long", "scratch_long")  # classifier phases
+FROZEN = ("chance", "linear_pixels", "knn_pixels", "linear_random", "knn_random", "linear", "knn")
+CURVE_KEYS = (("loss", "train_loss"), ("accuracy", "train_acc"), ("test_loss",) * 2)
+CURVE_KEYS += (("test_acc",) * 2,)
+# A run whose train or test accuracy still rose by more than ACC_RISE over its last
+# CONVERGENCE_TAIL of epochs has not converged, nor has a short run that the long one of the same
+# start beats by more than ACC_RISE.
+CONVERGENCE_TAIL, ACC_RISE = 0.2, 0.01
 
 
 def read_records(path: str) -> list[dict]:
@@ -66,6 +67,20 @@ def curves(records: list[dict]) -> dict:
     return out
 
 
+def still_improving(c: dict) -> str | None:
+    """Why a run has not converged (its train or test accuracy still rising by more than
+    ACC_RISE over the last CONVERGENCE_TAIL of its epochs), or None."""
+    n = len(c["epoch"])
+    if n < 2:
+        return None
+    i = min(n - 2, int(round(n * (1 - CONVERGENCE_TAIL))) - 1)
+    for split in ("train", "test"):
+        then, now = c[f"{split}_acc"][i], c[f"{split}_acc"][-1]
+        if then is not None and now is not None and now > then + ACC_RISE:
+            return f"{split} acc {100 * then:.1f}% -> {100 * now:.1f}% since epoch {c['epoch'][i]}"
+    return None
+
+
 def _run_summary(records: list[dict], batch: int) -> dict:
     c = curves(records)
     done = bool(c["epoch"])
@@ -73,7 +88,8 @@ def _run_summary(records: list[dict], batch: int) -> dict:
         **c,
         "final_test_acc": c["test_acc"][-1] if done else None,
         "final_test_loss": c["test_loss"][-1] if done else None,
-        "best_test_acc": max(c["test_acc"]) if done else None,
+        "not_converged": still_improving(c) if done else None,
+        "subset": records[-1].get("subset") if records else None,
         "wall_s": loop_wall_s(records, batch),
     }
 
@@ -94,167 +110,64 @@ def build(workdir: str) -> dict:
     """Everything the report shows, from the workdir's files."""
     with open(os.path.join(workdir, CONFIG_FILE)) as f:
         config = json.load(f)
-    records = read_records(os.path.join(workdir, METRICS_FILE))
     by_phase: dict[str, list[dict]] = {}
-    for r in records:
+    for r in read_records(os.path.join(workdir, METRICS_FILE)):
         by_phase.setdefault(r.get("phase"), []).append(r)
     dc = config["downstream"]
-    linear = (by_phase.get("linear") or [None])[-1]
-    knn = (by_phase.get("knn") or [None])[-1]
-    sizes = knn or linear or {}
+    frozen = {p: (by_phase.get(p) or [None])[-1] for p in FROZEN}
+    sizes = frozen["knn"] or frozen["linear"] or {}
     rep = {
         "workdir": os.path.abspath(workdir),
         "label_fraction": dc["label_fraction"],
         "num_labelled": sizes.get("num_labelled"),
         "num_test": sizes.get("num_test"),
+        "subset": sizes.get("subset"),  # data.subset_digest of the labelled images
         "encoder_step": sizes.get("encoder_step"),  # the pretraining step f was restored from
         "encoder_source": config.get("restore") or "this workdir",
         "pretrain": _pretrain_summary(
             by_phase.get("pretrain", []), config["pretrain"]["batch_size"]
         ),
         **{run: _run_summary(by_phase.get(run, []), dc["batch_size"]) for run in RUNS},
-        "linear": linear,
-        "knn": knn,
+        **frozen,
+        "config": config,
     }
+    for run in ("finetune", "scratch"):  # the long budget shows whether the short one was enough
+        short, long = rep[run], rep[f"{run}_long"]
+        if short["epoch"] and long["epoch"]:
+            gain = long["final_test_acc"] - short["final_test_acc"]
+            if gain > ACC_RISE and not short["not_converged"]:
+                short["not_converged"] = (
+                    f"the {long['epoch'][-1]}-epoch run reached {100 * long['final_test_acc']:.1f}%"
+                )
     rep["wall_s"] = {
         "pretrain": rep["pretrain"]["wall_s"],
         **{run: rep[run]["wall_s"] for run in RUNS},
-        "features": (sizes or {}).get("features_s"),
-        "linear": linear and linear.get("wall_s"),
-        "knn": knn and knn.get("wall_s"),
+        **{p: (frozen[p] or {}).get("wall_s") for p in FROZEN[1:]},
     }
-    rep["config"] = config
+    rep["summary"] = summary(rep)
     return rep
 
 
+def _acc(rep: dict, key: str) -> float | None:
+    r = rep.get(key)
+    return None if not r else (r.get("final_test_acc") if key in RUNS else r.get("test_acc"))
+
+
 def summary(rep: dict) -> dict:
-    """The headline numbers (what pipeline.run logs)."""
-    out = {f"{run}_test_acc": rep[run]["final_test_acc"] for run in RUNS}
-    for probe in ("linear", "knn"):
-        out[f"{probe}_test_acc"] = rep[probe]["test_acc"] if rep[probe] else None
-    if None not in (out["finetune_test_acc"], out["scratch_test_acc"]):
-        out["pretrained_minus_scratch"] = out["finetune_test_acc"] - out["scratch_test_acc"]
+    """The headline numbers (what pipeline.run returns): every method's test accuracy and the
+    differences the report is about."""
+    out = {f"{k}_test_acc": _acc(rep, k) for k in RUNS + FROZEN}
+    pairs = {
+        "linear_minus_pixels": ("linear", "linear_pixels"),
+        "knn_minus_pixels": ("knn", "knn_pixels"),
+        "linear_minus_random": ("linear", "linear_random"),
+        "pretrained_minus_scratch": ("finetune", "scratch"),
+        "pretrained_minus_scratch_long": ("finetune_long", "scratch_long"),
+    }
+    for name, (a, b) in pairs.items():
+        if None not in (_acc(rep, a), _acc(rep, b)):
+            out[name] = _acc(rep, a) - _acc(rep, b)
     return out
-
-
-# ----------------------------------------------------------------------------- markdown
-
-
-def _or_q(x) -> str:
-    return "?" if x is None else str(x)
-
-
-def peak_lr(section: dict) -> float:
-    """config.scaled_learning_rate, repeated (that module imports jax)."""
-    lr, batch, rule = section["learning_rate"], section["batch_size"], section["lr_scaling"]
-    return (
-        lr * batch / 256.0 if rule == "linear" else lr * math.sqrt(batch) if rule == "sqrt" else lr
-    )
-
-
-def _pct(x) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
-
-
-def _num(x) -> str:
-    return "—" if x is None else f"{x:.4f}"
-
-
-def _secs(x) -> str:
-    if x is None:
-        return "—"
-    return f"{x:.1f} s" if x < 120 else f"{x / 60:.1f} min"
-
-
-def _header(rep: dict) -> list[str]:
-    cfg = rep["config"]
-    model = cfg["model"]
-    return [
-        f"# SimCLR on {cfg['data']['name']}: pretrained vs scratch",
-        "",
-        f"Labelled training images: **{_or_q(rep['num_labelled'])}** (label fraction "
-        f"{rep['label_fraction']:g}, class-balanced, seed {cfg['seed']}); test images: "
-        f"{_or_q(rep['num_test'])}. Encoder: {model['name']} "
-        f"(width {model['width']:g}), SimCLR-pretrained on every train image without labels; "
-        f"restored from step {_or_q(rep['encoder_step'])} of the pretraining run in "
-        f"{rep['encoder_source']}. Wall times include compilation.",
-        "",
-    ]
-
-
-def _method_table(rep: dict) -> list[str]:
-    pre, lin, knn = rep["pretrain"], rep["linear"] or {}, rep["knn"] or {}
-    lines = ["| Method | Test accuracy | Test loss | Wall time |", "|---|---:|---:|---:|"]
-    for run, what in (
-        ("finetune", "Fine-tuned from the pretrained encoder"),
-        ("scratch", "From scratch"),
-    ):
-        r = rep[run]
-        lines.append(
-            f"| {what} ({len(r['epoch'])} epochs) | {_pct(r['final_test_acc'])} | "
-            f"{_num(r['final_test_loss'])} | {_secs(r['wall_s'])} |"
-        )
-    pretrain_row = (
-        f"| SimCLR pretraining ({pre['steps']} steps; kNN monitor, all train labels) | "
-        f"{_pct(pre['knn_acc'])} | — | {_secs(pre['wall_s'])} |"
-        if pre["steps"] is not None
-        else "| SimCLR pretraining (another workdir) | — | — | — |"
-    )
-    return lines + [
-        f"| Linear probe, frozen encoder ({lin.get('epochs', '—')} epochs) | "
-        f"{_pct(lin.get('test_acc'))} | {_num(lin.get('test_loss'))} | {_secs(lin.get('wall_s'))} |",
-        f"| kNN, frozen encoder (k={knn.get('k', '—')}, T={knn.get('temperature', '—')}) | "
-        f"{_pct(knn.get('test_acc'))} | — | {_secs(knn.get('wall_s'))} |",
-        pretrain_row,
-        "",
-    ]
-
-
-def _protocol(rep: dict) -> list[str]:
-    dc = rep["config"]["downstream"]
-    lines = []
-    s = summary(rep)
-    if "pretrained_minus_scratch" in s:
-        lines.append(
-            f"Pretrained minus scratch, final test accuracy: "
-            f"**{100 * s['pretrained_minus_scratch']:+.2f} points**. Best epoch: "
-            f"{_pct(rep['finetune']['best_test_acc'])} vs {_pct(rep['scratch']['best_test_acc'])}."
-        )
-    return lines + [
-        f"Both classifiers: same data order, augmentation (random crop + flip), head init, "
-        f"{dc['optimizer']} (peak lr {peak_lr(dc):g}, batch {dc['batch_size']}, weight decay "
-        f"{dc['weight_decay']:g}), warm-up then cosine decay; only the encoder's initial weights differ. "
-        f"Frozen features (BN in inference mode) come from the pretrained encoder; kNN: cosine "
-        f"similarity, temperature-weighted votes; the linear probe uses standardised features.",
-        "",
-    ]
-
-
-def _per_epoch(rep: dict) -> list[str]:
-    lines = [
-        "## Per epoch",
-        "",
-        "| Epoch | Pretrained test acc | Scratch test acc | Pretrained test loss | Scratch test loss |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    ft, sc = rep["finetune"], rep["scratch"]
-    for i in range(max(len(ft["epoch"]), len(sc["epoch"]))):
-
-        def at(run, key, i=i):
-            return run[key][i] if i < len(run[key]) else None
-
-        epoch = at(ft, "epoch") or at(sc, "epoch")
-        lines.append(
-            f"| {epoch} | {_pct(at(ft, 'test_acc'))} | {_pct(at(sc, 'test_acc'))} | "
-            f"{_num(at(ft, 'test_loss'))} | {_num(at(sc, 'test_loss'))} |"
-        )
-    return lines
-
-
-def markdown(rep: dict) -> str:
-    lines = _header(rep) + _method_table(rep) + _protocol(rep) + _per_epoch(rep)
-    lines += ["", f"![test accuracy]({ACCURACY_PNG})", "", f"![test loss]({LOSS_PNG})", ""]
-    return "\n".join(lines)
 
 
 def write(workdir: str) -> dict:
@@ -265,7 +178,7 @@ def write(workdir: str) -> dict:
         json.dump(rep, f, indent=2, allow_nan=True)
     os.replace(tmp, os.path.join(workdir, REPORT_JSON))
     with open(os.path.join(workdir, REPORT_MD), "w") as f:
-        f.write(markdown(rep))
+        f.write(report_md.markdown(rep, ACCURACY_PNG, LOSS_PNG))
     plots.classifier_curves(rep, "acc", os.path.join(workdir, ACCURACY_PNG))
     plots.classifier_curves(rep, "loss", os.path.join(workdir, LOSS_PNG))
     return rep

@@ -53,8 +53,7 @@ def init_variables(model, key, image_size: int) -> dict:
 
 def create_state(model, tx, key, image_size: int, encoder: dict | None = None) -> TrainState:
     """Unreplicated state on the default device, initialised from `key`; the encoder f replaced by
-    `encoder` ({'params', 'batch_stats'}) when given. The rest (a classifier's head) depends on
-    `key` only, so a pretrained and a scratch run start from the same head."""
+    `encoder` ({'params', 'batch_stats'}) when given."""
     variables = init_variables(model, key, image_size)
     params, batch_stats = dict(variables["params"]), dict(variables["batch_stats"])
     if encoder is not None:

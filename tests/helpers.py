@@ -7,6 +7,10 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The digits train split's channel statistics (data.load_digits().channel_stats(), rounded).
+DIGITS_STATS = ((0.3057,) * 3, (0.3234,) * 3)
+
+
 def tiny_config(**overrides):
     """The digits config shrunk to seconds: tiny ResNet, small batches, few steps."""
     from configs import digits_simclr
@@ -14,6 +18,8 @@ def tiny_config(**overrides):
     c = digits_simclr.get_config()
     c.model.name = "tiny"
     c.data.max_train_examples = 256
+    # What data.with_stats fills in a run (tests build steps without loading the data).
+    c.data.mean, c.data.std = DIGITS_STATS
     c.pretrain.batch_size = 32
     c.pretrain.num_steps = 4
     c.pretrain.log_every = 2
@@ -21,7 +27,9 @@ def tiny_config(**overrides):
     c.pretrain.knn_every = 0
     c.downstream.epochs = 1
     c.downstream.batch_size = 32
-    c.downstream.linear_epochs = 2
+    c.downstream.long_epochs = 0
+    c.downstream.linear_l2_grid = (1e-2,)
+    c.downstream.linear_iters = 20
     for key, value in overrides.items():
         node = c
         *path, last = key.split(".")

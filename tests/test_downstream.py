@@ -6,13 +6,14 @@ import os
 
 import jax
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from simclr_jax import (
     classifier,
     data,
     downstream,
-    evaluate,
     models,
     optim,
     parallel,
@@ -21,6 +22,7 @@ from simclr_jax import (
     train_state,
 )
 from simclr_jax.errors import CheckpointError
+from simclr_jax.metrics import MetricWriter
 from tests.helpers import tiny_config
 
 
@@ -31,7 +33,9 @@ def _config(**overrides):
         "pretrain.batch_size": 64,
         "downstream.epochs": 2,
         "downstream.label_fraction": 0.1,
-        "downstream.linear_epochs": 5,
+        "downstream.long_epochs": 3,
+        "data.mean": (),  # computed from the train split, as in a real run
+        "data.std": (),
     }
     return tiny_config(**(settings | overrides))
 
@@ -68,7 +72,7 @@ def test_epoch_indices_repeat_a_subset_smaller_than_a_batch():
 
 @pytest.fixture(scope="module")
 def step_setup():
-    config = _config()
+    config = _config(**{"data.mean": (0.5,) * 3, "data.std": (0.29,) * 3})  # random images
     dc = config.downstream
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
@@ -127,16 +131,27 @@ def test_pretrained_init_copies_the_encoder_and_keeps_the_head(step_setup):
     assert int(ft.step) == 0
 
 
-def test_linear_probe_separates_separable_features():
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(3, 8)) * 4
-    y = np.arange(90) % 3
-    x = centers[y] + rng.normal(size=(90, 8))
-    res = evaluate.linear_probe(
-        x[:60], y[:60], x[60:], y[60:], 3,
-        epochs=20, batch_size=16, learning_rate=0.1, seed=0,
-    )  # fmt: skip
-    assert res["test_acc"] > 0.9 and res["train_acc"] > 0.9 and res["steps"] == 20 * 3
+def test_finetune_and_scratch_from_the_same_encoder_give_identical_records(tmp_path):
+    """Only the encoder differs between the two runs: handed the scratch run's own starting
+    encoder as the 'pretrained' one, the fine-tune run must log exactly the scratch run's records."""
+    config = _config(**{"data.max_train_examples": 256, "downstream.long_epochs": 0})
+    ds = data.load(config.data)
+    config = data.with_stats(config, ds)
+    subset = data.labelled_subset(ds.train_labels, 0.1, ds.num_classes, config.seed)
+    same = downstream.random_encoder(config)  # what scratch starts from
+    starts = {
+        downstream.FINETUNE: (same, {"dir": "-", "step": 0}),
+        downstream.SCRATCH: (same, None),
+    }
+    writer = MetricWriter(str(tmp_path))
+    downstream.compare(config, ds, str(tmp_path), writer, subset, starts)
+    writer.close()
+    records = report.read_records(str(tmp_path / report.METRICS_FILE))
+    strip = lambda rs: [
+        {k: v for k, v in r.items() if k not in ("phase", "images_per_s")} for r in rs
+    ]
+    ft, sc = strip(_phase(records, "finetune")), strip(_phase(records, "scratch"))
+    assert len(ft) == 2 and ft == sc
 
 
 # ----------------------------------------------------------------------------- report
@@ -149,27 +164,34 @@ def _synthetic_workdir(tmp_path):
         {"step": 2, "phase": "pretrain", "loss": 5.0, "images_per_s": 64.0},
         {"step": 4, "phase": "pretrain", "loss": 4.0, "images_per_s": 128.0, "knn_acc": 0.5},
     ]
-    for phase, base in (("finetune", 0.6), ("scratch", 0.3)):
-        for epoch in (1, 2):
-            rows.append(
-                {
-                    "step": 4 * epoch,
-                    "phase": phase,
-                    "loss": 2.0 / epoch,
-                    "accuracy": base + 0.05 * epoch,
-                    "learning_rate": 0.01,
-                    "epoch": epoch,
-                    "test_loss": 2.5 / epoch,
-                    "test_acc": base + 0.1 * epoch,
-                    "images_per_s": 32.0,
-                }
-            )
-    rows += [
-        {"step": 5, "phase": "linear", "test_acc": 0.7, "test_loss": 1.0, "epochs": 5,
-         "num_labelled": 144, "num_test": 360, "encoder_step": 4, "features_s": 1.0, "wall_s": 0.5},
-        {"step": 0, "phase": "knn", "test_acc": 0.65, "k": 20, "temperature": 0.1,
-         "num_labelled": 144, "num_test": 360, "encoder_step": 4, "features_s": 1.0, "wall_s": 0.25},
-    ]  # fmt: skip
+    # Short runs still climbing (not converged); the long ones flat at the end.
+    for phase, base, epochs in (("finetune", 0.6, 2), ("scratch", 0.3, 2)):
+        for suffix, n in (("", epochs), ("_long", 10)):
+            for epoch in range(1, n + 1):
+                flat = suffix and epoch > 5
+                rows.append(
+                    {
+                        "step": 4 * epoch,
+                        "phase": phase + suffix,
+                        "loss": 2.0 / (5 if flat else epoch),
+                        "accuracy": base + 0.05 * (5 if flat else epoch) / (5 if suffix else 1),
+                        "learning_rate": 0.01,
+                        "epoch": epoch,
+                        "test_loss": 2.5 / epoch,
+                        "test_acc": base
+                        + 0.1 * (5 if flat else min(epoch, 5)) / (5 if suffix else 1),
+                        "images_per_s": 32.0,
+                        "subset": "abc",
+                    }
+                )
+    frozen = {"chance": 0.1, "linear_pixels": 0.75, "knn_pixels": 0.6, "linear_random": 0.4}
+    frozen |= {"knn_random": 0.3, "linear": 0.7, "knn": 0.65}
+    for phase, acc in frozen.items():
+        rows.append(
+            {"step": 0, "phase": phase, "test_acc": acc, "test_loss": 1.0, "num_labelled": 144,
+             "num_test": 360, "subset": "abc", "k": 20, "wall_s": 0.5}
+            | ({"encoder_step": 4} if phase in ("linear", "knn") else {})
+        )  # fmt: skip
     text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "pha'  # torn last line
     (tmp_path / report.METRICS_FILE).write_text(text)
 
@@ -180,21 +202,33 @@ def test_report_from_a_synthetic_metrics_file(tmp_path):
     for name in (report.REPORT_JSON, report.REPORT_MD, report.ACCURACY_PNG, report.LOSS_PNG):
         assert (tmp_path / name).stat().st_size > 0
     on_disk = json.loads((tmp_path / report.REPORT_JSON).read_text())
-    assert on_disk["finetune"]["epoch"] == [1, 2]
+    assert on_disk["finetune"]["epoch"] == [1, 2] and len(on_disk["scratch_long"]["epoch"]) == 10
     assert on_disk["finetune"]["test_acc"] == pytest.approx([0.7, 0.8])
     assert on_disk["scratch"]["train_loss"] == pytest.approx([2.0, 1.0])
     assert on_disk["finetune"]["final_test_acc"] == pytest.approx(0.8)
-    assert on_disk["linear"]["test_acc"] == 0.7 and on_disk["knn"]["test_acc"] == 0.65
-    assert on_disk["num_labelled"] == 144 and on_disk["label_fraction"] == 0.1
-    assert on_disk["encoder_step"] == 4
-    assert on_disk["config"]["model"]["name"] == "tiny"
+    assert "best_test_acc" not in on_disk["finetune"]  # nothing chosen on the test set
+    assert on_disk["finetune"]["not_converged"] and not on_disk["finetune_long"]["not_converged"]
+    assert on_disk["linear"]["test_acc"] == 0.7 and on_disk["knn_pixels"]["test_acc"] == 0.6
+    assert on_disk["num_labelled"] == 144 and on_disk["subset"] == "abc"
+    assert on_disk["encoder_step"] == 4 and on_disk["config"]["model"]["name"] == "tiny"
     # Wall times come back from the logged rates: 2 steps x 64 images at 64 and at 128 img/s.
     assert on_disk["wall_s"]["pretrain"] == pytest.approx(2 * 64 / 64 + 2 * 64 / 128)
     assert on_disk["wall_s"]["finetune"] == pytest.approx(2 * 4 * 32 / 32)
-    assert report.summary(rep)["pretrained_minus_scratch"] == pytest.approx(0.3)
+    s = report.summary(rep)
+    assert s["pretrained_minus_scratch"] == pytest.approx(0.3)
+    assert s["linear_minus_pixels"] == pytest.approx(-0.05)
+    assert s["knn_minus_pixels"] == pytest.approx(0.05)
     md = (tmp_path / report.REPORT_MD).read_text()
-    assert md.index("| Method |") < md.index("## Per epoch")
-    assert "80.00%" in md and "50.00%" in md and "+30.00 points" in md
+    table = md[md.index("| Method |") : md.index("## Findings")]
+    for row in ("Chance", "Raw pixels: logistic", "Raw pixels: kNN", "Random-init encoder"):
+        assert f"| {row}" in table
+    assert table.count("| 144 |") == 10  # every method but chance on the same labelled images
+    assert "80.00%" in table and "75.00%" in table and "2 epochs (not converged)" in table
+    assert "10 epochs |" in table  # the long runs converged
+    findings = md[md.index("## Findings") : md.index("## Pretraining")]
+    assert "-5.00 points** — **below the baseline**" in findings
+    assert "+5.00 points" in findings and "+30.00 points" in findings
+    assert "every* train label" in md and "Best epoch" not in md
     with open(tmp_path / report.ACCURACY_PNG, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -208,31 +242,38 @@ def test_end_to_end_then_downstream_only_then_a_mismatched_model(tmp_path):
     out = summary["downstream"]
     n_labelled = out["num_labelled"]
     assert 130 <= n_labelled <= 160  # 10% of the 1,437 digits train images, per class
-    for key in ("finetune_test_acc", "scratch_test_acc", "linear_test_acc", "knn_test_acc"):
-        assert 0.0 <= out[key] <= 1.0
+    for key in report.RUNS + report.FROZEN:
+        assert 0.0 <= out[f"{key}_test_acc"] <= 1.0, key
 
     records = report.read_records(os.path.join(workdir, report.METRICS_FILE))
-    for phase in ("finetune", "scratch"):
-        epochs = [r for r in _phase(records, phase) if "test_acc" in r]
-        assert [r["epoch"] for r in epochs] == [1, 2]
-        assert all({"loss", "accuracy", "test_loss", "test_acc"} <= set(r) for r in epochs)
-    assert len(_phase(records, "linear")) == 1 and len(_phase(records, "knn")) == 1
-    assert _phase(records, "knn")[0]["num_labelled"] == n_labelled
+    for phase, epochs in (("finetune", 2), ("scratch", 2), ("finetune_long", 3)):
+        evals = [r for r in _phase(records, phase) if "test_acc" in r]
+        assert [r["epoch"] for r in evals] == list(range(1, epochs + 1))
+        assert all({"loss", "accuracy", "test_loss", "test_acc"} <= set(r) for r in evals)
+    # Every method and baseline saw exactly the classifiers' labelled images.
+    config = data.with_stats(_config(), data.load(_config().data))
+    ds = data.load(config.data)
+    subset = data.labelled_subset(ds.train_labels, 0.1, ds.num_classes, config.seed)
+    digest = data.subset_digest(subset)
+    for phase in report.FROZEN + report.RUNS:
+        rows = _phase(records, phase)
+        assert rows and all(r["subset"] == digest for r in rows if "test_acc" in r), phase
+    for phase in report.FROZEN[1:]:
+        assert _phase(records, phase)[0]["num_labelled"] == n_labelled == len(subset)
 
     rep = json.loads(open(os.path.join(workdir, report.REPORT_JSON)).read())
-    for run in ("finetune", "scratch"):
-        assert rep[run]["epoch"] == [1, 2] and len(rep[run]["test_loss"]) == 2
-        assert rep[run]["wall_s"] > 0
-    assert {"linear", "knn", "config", "wall_s", "pretrain"} <= set(rep)
+    for run in report.RUNS:
+        assert rep[run]["wall_s"] > 0 and rep[run]["subset"] == digest
     assert rep["pretrain"]["steps"] == 4 and rep["encoder_step"] == 4
+    assert rep["config"]["data"]["mean"] == pytest.approx(list(ds.channel_stats()[0]))
     md = open(os.path.join(workdir, report.REPORT_MD)).read()
-    assert md.startswith("# ") and "| Method |" in md
+    assert md.startswith("# ") and "| Method |" in md and digest in md
     for png in (report.ACCURACY_PNG, report.LOSS_PNG):
         assert os.path.getsize(os.path.join(workdir, png)) > 0
-    for phase in ("finetune", "scratch"):
+    for phase in report.RUNS:
         assert os.listdir(os.path.join(workdir, "checkpoints", phase))
 
-    # --mode=downstream on the same workdir: no pretraining, both classifier runs are finished
+    # --mode=downstream on the same workdir: no pretraining, the classifier runs are finished
     # (restored, not retrained), the probes rerun and replace their records.
     before = len(_phase(records, "pretrain"))
     again = pipeline.run(_config(), workdir, "downstream")["downstream"]
@@ -241,15 +282,24 @@ def test_end_to_end_then_downstream_only_then_a_mismatched_model(tmp_path):
     for phase in ("finetune", "scratch"):
         assert len(_phase(records, phase)) == 2
         assert again[f"{phase}_test_acc"] == out[f"{phase}_test_acc"]
-    assert len(_phase(records, "linear")) == 1 and len(_phase(records, "knn")) == 1
+    for phase in report.FROZEN:
+        assert len(_phase(records, phase)) == 1
     assert again["knn_test_acc"] == pytest.approx(out["knn_test_acc"])
 
-    # The restored encoder is the pretraining checkpoint's, shaped for the classifier.
-    encoder, step = train_state.restore_encoder(_config(), pipeline.pretrain_dir(workdir))
-    classifier = models.build_model(_config().model, num_classes=10)
-    shapes = jax.eval_shape(lambda: train_state.init_variables(classifier, jax.random.key(0), 32))
+    # The encoder restored into the classifier is the pretraining checkpoint's, bitwise.
+    encoder, step = train_state.restore_encoder(config, pipeline.pretrain_dir(workdir))
+    saved = ocp.PyTreeCheckpointer().restore(
+        os.path.join(pipeline.pretrain_dir(workdir), "4", "state")
+    )
+    classifier_model = models.build_model(config.model, num_classes=10)
+    state = train_state.create_state(
+        classifier_model, optax.sgd(0.1), jax.random.key(0), 32, encoder
+    )
     assert step == 4
-    assert jax.tree.structure(encoder["params"]) == jax.tree.structure(shapes["params"]["encoder"])
+    for col in ("params", "batch_stats"):
+        got, want = getattr(state, col)["encoder"], saved[col]["encoder"]
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        jax.tree.map(np.testing.assert_array_equal, got, want)
 
     # Another model restoring this run's encoder: a clear CheckpointError.
     other = _config(**{"model.width": 2.0})

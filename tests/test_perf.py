@@ -38,6 +38,7 @@ def tiny_config(precision="float32"):
     c.precision = precision
     c.data.image_size = IMAGE_SIZE
     c.model.name = "tiny"
+    c.data.mean, c.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # random images
     c.pretrain.batch_size = 2 * jax.device_count()
     return c
 

@@ -5,10 +5,13 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from simclr_jax import augment, data, models, optim, parallel, pretrain, train_state
+from simclr_jax import augment, data, losses, models, optim, parallel, pretrain, train_state
+from simclr_jax.errors import ConfigError
 from tests.helpers import TINY_FLAGS, max_param_diff, run_cli, tiny_config
 
 
@@ -53,13 +56,15 @@ def test_projections_do_not_collapse(bn_output):
     """Regression: z = W2 x + b collapsed within 3 steps. NT-Xent sees b only through the
     normalisation, its gradient is ~1/|z| and LARS does not scale biases, so b grew to ~1e3, every
     z pointed along it and the loss sat at log(2N - 1). The head has no bias on z now."""
-    config = tiny_config(**{"model.head_bn_output": bn_output})
+    # The 2-layer head the collapse was found with (on the 1-2 channels of the tiny test model
+    # a deeper head without BN on z starts out more aligned, collapse or not).
+    config = tiny_config(**{"model.head_bn_output": bn_output, "model.head_layers": 2})
     images = data.load_digits().train_images[:128]
     losses, state = _loss_curve(config, images, jax.devices()[:1], steps=6)
     model = models.build_model(config.model)
-    views, _ = augment.two_views(
-        jax.random.PRNGKey(3), 0, images[:64], np.arange(64), augment.spec_from_config(config)
-    )
+    spec = augment.spec_from_config(config)
+    views, _ = augment.two_views(jax.random.PRNGKey(3), 0, images[:64], np.arange(64), spec)
+    views = augment.normalize(views, spec)  # as the step feeds the encoder
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     (_, z), _ = model.apply(variables, views, train=True, mutable=["batch_stats"])
     z = np.asarray(z, np.float64)
@@ -85,11 +90,18 @@ def test_device_batch_ids_cover_the_epoch_without_repeats():
     assert epoch[0].shape == (4, 2)
 
 
-def test_augment_spec_carries_image_size():
-    spec = augment.spec_from_config(tiny_config())
-    assert spec.image_size == 32 and spec.crop_scale_min == 0.3
+def test_augment_spec_carries_image_size_and_normalisation():
+    config = tiny_config(**{"data.image_size": 24})
+    spec = augment.spec_from_config(config)
+    assert spec.image_size == 24 and spec.crop_scale_min == config.augment.crop_scale_min
+    assert (spec.mean, spec.std) == (tuple(config.data.mean), tuple(config.data.std))
     view = augment.simclr_view(jax.random.PRNGKey(0), np.zeros((32, 32, 3), np.uint8), spec)
-    assert view.shape == (32, 32, 3)
+    assert view.shape == (24, 24, 3)
+    normalised = np.asarray(augment.normalize(np.full((2, 2, 3), 0.5, np.float32), spec))
+    np.testing.assert_allclose(normalised, (0.5 - spec.mean[0]) / spec.std[0], rtol=1e-6)
+    config.data.mean = ()  # unresolved statistics: a clear error, not a silent default
+    with pytest.raises(ConfigError, match="data.mean"):
+        augment.spec_from_config(config)
 
 
 def test_cli_pretrains_and_writes_outputs(tmp_path):
@@ -126,3 +138,47 @@ def test_cli_rejects_bad_config_before_work(tmp_path, flag, message):
     assert out.returncode != 0
     assert message in out.stderr, out.stderr[-2000:]
     assert not (workdir / "metrics.jsonl").exists()
+
+
+def test_the_step_descends_twice_the_reported_loss():
+    """The official scale: the step minimises 2L (the official code's loss_a + loss_b), while
+    metrics['loss'] reports L, the seed's formula (float64 reference in test_losses)."""
+    from tests.test_losses import ref_loss
+
+    config = tiny_config(
+        **{"pretrain.optimizer": "sgd", "pretrain.momentum": 0.0, "pretrain.weight_decay": 0.0}
+    )
+    images = data.load_digits().train_images[:64]
+    device, lr = jax.devices()[:1], 0.1
+    schedule = optax.constant_schedule(lr)
+    model, p_step = pretrain.make_step(config, schedule, device)
+    tx = optim.make_optimizer(config.pretrain, schedule)
+    state = train_state.create_state(model, tx, train_state.seed_key(0, 0), 32)
+    keys = (train_state.seed_key(0, 1), train_state.seed_key(0, 2))
+    rep = functools.partial(parallel.replicate, devices=device)
+    new, metrics = p_step(rep(state), rep(images), *rep(keys))
+    new = parallel.unreplicate(new)
+
+    # The same views outside the step, and L's gradient by the plain formula.
+    spec = augment.spec_from_config(config)
+    ids = np.asarray(parallel.epoch_permutation(keys[0], 0, 64))[:32]
+    v1, v2 = augment.two_views(keys[1], 0, images[ids], ids, spec)
+    views = augment.normalize(jnp.concatenate([v1, v2]), spec)
+    plain = models.build_model(config.model)  # one device: no BN axis needed
+
+    def projections(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        (_, z), _ = plain.apply(variables, views, train=True, mutable=["batch_stats"])
+        return jnp.split(z, 2)
+
+    loss, grads = jax.value_and_grad(lambda p: losses.nt_xent(*projections(p), 0.5))(state.params)
+    z1, z2 = (np.asarray(z) for z in projections(state.params))
+    assert float(metrics["loss"][0]) == pytest.approx(ref_loss(z1, z2, 0.5), rel=1e-5)
+    assert float(metrics["loss"][0]) == pytest.approx(float(loss), rel=1e-5)
+    step = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new.params, state.params)
+    twice = jax.tree.map(lambda g: -lr * 2.0 * np.asarray(g), grads)
+    diff, leaf = max_param_diff(step, twice)
+    scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(twice))
+    assert diff < 1e-3 * scale, (diff, scale, leaf)
+    once, _ = max_param_diff(step, jax.tree.map(lambda x: 0.5 * x, twice))
+    assert once > 0.1 * scale  # L's own gradient would be a different step

@@ -249,11 +249,15 @@ def test_a_run_written_before_conv_impl_was_removed_restores(tmp_path):
     workdir = str(tmp_path / "legacy")
     shutil.copytree(os.path.join(REPO, "tests", "data", "legacy_run"), workdir)
     assert "conv_impl" in json.load(open(os.path.join(workdir, "config.json")))["model"]
-    encoder, step = train_state.restore_encoder(tiny_config(), pipeline.pretrain_dir(workdir))
+    # The legacy run's model and input size (the defaults have moved on since).
+    legacy = {"model.head_layers": 2, "data.image_size": 32}
+    encoder, step = train_state.restore_encoder(
+        tiny_config(**legacy), pipeline.pretrain_dir(workdir)
+    )
     saved = _params(workdir, 2)
     assert step == 2
     _assert_same_tree(encoder["params"], saved["params"]["encoder"])
     _assert_same_tree(encoder["batch_stats"], saved["batch_stats"]["encoder"])
-    config = tiny_config(**{"downstream.epochs": 1, "downstream.batch_size": 8})
+    config = tiny_config(**legacy, **{"downstream.epochs": 1, "downstream.batch_size": 8})
     out = pipeline.run(config, workdir, "downstream")["downstream"]
     assert out["encoder_step"] == 2 and 0.0 <= out["knn_test_acc"] <= 1.0

@@ -1,0 +1,183 @@
+"""report.md from the report dict of `report.build`: one table with every method and baseline on
+the same labelled images and test split, the findings (differences, what falls below a baseline,
+which classifier has not converged), the pretraining, and the per-epoch curves.
+"""
+
+import math
+
+# (key in the report, what the row says, is it a SimCLR row) in the order of the table.
+ROWS = (
+    ("linear_pixels", "Raw pixels: logistic regression", False),
+    ("knn_pixels", "Raw pixels: kNN", False),
+    ("linear_random", "Random-init encoder, frozen: logistic regression", False),
+    ("knn_random", "Random-init encoder, frozen: kNN", False),
+    ("linear", "SimCLR encoder, frozen: logistic regression", True),
+    ("knn", "SimCLR encoder, frozen: kNN", True),
+)
+CLASSIFIERS = (
+    ("finetune", "Classifier fine-tuned from the SimCLR encoder"),
+    ("scratch", "Classifier trained from scratch"),
+    ("finetune_long", "Classifier fine-tuned from the SimCLR encoder"),
+    ("scratch_long", "Classifier trained from scratch"),
+)
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+def _num(x) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{x:.4f}"
+
+
+def _secs(x) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.1f} s" if x < 120 else f"{x / 60:.1f} min"
+
+
+def _pts(x) -> str:
+    return f"{100 * x:+.2f} points"
+
+
+def peak_lr(section: dict) -> float:
+    """config.scaled_learning_rate, repeated (that module imports jax)."""
+    lr, batch, rule = section["learning_rate"], section["batch_size"], section["lr_scaling"]
+    return (
+        lr * batch / 256.0 if rule == "linear" else lr * math.sqrt(batch) if rule == "sqrt" else lr
+    )
+
+
+def _header(rep: dict) -> list[str]:
+    cfg, n = rep["config"], rep["num_labelled"]
+    model, pre = cfg["model"], rep["pretrain"]
+    steps = f"{pre['steps']} steps" if pre["steps"] is not None else "another workdir's run"
+    return [
+        f"# SimCLR on {cfg['data']['name']}: the learned representation against its baselines",
+        "",
+        f"Every row uses the same **{n if n is not None else '?'} labelled training images** "
+        f"(label fraction {rep['label_fraction']:g}, class-balanced, seed {cfg['seed']}; subset "
+        f"`{rep['subset']}`) and is scored on the same {rep['num_test']} test images. Encoder: "
+        f"{model['name']} (width {model['width']:g}, {cfg['data']['image_size']} px), "
+        f"SimCLR-pretrained without labels ({steps}; restored from step {rep['encoder_step']} of "
+        f"the run in {rep['encoder_source']}). Nothing is chosen on the test set: the logistic "
+        f"regressions pick their L2 penalty by cross-validation on the labelled images, kNN's k "
+        f"and temperature are fixed in the config, the classifiers are scored at their last "
+        f"epoch. Wall times include compilation.",
+        "",
+    ]
+
+
+def _table(rep: dict) -> list[str]:
+    n, cfg = rep["num_labelled"], rep["config"]["downstream"]
+    chance = rep["chance"] or {}
+    lines = [
+        "| Method | Labels | Test accuracy | Test loss | Wall time |",
+        "|---|---:|---:|---:|---:|",
+        f"| Chance (uniform guess) | 0 | {_pct(chance.get('test_acc'))} | — | — |",
+    ]
+    for key, what, ours in ROWS:
+        r = rep[key] or {}
+        if key.startswith("knn"):
+            what += f" (k={r.get('k', cfg['knn_k'])}, T={cfg['knn_temperature']:g})"
+        cell = f"**{_pct(r.get('test_acc'))}**" if ours else _pct(r.get("test_acc"))
+        lines.append(
+            f"| {what} | {n} | {cell} | {_num(r.get('test_loss'))} | {_secs(r.get('wall_s'))} |"
+        )
+    for key, what in CLASSIFIERS:
+        r = rep[key]
+        if not r["epoch"]:
+            continue
+        flag = " (not converged)" if r["not_converged"] else ""
+        lines.append(
+            f"| {what}, {r['epoch'][-1]} epochs{flag} | {n} | {_pct(r['final_test_acc'])} | "
+            f"{_num(r['final_test_loss'])} | {_secs(r['wall_s'])} |"
+        )
+    return lines + [""]
+
+
+def _findings(rep: dict) -> list[str]:
+    s, lines = rep["summary"], ["## Findings", ""]
+    named = {
+        "linear_minus_pixels": "SimCLR logistic regression minus raw-pixel logistic regression",
+        "knn_minus_pixels": "SimCLR kNN minus raw-pixel kNN",
+        "linear_minus_random": "SimCLR logistic regression minus the random-init encoder's",
+        "pretrained_minus_scratch": "Fine-tuned minus scratch, short budget",
+        "pretrained_minus_scratch_long": "Fine-tuned minus scratch, long budget",
+    }
+    for key, text in named.items():
+        if key in s:
+            below = " — **below the baseline**" if s[key] < 0 and "minus_scratch" not in key else ""
+            lines.append(f"- {text}: **{_pts(s[key])}**{below}.")
+    for key, what in CLASSIFIERS:
+        r = rep[key]
+        if r["epoch"]:
+            state = f"not converged ({r['not_converged']})" if r["not_converged"] else "converged"
+            lines.append(f"- {what}, {r['epoch'][-1]} epochs: {state}.")
+    return lines + [""]
+
+
+def _pretraining(rep: dict) -> list[str]:
+    pre, cfg = rep["pretrain"], rep["config"]
+    if pre["steps"] is None:
+        return []
+    line = (
+        f"Pretraining: {pre['steps']} steps of {cfg['pretrain']['batch_size']} images, final "
+        f"NT-Xent loss {_num(pre['final_loss'])}, {_secs(pre['wall_s'])}."
+    )
+    if pre["knn_acc"] is not None:
+        line += (
+            f" kNN monitor at the end: {_pct(pre['knn_acc'])} — it uses *every* train label as "
+            f"its memory bank, so it is not comparable with the table above."
+        )
+    return ["## Pretraining", "", line, ""]
+
+
+def _protocol(rep: dict) -> list[str]:
+    dc = rep["config"]["downstream"]
+    return [
+        "## Protocol",
+        "",
+        f"Classifiers: the encoder plus a zero-initialised linear head, trained end to end with "
+        f"{dc['optimizer']} (peak lr {peak_lr(dc):g}, batch {dc['batch_size']}, weight decay "
+        f"{dc['weight_decay']:g}, warm-up then cosine decay), random crop and flip (p="
+        f"{rep['config']['augment']['flip_prob']:g}). The fine-tuned and the scratch runs share "
+        f"the data order, augmentations, head init and schedule; only the encoder's initial "
+        f"weights differ: scratch starts from the weights SimCLR pretraining started from. A run "
+        f"is 'not converged' when its train or test accuracy rose by more than 1 point over its "
+        f"last 20% of epochs. Frozen features: BN in inference mode, standardised for the "
+        f"logistic regression (L-BFGS, L2 penalty from {list(dc['linear_l2_grid'])} by "
+        f"{dc['linear_folds']}-fold cross-validation on the labelled images); kNN: cosine "
+        f"similarity, votes weighted by exp(similarity / T). Raw pixels: the images at the "
+        f"encoder's input size in [0, 1], flattened. Random-init encoder: the pretraining's "
+        f"initial weights.",
+        "",
+    ]
+
+
+def _per_epoch(rep: dict) -> list[str]:
+    ft, sc = rep["finetune"], rep["scratch"]
+    lines = [
+        "## Per epoch (short budget)",
+        "",
+        "| Epoch | Fine-tuned test acc | Scratch test acc | Fine-tuned test loss | "
+        "Scratch test loss |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for i in range(max(len(ft["epoch"]), len(sc["epoch"]))):
+
+        def at(run, key, i=i):
+            return run[key][i] if i < len(run[key]) else None
+
+        lines.append(
+            f"| {at(ft, 'epoch') or at(sc, 'epoch')} | {_pct(at(ft, 'test_acc'))} | "
+            f"{_pct(at(sc, 'test_acc'))} | {_num(at(ft, 'test_loss'))} | "
+            f"{_num(at(sc, 'test_loss'))} |"
+        )
+    return lines + [""]
+
+
+def markdown(rep: dict, accuracy_png: str = "accuracy.png", loss_png: str = "loss.png") -> str:
+    lines = _header(rep) + _table(rep) + _findings(rep) + _pretraining(rep) + _protocol(rep)
+    lines += [f"![classifier accuracy]({accuracy_png})", "", f"![classifier loss]({loss_png})", ""]
+    return "\n".join(lines + _per_epoch(rep))
