@@ -1,6 +1,7 @@
-"""The run, per --mode: check the config and the workdir, load the data, pretrain, then the
-downstream comparison and the report. What run.py calls."""
+"""The run, per --mode: check the config, the encoder source and the data before anything is
+written, then pretrain, then the downstream comparison and the report. What run.py calls."""
 
+import contextlib
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from simclr_jax import checkpoint, data, parallel, pretrain, report
 from simclr_jax import config as config_lib
 from simclr_jax.errors import CheckpointError, WorkdirError
 from simclr_jax.metrics import METRICS_FILE, MetricWriter
-from simclr_jax.train_state import model_identity
+from simclr_jax.train_state import check_meta, model_identity
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
@@ -125,6 +126,77 @@ def _load_data(config):
     return ds
 
 
+def check_encoder_source(config, source: str) -> None:
+    """The newest checkpoint in `source` was made for this config's model and data (its metadata
+    only; a damaged one is left to the restore, which sets it aside)."""
+    ckpt = checkpoint.Checkpointer(source, create=False, async_save=False)
+    try:
+        steps = ckpt.steps()
+        try:
+            meta = ckpt.read_meta(steps[-1]) if steps else None
+        except Exception:
+            meta = None
+        if meta is not None:
+            check_meta(meta, config, source)
+    finally:
+        ckpt.close()
+
+
+def _work(workdir: str) -> tuple:
+    """What a run leaves that counts as work: metrics records and checkpoint steps."""
+    metrics = os.path.join(workdir, METRICS_FILE)
+    root = os.path.join(workdir, "checkpoints")
+    phases = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    steps = [
+        (p, sorted(d for d in os.listdir(os.path.join(root, p)) if d.isdigit())) for p in phases
+    ]
+    return os.path.getsize(metrics) if os.path.exists(metrics) else None, [s for s in steps if s[1]]
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost directory of `path` that does not exist yet (None: `path` exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+@contextlib.contextmanager
+def undone_unless_work(workdir: str, created: str | None):
+    """A run that fails before it has done any work (no new metrics record, no checkpoint) leaves
+    the workdir as it found it: `created` (the directories this run made) removed, or, in a
+    workdir that was there, the files it added removed and config.json as it was. Process 0
+    cleans up; the error goes on."""
+    existed = created is None
+    before = os.listdir(workdir) if existed else None
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    old_config = open(config_path, "rb").read() if existed and os.path.exists(config_path) else None
+    tb = os.path.join(workdir, "tensorboard")
+    old_tb = os.listdir(tb) if existed and os.path.isdir(tb) else []
+    work = _work(workdir)
+    try:
+        yield
+    except BaseException:
+        if jax.process_index() == 0 and _work(workdir) == work:
+            if not existed:
+                shutil.rmtree(created, ignore_errors=True)
+            else:
+                _remove_new(workdir, before, tb, old_tb)
+                if old_config is not None:
+                    with open(config_path, "wb") as f:
+                        f.write(old_config)
+        raise
+
+
+def _remove_new(workdir: str, kept: list[str], tb: str, old_tb: list[str]) -> None:
+    for name in set(os.listdir(workdir)) - set(kept):
+        p = os.path.join(workdir, name)
+        shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+    if os.path.isdir(tb):
+        for name in set(os.listdir(tb)) - set(old_tb):
+            os.remove(os.path.join(tb, name))
+
+
 def _pretrain_stage(config, ds, workdir: str, writer) -> dict:
     ckpt = checkpoint.Checkpointer(pretrain_dir(workdir), keep=config.pretrain.keep_checkpoints)
     try:
@@ -142,27 +214,36 @@ def _downstream_stage(config, ds, workdir: str, writer, source: str) -> dict:
     if writer.enabled:
         rep = report.write(workdir)
         summary.update(report.summary(rep), wall_s=rep["wall_s"])
-        log.info("Report: %s", os.path.join(workdir, report.REPORT_MD))
+        log.info("Report: %s", os.path.join(os.path.abspath(workdir), report.REPORT_MD))
     return summary
 
 
 def run(config, workdir: str, mode: str = "all") -> dict:
-    """Runs the stages of `mode` in `workdir`; returns a summary dict (also logged)."""
+    """Runs the stages of `mode` in `workdir`; returns a summary dict (also logged).
+
+    Everything that can fail on bad input is checked before the workdir is touched (the config,
+    the encoder source of --mode=downstream, the data); a run that fails before any work leaves
+    the workdir as it found it.
+    """
     parallel.initialize_distributed(config.distributed)
     if jax.process_index() != 0:  # process 0 reports progress; the others only warn
         logging.getLogger("simclr_jax").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     config_lib.validate(config, mode)
     source = encoder_source(config, workdir) if mode == "downstream" else None
-    prepare_workdir(workdir, config, mode)
+    if source is not None:
+        check_encoder_source(config, source)
     ds = _load_data(config)
-    writer = MetricWriter(workdir)
+    created = _first_missing(workdir)  # what a failure before any work removes again
     summary = {"workdir": os.path.abspath(workdir), "mode": mode}
-    try:
-        if mode in ("pretrain", "all"):
-            summary["pretrain"] = _pretrain_stage(config, ds, workdir, writer)
-            source = pretrain_dir(workdir)
-        if mode in ("downstream", "all"):
-            summary["downstream"] = _downstream_stage(config, ds, workdir, writer, source)
-    finally:
-        writer.close()
+    with undone_unless_work(workdir, created):
+        prepare_workdir(workdir, config, mode)
+        writer = MetricWriter(workdir)
+        try:
+            if mode in ("pretrain", "all"):
+                summary["pretrain"] = _pretrain_stage(config, ds, workdir, writer)
+                source = pretrain_dir(workdir)
+            if mode in ("downstream", "all"):
+                summary["downstream"] = _downstream_stage(config, ds, workdir, writer, source)
+        finally:
+            writer.close()
     return summary
