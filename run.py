@@ -6,6 +6,7 @@ Config values are overridden with --config.section.key=value (unknown keys are r
 import difflib
 import logging
 import os
+import signal
 import sys
 
 from absl import app, flags
@@ -22,6 +23,16 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
 _MODE = flags.DEFINE_enum("mode", "all", ["pretrain", "downstream", "all"], "Stages to run.")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the step loop (which turns it into a checkpoint first): stop as Ctrl-C."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated("terminated (SIGTERM).")
 
 
 def _config_keys(node, prefix="") -> list[str]:
@@ -97,6 +108,7 @@ def main(argv):
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/jax chatter at INFO
     logging.getLogger("simclr_jax").setLevel(logging.INFO)
+    signal.signal(signal.SIGTERM, _raise_terminated)  # the step loop saves a checkpoint first
     from simclr_jax import xla_env
 
     xla_env.prefer_eigen_convolutions()  # XLA:CPU only; before jax starts (see xla_env)
@@ -109,9 +121,9 @@ def main(argv):
     )
     try:
         summary = pipeline.run(_CONFIG.value, workdir, _MODE.value)
-    except KeyboardInterrupt as err:
-        print(f"\n{err or 'interrupted'} Rerun the same command to resume.", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as err:  # Ctrl-C (130) or SIGTERM (143), as a shell reports them
+        print(f"\n{err or 'interrupted.'} Rerun the same command to resume.", file=sys.stderr)
+        sys.exit(128 + getattr(err, "signum", signal.SIGINT))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

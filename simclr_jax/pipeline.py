@@ -1,5 +1,6 @@
 """The run, per --mode: check the config, the encoder source and the data before anything is
-written, then pretrain, then the downstream comparison and the report. What run.py calls."""
+written, then take the workdir (one run at a time), pretrain, then the downstream comparison and
+the report. What run.py calls."""
 
 import contextlib
 import json
@@ -9,11 +10,13 @@ import shutil
 import time
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from simclr_jax import checkpoint, data, parallel, pretrain, report
 from simclr_jax import config as config_lib
 from simclr_jax.errors import CheckpointError, WorkdirError
+from simclr_jax.lock import LOCK_FILE, WorkdirLock
 from simclr_jax.metrics import METRICS_FILE, MetricWriter
 from simclr_jax.train_state import check_meta, model_identity
 
@@ -142,6 +145,27 @@ def check_encoder_source(config, source: str) -> None:
         ckpt.close()
 
 
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Holds the workdir's lock (lock.py) for the run; process 0 takes it and tells the others."""
+    held, error = WorkdirLock(workdir), None
+    if jax.process_index() == 0:
+        try:
+            held.acquire()
+        except WorkdirError as err:
+            error = err
+    if jax.process_count() > 1:
+        ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if not ok and error is None:
+            error = WorkdirError(f"--workdir {workdir!r} is in use (process 0 says by whom).")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        held.release()
+
+
 def _work(workdir: str) -> tuple:
     """What a run leaves that counts as work: metrics records and checkpoint steps."""
     metrics = os.path.join(workdir, METRICS_FILE)
@@ -181,7 +205,7 @@ def undone_unless_work(workdir: str, created: str | None):
             if not existed:
                 shutil.rmtree(created, ignore_errors=True)
             else:
-                _remove_new(workdir, before, tb, old_tb)
+                _remove_new(workdir, before + [LOCK_FILE], tb, old_tb)
                 if old_config is not None:
                     with open(config_path, "wb") as f:
                         f.write(old_config)
@@ -223,7 +247,7 @@ def run(config, workdir: str, mode: str = "all") -> dict:
 
     Everything that can fail on bad input is checked before the workdir is touched (the config,
     the encoder source of --mode=downstream, the data); a run that fails before any work leaves
-    the workdir as it found it.
+    the workdir as it found it, and a second run on a workdir in use stops at once.
     """
     parallel.initialize_distributed(config.distributed)
     if jax.process_index() != 0:  # process 0 reports progress; the others only warn
@@ -234,8 +258,9 @@ def run(config, workdir: str, mode: str = "all") -> dict:
         check_encoder_source(config, source)
     ds = _load_data(config)
     created = _first_missing(workdir)  # what a failure before any work removes again
+    _check_writable(workdir)  # creates it: the lock lives there
     summary = {"workdir": os.path.abspath(workdir), "mode": mode}
-    with undone_unless_work(workdir, created):
+    with workdir_lock(workdir), undone_unless_work(workdir, created):
         prepare_workdir(workdir, config, mode)
         writer = MetricWriter(workdir)
         try:
