@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from simclr_jax import checkpoint, data, parallel, pretrain, report
+from simclr_jax import checkpoint, data, encoder, parallel, pretrain, report
 from simclr_jax import config as config_lib
 from simclr_jax.errors import CheckpointError, WorkdirError
 from simclr_jax.lock import LOCK_FILE, WorkdirLock
@@ -224,9 +224,13 @@ def _remove_new(workdir: str, kept: list[str], tb: str, old_tb: list[str]) -> No
 def _pretrain_stage(config, ds, workdir: str, writer) -> dict:
     ckpt = checkpoint.Checkpointer(pretrain_dir(workdir), keep=config.pretrain.keep_checkpoints)
     try:
-        _, result = pretrain.run(config, ds, writer, ckpt)
+        state, result = pretrain.run(config, ds, writer, ckpt)
     finally:
         ckpt.close()
+    if writer.enabled:
+        export = os.path.join(os.path.abspath(workdir), encoder.EXPORT_FILE)
+        encoder.export({"params": state.params, "batch_stats": state.batch_stats}, export)
+        log.info("Pretrained model's variables: %s", export)
     return {"wall_s": result.wall_s, "images_per_s": result.images_per_s, **result.last_record}
 
 
