@@ -1,6 +1,6 @@
 """The run, per --mode: check the config, the encoder source and the data before anything is
-written, then take the workdir (one run at a time), pretrain, then the downstream comparison and
-the report. What run.py calls."""
+written, then take the workdir (one run at a time), pretrain, then the downstream comparison, the
+pictures and the report. What run.py calls."""
 
 import contextlib
 import json
@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from simclr_jax import checkpoint, data, encoder, parallel, pretrain, report
+from simclr_jax import checkpoint, data, encoder, parallel, pictures, pretrain, report
 from simclr_jax import config as config_lib
 from simclr_jax.errors import CheckpointError, WorkdirError
 from simclr_jax.lock import LOCK_FILE, WorkdirLock
@@ -222,6 +222,9 @@ def _remove_new(workdir: str, kept: list[str], tb: str, old_tb: list[str]) -> No
 
 
 def _pretrain_stage(config, ds, workdir: str, writer) -> dict:
+    if writer.enabled:  # the first check of a SimCLR run, before the long wait
+        pictures.write_views(config, ds, workdir)
+        log.info("Augmented views: %s", os.path.join(os.path.abspath(workdir), pictures.VIEWS_PNG))
     ckpt = checkpoint.Checkpointer(pretrain_dir(workdir), keep=config.pretrain.keep_checkpoints)
     try:
         state, result = pretrain.run(config, ds, writer, ckpt)
@@ -230,15 +233,18 @@ def _pretrain_stage(config, ds, workdir: str, writer) -> dict:
     if writer.enabled:
         export = os.path.join(os.path.abspath(workdir), encoder.EXPORT_FILE)
         encoder.export({"params": state.params, "batch_stats": state.batch_stats}, export)
+        pictures.write_pretrain_curves(config, workdir, ds.num_classes)
         log.info("Pretrained model's variables: %s", export)
     return {"wall_s": result.wall_s, "images_per_s": result.images_per_s, **result.last_record}
 
 
 def _downstream_stage(config, ds, workdir: str, writer, source: str) -> dict:
-    """The comparison, then the report (written by process 0, from the workdir's files)."""
+    """The comparison, the nearest-neighbour picture, then the report (written by process 0, from
+    the workdir's files)."""
     from simclr_jax import downstream  # noqa: PLC0415 (the heavier stage, only when used)
 
     summary = downstream.run(config, ds, workdir, writer, source)
+    pictures.write_neighbours(config, ds, workdir, source, primary=writer.enabled)
     if writer.enabled:
         rep = report.write(workdir)
         summary.update(report.summary(rep), wall_s=rep["wall_s"])

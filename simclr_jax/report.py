@@ -254,7 +254,25 @@ def _per_epoch(rep: dict) -> list[str]:
 def markdown(rep: dict) -> str:
     lines = _header(rep) + _method_table(rep) + _protocol(rep) + _per_epoch(rep)
     lines += ["", f"![test accuracy]({ACCURACY_PNG})", "", f"![test loss]({LOSS_PNG})", ""]
+    lines += _pictures(rep)
     return "\n".join(lines)
+
+
+# The pictures that pictures.py writes, with what each shows.
+PICTURES = (
+    (plots.VIEWS_PNG, "Augmented views: source images and their two SimCLR views at step 0"),
+    (plots.PRETRAIN_PNG, "Pretraining: loss, learning rate and kNN-monitor accuracy per step"),
+    (plots.NEIGHBOURS_PNG, "Nearest training images of test images in h-space (cosine similarity)"),
+)
+
+
+def _pictures(rep: dict) -> list[str]:
+    """Links to the pictures of the run that are in its workdir."""
+    found = [(f, what) for f, what in PICTURES if os.path.exists(os.path.join(rep["workdir"], f))]
+    lines = ["## Pictures", ""] if found else []
+    for name, what in found:
+        lines += [f"{what}:", "", f"![{what}]({name})", ""]
+    return lines
 
 
 def write(workdir: str) -> dict:

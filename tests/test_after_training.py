@@ -1,5 +1,6 @@
 """What a user gets from a finished run (one tiny `run.py` run, shared): the encoder in their own
-code (`load_encoder`, checked against the model's own `encode`)."""
+code (`load_encoder`, checked against the model's own `encode`) and the pictures (made from the
+run's own data and keys)."""
 
 import os
 
@@ -7,14 +8,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 
 import simclr_jax
-from simclr_jax import augment, data, encoder, models
+from simclr_jax import augment, data, encoder, models, parallel, pictures, plots, report
 from simclr_jax.errors import CheckpointError
-from simclr_jax.train_state import compute_dtype, restore_encoder
+from simclr_jax.train_state import DATA_KEY, compute_dtype, restore_encoder, seed_key
 from tests.helpers import TINY_FLAGS, run_cli
 
-STEPS = 16
+STEPS = 16  # two epochs of 256 images at batch 32: the kNN monitor runs twice
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,10 @@ def run(tmp_path_factory):
 def _checkpoint_tree(workdir, step=STEPS):
     path = os.path.join(workdir, "checkpoints", "pretrain", str(step), "state")
     return ocp.PyTreeCheckpointer().restore(path)
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
 
 
 # ----------------------------------------------------------------------------- load_encoder
@@ -89,3 +95,118 @@ def test_the_portable_export_is_the_final_state(run):
 def test_load_encoder_refuses_a_directory_without_a_run(tmp_path):
     with pytest.raises(CheckpointError, match="holds no pretrained encoder"):
         simclr_jax.load_encoder(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def test_the_pictures_are_written_and_linked_from_the_report(run):
+    workdir = run["workdir"]
+    sizes = {}
+    for name in (plots.VIEWS_PNG, plots.PRETRAIN_PNG, plots.NEIGHBOURS_PNG):
+        with Image.open(os.path.join(workdir, name)) as im:
+            sizes[name] = im.size
+    assert sizes[plots.VIEWS_PNG] == (1020, 420)  # 8 columns x (source, view 1, view 2)
+    assert sizes[plots.PRETRAIN_PNG] == (1260, 360)  # loss, learning rate, kNN: 3 panels
+    assert sizes[plots.NEIGHBOURS_PNG] == (790, 1160)  # 8 test images x (itself + 5 neighbours)
+    md = open(os.path.join(workdir, report.REPORT_MD)).read()
+    for name in (plots.VIEWS_PNG, plots.PRETRAIN_PNG, plots.NEIGHBOURS_PNG):
+        assert f"]({name})" in md
+
+
+def test_views_are_the_first_steps_own(run, tmp_path):
+    config, ds = run["config"], run["ds"]
+    v = pictures.first_views(config, ds.train_images)
+    # Step 0's global batch, as pretrain_step draws it on one device.
+    ids_fn = jax.pmap(
+        lambda key: parallel.device_batch_ids(key, 0, len(ds.train_images), 32),
+        axis_name=parallel.AXIS,
+        devices=jax.devices()[:1],
+    )
+    batch_ids = np.asarray(ids_fn(parallel.replicate(seed_key(0, DATA_KEY), jax.devices()[:1])))[0]
+    np.testing.assert_array_equal(v["ids"], batch_ids[:8])
+    np.testing.assert_array_equal(v["sources"], ds.train_images[batch_ids[:8]])
+    spec = augment.spec_from_config(config)
+    v1, v2 = augment.two_views(seed_key(0, 2), 0, ds.train_images[batch_ids], batch_ids, spec)
+    np.testing.assert_allclose(v["view1"], v1[:8], atol=1e-6)
+    np.testing.assert_allclose(v["view2"], v2[:8], atol=1e-6)
+    assert not np.allclose(v["view1"], v["view2"])
+    fig = pictures.write_views(config, ds, str(tmp_path))
+    assert len(fig.axes) == 24 and [ax.get_ylabel() for ax in fig.axes[::8]] == [
+        "source", "view 1", "view 2"
+    ]  # fmt: skip
+    np.testing.assert_array_equal(  # the run's picture is this one
+        _pixels(os.path.join(tmp_path, plots.VIEWS_PNG)),
+        _pixels(os.path.join(run["workdir"], plots.VIEWS_PNG)),
+    )
+
+
+def test_pretrain_picture_shows_the_runs_records(run, tmp_path):
+    workdir, config = run["workdir"], run["config"]
+    for name in ("metrics.jsonl", "config.json"):
+        (tmp_path / name).write_text(open(os.path.join(workdir, name)).read())
+    fig = pictures.write_pretrain_curves(config, str(tmp_path), num_classes=10)
+    records = [r for r in report.read_records(str(tmp_path / "metrics.jsonl"))]
+    records = [r for r in records if r["phase"] == "pretrain"]
+    loss_ax, lr_ax, knn_ax = fig.axes
+    assert loss_ax.get_ylabel() == "NT-Xent loss" and loss_ax.get_xlabel() == "step"
+    np.testing.assert_array_equal(loss_ax.lines[0].get_ydata(), [r["loss"] for r in records])
+    np.testing.assert_array_equal(lr_ax.lines[0].get_ydata(), [r["learning_rate"] for r in records])
+    knn = [r["knn_acc"] for r in records if "knn_acc" in r]
+    assert len(knn) == 2 and list(knn_ax.lines[0].get_ydata()) == knn
+    assert any("chance" in line.get_label() for line in knn_ax.lines)
+    np.testing.assert_array_equal(
+        _pixels(tmp_path / plots.PRETRAIN_PNG), _pixels(os.path.join(workdir, plots.PRETRAIN_PNG))
+    )
+
+
+def test_one_outlier_does_not_set_the_loss_axis(tmp_path):
+    records = [
+        {"step": s, "loss": 6.0 - 0.05 * s, "learning_rate": 0.1} for s in range(1, 41)
+    ]  # fmt: skip
+    records[0]["loss"] = 1e4  # a spike at the first step
+    fig = plots.pretrain_curves(records, str(tmp_path / "p.png"), "t")
+    lo, hi = fig.axes[0].get_ylim()
+    assert hi < 10 and lo < 4.0  # the other 39 points span 4.0 .. 5.9
+    assert len(fig.axes) == 2  # no kNN records: no kNN panel
+    assert fig.axes[0].lines[1].get_label() == "off the axis"  # the spike, marked at the edge
+
+
+def test_neighbours_are_the_nearest_in_h_space(run, tmp_path):
+    workdir, config, ds = run["workdir"], run["config"], run["ds"]
+    source = os.path.join(workdir, "checkpoints", "pretrain")
+    fig, nn = pictures.write_neighbours(config, ds, str(tmp_path), source)
+    assert len(fig.axes) == 8 * 6
+    np.testing.assert_array_equal(ds.test_labels[nn["queries"]], np.arange(8))  # a class each
+    # The same neighbours from load_encoder's h: the top-5 cosine similarities agree.
+    enc = simclr_jax.load_encoder(workdir)
+    bank = np.asarray(enc(ds.train_images), np.float64)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    q = np.asarray(enc(ds.test_images[nn["queries"]]), np.float64)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    sims = q @ bank.T  # (8, N)
+    np.testing.assert_allclose(np.sort(sims, axis=1)[:, ::-1][:, :5], nn["sims"], atol=1e-4)
+    chosen = np.take_along_axis(sims, nn["neighbours"], axis=1)
+    np.testing.assert_allclose(chosen, nn["sims"], atol=1e-4)
+    with Image.open(tmp_path / plots.NEIGHBOURS_PNG) as a:
+        with Image.open(os.path.join(workdir, plots.NEIGHBOURS_PNG)) as b:
+            assert a.size == b.size
+
+
+def test_classifier_plots_say_what_they_show_and_mark_chance(tmp_path):
+    curve = {"epoch": [1, 2], "test_acc": [0.3, 0.5], "train_acc": [0.2, 0.6]}
+    curve |= {"test_loss": [2.0, 1.5], "train_loss": [2.1, 1.2]}
+    rep = {
+        "finetune": curve,
+        "scratch": curve,
+        "num_labelled": 72,
+        "num_classes": 10,
+        "config": {"data": {"name": "digits"}},
+    }
+    acc = plots.classifier_curves(rep, "acc", str(tmp_path / "a.png"))
+    assert acc.axes[0].get_ylabel().startswith("classifier accuracy")
+    chance = [line for line in acc.axes[0].lines if "chance" in line.get_label()]
+    assert len(chance) == 1 and list(chance[0].get_ydata()) == [0.1, 0.1]
+    loss = plots.classifier_curves(rep, "loss", str(tmp_path / "l.png"))
+    assert loss.axes[0].get_ylabel().startswith("classifier cross-entropy loss")
+    assert not any("chance" in line.get_label() for line in loss.axes[0].lines)
