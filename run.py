@@ -112,7 +112,7 @@ def main(argv):
     from simclr_jax import xla_env
 
     xla_env.prefer_eigen_convolutions()  # XLA:CPU only; before jax starts (see xla_env)
-    from simclr_jax import pipeline  # after flag parsing: jax starts here, not before
+    from simclr_jax import console, pipeline  # after flag parsing: jax starts here, not before
     from simclr_jax.errors import UserError
 
     config_path = flags.FLAGS["config"].config_filename
@@ -120,14 +120,18 @@ def main(argv):
         "runs", os.path.splitext(os.path.basename(config_path))[0]
     )
     try:
-        summary = pipeline.run(_CONFIG.value, workdir, _MODE.value)
+        with console.logs_above_progress_bars():
+            summary = pipeline.run(_CONFIG.value, workdir, _MODE.value)
     except KeyboardInterrupt as err:  # Ctrl-C (130) or SIGTERM (143), as a shell reports them
         print(f"\n{err or 'interrupted.'} Rerun the same command to resume.", file=sys.stderr)
         sys.exit(128 + getattr(err, "signum", signal.SIGINT))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"done: results in {summary['workdir']}")
+    import jax
+
+    if jax.process_index() == 0:  # the others only warn
+        print("\n".join(console.summary_lines(summary)))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ an epoch's end, what a checkpoint holds) comes in as arguments.
 """
 
 import dataclasses
+import logging
 import math
 import signal
 import statistics
@@ -23,6 +24,8 @@ from jax.experimental import multihost_utils
 
 from simclr_jax.errors import Divergence
 from simclr_jax.metrics import MetricWriter, progress_bar
+
+log = logging.getLogger(__name__)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -127,6 +130,8 @@ def run(
     step, pending, rows = start_step, [], []
     rates, record = [], {}
     t_log = t0 = time.perf_counter()
+    if start_step < spec.total_steps:  # the bar sits at its start until the compilation is done
+        log.info("%s: compiling the first step (tens of seconds) ...", spec.phase)
     bar = progress_bar(spec.total_steps, start_step, spec.phase)
     with _StopFlag() as flag:
         while step < spec.total_steps:

@@ -1,7 +1,8 @@
 """What a user gets from a finished run (one tiny `run.py` run, shared): the encoder in their own
-code (`load_encoder`, checked against the model's own `encode`) and the pictures (made from the
-run's own data and keys)."""
+code (`load_encoder`, checked against the model's own `encode`), the pictures (made from the run's
+own data and keys), and the console (log lines above the progress bars, the closing summary)."""
 
+import json
 import os
 
 import jax
@@ -210,3 +211,29 @@ def test_classifier_plots_say_what_they_show_and_mark_chance(tmp_path):
     loss = plots.classifier_curves(rep, "loss", str(tmp_path / "l.png"))
     assert loss.axes[0].get_ylabel().startswith("classifier cross-entropy loss")
     assert not any("chance" in line.get_label() for line in loss.axes[0].lines)
+
+
+# ----------------------------------------------------------------------------- console
+
+
+def test_the_console_ends_with_the_numbers_and_the_report_path(run):
+    workdir, out = run["workdir"], run["out"]
+    lines = out.stdout.strip().splitlines()
+    rep = json.load(open(os.path.join(workdir, report.REPORT_JSON)))
+    ft = rep["finetune"]["final_test_acc"]
+    assert lines[0] == f"done: results in {workdir}"
+    assert any(f"fine-tuned from SimCLR {100 * ft:.2f}%" in line for line in lines)
+    assert any("linear probe" in line and "kNN" in line for line in lines)
+    assert lines[-1] == f"  report: {os.path.join(workdir, report.REPORT_MD)}"
+    assert os.path.isabs(lines[-1].split("report: ")[1])
+
+
+def test_log_lines_print_above_the_progress_bars(run):
+    err = run["out"].stderr
+    assert "pretrain: compiling the first step" in err
+    # Logged while a bar is on screen (one per classifier epoch): each starts a line of its own,
+    # where a plain print would continue the bar's line.
+    logged = [line for line in err.split("\n") if "test acc" in line and "epoch" in line]
+    assert len(logged) == 4
+    for line in logged:
+        assert line.split("\r")[-1].startswith("I"), repr(line)
