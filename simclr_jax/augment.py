@@ -26,6 +26,10 @@ from simclr_jax.errors import ConfigError
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
 
+# The CIFAR-10 statistics the ResNet applied itself before the normalisation moved to the data
+# side: what runs whose config has no data.mean / data.std (written before) were trained with.
+LEGACY_MEAN, LEGACY_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
+
 # Candidate boxes drawn at once by random_resized_crop (torchvision tries 10 in a loop).
 _CROP_ATTEMPTS = 10
 
@@ -270,7 +274,8 @@ def simclr_view(key, image_uint8, cfg):
 def spec_from_config(config) -> types.SimpleNamespace:
     """What the input side reads: the config's augment section, the output size and the dataset's
     per-channel mean and std (`normalize`), as a plain namespace closed over when jitting."""
-    mean, std = tuple(config.data.mean), tuple(config.data.std)
+    data = config.data
+    mean, std = tuple(data.get("mean", LEGACY_MEAN)), tuple(data.get("std", LEGACY_STD))
     if len(mean) != 3 or len(std) != 3:
         raise ConfigError(
             f"config.data.mean / config.data.std are {mean} / {std}: set three values each, or "

@@ -6,10 +6,13 @@ no TensorFlow needed to read). Also the train split's channel statistics (the en
 normalisation) and the class-balanced labelled subset used downstream.
 """
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
+import logging
 import os
+import shlex
 
 import numpy as np
 
@@ -87,35 +90,65 @@ def load_digits(image_size: int = 32) -> Dataset:
     return Dataset(DIGITS, images[tr], labels[tr], images[te], labels[te], num_classes=10)
 
 
-def _not_prepared(name: str, data_dir: str | None, err: Exception) -> DataError:
-    where = data_dir or "~/tensorflow_datasets (the tfds default)"
-    return DataError(
-        f"Dataset {name!r} is not prepared under {where} ({type(err).__name__}: {err}).\n"
-        f"Fix: point config.data.data_dir at a directory holding a prepared copy "
-        f"(e.g. --config.data.data_dir=../shared/tensorflow_datasets), or prepare it once on a "
-        f"machine with TensorFlow and network: `pip install tensorflow && "
-        f"tfds build {name} --data_dir {data_dir or '~/tensorflow_datasets'}`. "
-        f"Use --config.data.name=digits for the embedded dataset."
+TFDS_DEFAULT_DIR = "~/tensorflow_datasets"  # tfds' default data_dir (without TFDS_DATA_DIR)
+READABLE_FORMATS = ("array_record", "parquet")  # the random-access formats tfds.data_source reads
+
+
+def prepare_command(name: str, data_dir: str) -> str:
+    """The command that prepares `name` once into `data_dir` in a format tfds.data_source reads."""
+    return (
+        f"pip install tensorflow tensorflow-datasets && tfds build {name} --data_dir "
+        f"{shlex.quote(data_dir)} --file_format=array_record"
     )
+
+
+def _not_prepared(name: str, data_dir: str, why: str) -> DataError:
+    return DataError(
+        f"Dataset {name!r} is not prepared in {data_dir} ({why}). Prepare it once (TensorFlow and "
+        f"network are needed to prepare it, not to read it):\n"
+        f"  {prepare_command(name, data_dir)}\n"
+        f"then rerun with --config.data.data_dir={data_dir} (or copy a prepared {name}/ folder "
+        f"there). --config.data.name=digits needs nothing prepared."
+    )
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """absl's (tfds') warnings off for a moment; errors still show."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def load_tfds(name: str, data_dir: str | None) -> Dataset:
     """Reads the train and test splits of a prepared tfds dataset into uint8 arrays."""
     import tensorflow_datasets as tfds
 
-    if data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
-        raise DataError(
-            f"config.data.data_dir={data_dir!r} is not a directory. Point it at a tfds data_dir "
-            f"that holds a prepared {name!r} (a folder {name}/<version>/ inside it)."
-        )
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or TFDS_DEFAULT_DIR  # tfds' own default
+    where = os.path.abspath(os.path.expanduser(where))
+    if not os.path.isdir(where):  # checked first: tfds would report an empty dataset
+        raise _not_prepared(name, where, "the directory does not exist")
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        with _quiet_absl():  # tfds warns of each folder it finds empty before we can explain
+            builder = tfds.builder(name, data_dir=where)
+            prepared = builder.is_prepared()
     except Exception as err:  # unknown name: tfds lists close matches in its message
         raise DataError(f"Unknown tfds dataset config.data.name={name!r}: {err}") from err
+    if not prepared:
+        raise _not_prepared(name, where, f"no prepared version {builder.version} there")
+    file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
+    if file_format not in READABLE_FORMATS:
+        raise _not_prepared(
+            name, where, f"it is prepared as {file_format}, which tfds.data_source cannot read"
+        )
     try:
-        sources = tfds.data_source(name, data_dir=data_dir, download=False)
+        sources = tfds.data_source(name, data_dir=where, download=False)
     except Exception as err:
-        raise _not_prepared(name, data_dir, err) from err
+        raise _not_prepared(name, where, f"{type(err).__name__}: {err}") from err
     features = builder.info.features
     if "image" not in features or "label" not in features:
         raise DataError(
@@ -126,8 +159,8 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
         raise DataError(
             f"Dataset {name!r} needs 'train' and 'test' splits; it has {list(sources)}."
         )
-    train = _read_split(name, sources["train"], "train", data_dir)
-    test = _read_split(name, sources["test"], "test", data_dir)
+    train = _read_split(name, sources["train"], "train", where)
+    test = _read_split(name, sources["test"], "test", where)
     num_classes = features["label"].num_classes
     return Dataset(name, train[0], train[1], test[0], test[1], num_classes=num_classes)
 
@@ -145,9 +178,10 @@ def _read_split(name, source, split, data_dir) -> tuple[np.ndarray, np.ndarray]:
             labels[start : start + len(rows)] = [r["label"] for r in rows]
     except Exception as err:
         raise DataError(
-            f"Could not read the {split!r} split of {name!r} under {data_dir or 'the tfds default'}"
+            f"Could not read the {split!r} split of {name!r} under {data_dir}"
             f" ({type(err).__name__}: {err}). The prepared files look damaged: delete "
-            f"{name}/ there and prepare it again (`tfds build {name}`), or use another copy."
+            f"{name}/ there and prepare it again (`{prepare_command(name, data_dir)}`), or use "
+            f"another copy."
         ) from err
     if images.shape[-1] == 1:  # grayscale sets (mnist, ...) become 3-channel
         images = np.repeat(images, 3, axis=-1)

@@ -1,12 +1,15 @@
 """The step loop that pretraining and the downstream classifiers share: it runs a pmapped step
 function, keeps metrics on device until a log or checkpoint step, stops on a NaN/Inf loss naming
-the step, checkpoints on schedule, and turns Ctrl-C into a checkpoint and a clean exit.
+the step, checkpoints on schedule, and turns Ctrl-C (SIGINT) and SIGTERM (preemption: spot/preemptible
+VMs, SLURM) into a checkpoint and a clean exit. A multi-process run leaves SIGTERM to jax's preemption
+service, which gives every process the same step to stop at.
 
 One loop rather than two near-copies: what differs between the phases (the step, the evaluation at
 an epoch's end, what a checkpoint holds) comes in as arguments.
 """
 
 import dataclasses
+import logging
 import math
 import signal
 import statistics
@@ -17,13 +20,21 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from simclr_jax.errors import Divergence
 from simclr_jax.metrics import MetricWriter, progress_bar
 
+log = logging.getLogger(__name__)
+
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT arrived; a checkpoint of the last finished step was written before this was raised."""
+    """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was written before this was
+    raised. `signum` is the signal (run.py exits with 128 + signum, as a shell reports it)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,24 +55,46 @@ class LoopResult:
     last_record: dict
 
 
-class _SigintFlag:
-    """Sets a flag on SIGINT instead of raising inside a (donating) step call."""
+class _StopFlag:
+    """Records SIGINT / SIGTERM instead of raising inside a (donating) step call.
+
+    With several processes, SIGTERM stays with jax's preemption service (jax.distributed installs
+    its handler; on by default, `jax_enable_preemption_service`): a notice on any process reaches
+    all of them, and `reached_preemption_sync_point` is True at the same step everywhere, so they
+    save the same checkpoint together. It must be asked after every step, which `stop` is.
+    """
 
     def __init__(self):
-        self.hit = False
-        self._old = None
+        self.signum = None
+        self._old = {}
+        self._coordinated = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if signum != signal.SIGTERM or not self._coordinated:
+                    self._old[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.hit = True
+        self.signum = self.signum or signum
+
+    def stop(self, step: int) -> int | None:
+        """The signal to stop on after `step`, or None to go on. Called after every step."""
+        if self._coordinated and multihost_utils.reached_preemption_sync_point(step):
+            return signal.SIGTERM
+        return self.signum
+
+    def message(self, phase: str, step: int, signum: int) -> str:
+        if signum == signal.SIGINT:
+            return f"{phase}: interrupted at step {step}; checkpoint saved."
+        if self._coordinated:  # the notice may have reached another process
+            return f"{phase}: preempted (SIGTERM) at step {step}; every process saved it."
+        return f"{phase}: terminated (SIGTERM) at step {step}; checkpoint saved."
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
 
 
 def _fetch(pending: list, first_step: int, phase: str) -> list[dict]:
@@ -97,14 +130,18 @@ def run(
     step, pending, rows = start_step, [], []
     rates, record = [], {}
     t_log = t0 = time.perf_counter()
+    if start_step < spec.total_steps:  # the bar sits at its start until the compilation is done
+        log.info("%s: compiling the first step (tens of seconds) ...", spec.phase)
     bar = progress_bar(spec.total_steps, start_step, spec.phase)
-    with _SigintFlag() as sigint:
+    with _StopFlag() as flag:
         while step < spec.total_steps:
             state, metrics = step_fn(state, *step_args)
             step, epoch_end = step + 1, (step + 1) % spec.steps_per_epoch == 0
             pending.append(metrics)
             last = step == spec.total_steps
-            stop = sigint.hit  # read once: a signal during the fetch below is handled next step
+            stop = flag.stop(
+                step
+            )  # read once: a signal during the fetch below is handled next step
             want_ckpt = save is not None and (
                 last or stop or (spec.checkpoint_every and step % spec.checkpoint_every == 0)
             )
@@ -113,7 +150,7 @@ def run(
                 if epoch_end and on_epoch_end
                 else {}
             )
-            want_log = last or step % spec.log_every == 0 or bool(extra) or stop
+            want_log = last or step % spec.log_every == 0 or bool(extra) or bool(stop)
             if want_log or want_ckpt:
                 rows += _fetch(pending, step - len(pending), spec.phase)
                 pending = []
@@ -131,7 +168,7 @@ def run(
                 save(step, state)
             if stop:
                 bar.close()
-                raise Interrupted(f"{spec.phase}: interrupted at step {step}; checkpoint saved.")
+                raise Interrupted(flag.message(spec.phase, step, stop), stop)
     bar.close()
     steady = rates[1:] if len(rates) > 1 else rates
     return LoopResult(

@@ -1,6 +1,8 @@
-"""The run, per --mode: check the config and the workdir, load the data, pretrain, then the
-downstream comparison and the report. What run.py calls."""
+"""The run, per --mode: check the config, the encoder source and the data before anything is
+written, then take the workdir (one run at a time), pretrain, then the downstream comparison, the
+pictures and the report. What run.py calls."""
 
+import contextlib
 import json
 import logging
 import os
@@ -8,13 +10,15 @@ import shutil
 import time
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
-from simclr_jax import checkpoint, data, parallel, pretrain, report
+from simclr_jax import checkpoint, data, encoder, parallel, pictures, pretrain, report
 from simclr_jax import config as config_lib
 from simclr_jax.errors import CheckpointError, WorkdirError
+from simclr_jax.lock import LOCK_FILE, WorkdirLock
 from simclr_jax.metrics import METRICS_FILE, MetricWriter
-from simclr_jax.train_state import model_identity
+from simclr_jax.train_state import check_meta, model_identity
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
@@ -125,45 +129,157 @@ def _load_data(config):
     return ds
 
 
-def _pretrain_stage(config, ds, workdir: str, writer) -> dict:
-    ckpt = checkpoint.Checkpointer(pretrain_dir(workdir), keep=config.pretrain.keep_checkpoints)
+def check_encoder_source(config, source: str) -> None:
+    """The newest checkpoint in `source` was made for this config's model and data (its metadata
+    only; a damaged one is left to the restore, which sets it aside)."""
+    ckpt = checkpoint.Checkpointer(source, create=False, async_save=False)
     try:
-        _, result = pretrain.run(config, ds, writer, ckpt)
+        steps = ckpt.steps()
+        try:
+            meta = ckpt.read_meta(steps[-1]) if steps else None
+        except Exception:
+            meta = None
+        if meta is not None:
+            check_meta(meta, config, source)
     finally:
         ckpt.close()
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Holds the workdir's lock (lock.py) for the run; process 0 takes it and tells the others."""
+    held, error = WorkdirLock(workdir), None
+    if jax.process_index() == 0:
+        try:
+            held.acquire()
+        except WorkdirError as err:
+            error = err
+    if jax.process_count() > 1:
+        ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if not ok and error is None:
+            error = WorkdirError(f"--workdir {workdir!r} is in use (process 0 says by whom).")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        held.release()
+
+
+def _work(workdir: str) -> tuple:
+    """What a run leaves that counts as work: metrics records and checkpoint steps."""
+    metrics = os.path.join(workdir, METRICS_FILE)
+    root = os.path.join(workdir, "checkpoints")
+    phases = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    steps = [
+        (p, sorted(d for d in os.listdir(os.path.join(root, p)) if d.isdigit())) for p in phases
+    ]
+    return os.path.getsize(metrics) if os.path.exists(metrics) else None, [s for s in steps if s[1]]
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost directory of `path` that does not exist yet (None: `path` exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+@contextlib.contextmanager
+def undone_unless_work(workdir: str, created: str | None):
+    """A run that fails before it has done any work (no new metrics record, no checkpoint) leaves
+    the workdir as it found it: `created` (the directories this run made) removed, or, in a
+    workdir that was there, the files it added removed and config.json as it was. Process 0
+    cleans up; the error goes on."""
+    existed = created is None
+    before = os.listdir(workdir) if existed else None
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    old_config = open(config_path, "rb").read() if existed and os.path.exists(config_path) else None
+    tb = os.path.join(workdir, "tensorboard")
+    old_tb = os.listdir(tb) if existed and os.path.isdir(tb) else []
+    work = _work(workdir)
+    try:
+        yield
+    except BaseException:
+        if jax.process_index() == 0 and _work(workdir) == work:
+            if not existed:
+                shutil.rmtree(created, ignore_errors=True)
+            else:
+                _remove_new(workdir, before + [LOCK_FILE], tb, old_tb)
+                if old_config is not None:
+                    with open(config_path, "wb") as f:
+                        f.write(old_config)
+        raise
+
+
+def _remove_new(workdir: str, kept: list[str], tb: str, old_tb: list[str]) -> None:
+    for name in set(os.listdir(workdir)) - set(kept):
+        p = os.path.join(workdir, name)
+        shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+    if os.path.isdir(tb):
+        for name in set(os.listdir(tb)) - set(old_tb):
+            os.remove(os.path.join(tb, name))
+
+
+def _pretrain_stage(config, ds, workdir: str, writer) -> dict:
+    if writer.enabled:  # the first check of a SimCLR run, before the long wait
+        pictures.write_views(config, ds, workdir)
+        log.info("Augmented views: %s", os.path.join(os.path.abspath(workdir), pictures.VIEWS_PNG))
+    ckpt = checkpoint.Checkpointer(pretrain_dir(workdir), keep=config.pretrain.keep_checkpoints)
+    try:
+        state, result = pretrain.run(config, ds, writer, ckpt)
+    finally:
+        ckpt.close()
+    if writer.enabled:
+        export = os.path.join(os.path.abspath(workdir), encoder.EXPORT_FILE)
+        encoder.export({"params": state.params, "batch_stats": state.batch_stats}, export)
+        pictures.write_pretrain_curves(config, workdir, ds.num_classes)
+        log.info("Pretrained model's variables: %s", export)
     return {"wall_s": result.wall_s, "images_per_s": result.images_per_s, **result.last_record}
 
 
 def _downstream_stage(config, ds, workdir: str, writer, source: str) -> dict:
-    """The comparison, then the report (written by process 0, from the workdir's files)."""
+    """The comparison, the nearest-neighbour picture, then the report (written by process 0, from
+    the workdir's files)."""
     from simclr_jax import downstream  # noqa: PLC0415 (the heavier stage, only when used)
 
     summary = downstream.run(config, ds, workdir, writer, source)
+    pictures.write_neighbours(config, ds, workdir, source, primary=writer.enabled)
     if writer.enabled:
         rep = report.write(workdir)
         summary.update(report.summary(rep), wall_s=rep["wall_s"])
-        log.info("Report: %s", os.path.join(workdir, report.REPORT_MD))
+        log.info("Report: %s", os.path.join(os.path.abspath(workdir), report.REPORT_MD))
     return summary
 
 
 def run(config, workdir: str, mode: str = "all") -> dict:
-    """Runs the stages of `mode` in `workdir`; returns a summary dict (also logged)."""
+    """Runs the stages of `mode` in `workdir`; returns a summary dict (also logged).
+
+    Everything that can fail on bad input is checked before the workdir is touched (the config,
+    the encoder source of --mode=downstream, the data); a run that fails before any work leaves
+    the workdir as it found it, and a second run on a workdir in use stops at once.
+    """
     parallel.initialize_distributed(config.distributed)
     if jax.process_index() != 0:  # process 0 reports progress; the others only warn
         logging.getLogger("simclr_jax").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     config_lib.validate(config, mode)
     source = encoder_source(config, workdir) if mode == "downstream" else None
+    if source is not None:
+        check_encoder_source(config, source)
     ds = _load_data(config)
     config = data.with_stats(config, ds)  # the input normalisation, written to config.json
-    prepare_workdir(workdir, config, mode)
-    writer = MetricWriter(workdir)
+    created = _first_missing(workdir)  # what a failure before any work removes again
+    _check_writable(workdir)  # creates it: the lock lives there
     summary = {"workdir": os.path.abspath(workdir), "mode": mode}
-    try:
-        if mode in ("pretrain", "all"):
-            summary["pretrain"] = _pretrain_stage(config, ds, workdir, writer)
-            source = pretrain_dir(workdir)
-        if mode in ("downstream", "all"):
-            summary["downstream"] = _downstream_stage(config, ds, workdir, writer, source)
-    finally:
-        writer.close()
+    with workdir_lock(workdir), undone_unless_work(workdir, created):
+        prepare_workdir(workdir, config, mode)
+        writer = MetricWriter(workdir)
+        try:
+            if mode in ("pretrain", "all"):
+                summary["pretrain"] = _pretrain_stage(config, ds, workdir, writer)
+                source = pretrain_dir(workdir)
+            if mode in ("downstream", "all"):
+                summary["downstream"] = _downstream_stage(config, ds, workdir, writer, source)
+        finally:
+            writer.close()
     return summary

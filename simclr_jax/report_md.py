@@ -4,6 +4,15 @@ which classifier has not converged), the pretraining, and the per-epoch curves.
 """
 
 import math
+import os
+
+from simclr_jax import plots
+
+PICTURES = (
+    (plots.VIEWS_PNG, "Augmented views: source images and their two SimCLR views at step 0"),
+    (plots.PRETRAIN_PNG, "Pretraining: loss, learning rate and kNN-monitor accuracy per step"),
+    (plots.NEIGHBOURS_PNG, "Nearest training images of test images in h-space (cosine similarity)"),
+)
 
 # (key in the report, what the row says, is it a SimCLR row) in the order of the table.
 ROWS = (
@@ -177,7 +186,16 @@ def _per_epoch(rep: dict) -> list[str]:
     return lines + [""]
 
 
+def _pictures(rep: dict) -> list[str]:
+    """Links to the pictures of the run that are in its workdir."""
+    found = [(f, what) for f, what in PICTURES if os.path.exists(os.path.join(rep["workdir"], f))]
+    lines = ["## Pictures", ""] if found else []
+    for name, what in found:
+        lines += [f"{what}:", "", f"![{what}]({name})", ""]
+    return lines
+
+
 def markdown(rep: dict, accuracy_png: str = "accuracy.png", loss_png: str = "loss.png") -> str:
     lines = _header(rep) + _table(rep) + _findings(rep) + _pretraining(rep) + _protocol(rep)
     lines += [f"![classifier accuracy]({accuracy_png})", "", f"![classifier loss]({loss_png})", ""]
-    return "\n".join(lines + _per_epoch(rep))
+    return "\n".join(lines + _per_epoch(rep) + _pictures(rep))

@@ -64,6 +64,9 @@ TINY_FLAGS = [
     "--config.pretrain.log_every=2",
     "--config.pretrain.checkpoint_every=2",
     "--config.pretrain.knn_every=0",
+    "--config.downstream.long_epochs=0",
+    "--config.downstream.linear_l2_grid=(0.01,)",
+    "--config.downstream.linear_iters=20",
 ]
 
 

@@ -1,5 +1,5 @@
 """Never lose a run: resume after SIGKILL (bitwise), damaged checkpoints, another device count,
-divergence, Ctrl-C, and bad input that stops cleanly."""
+divergence, Ctrl-C, SIGTERM (bitwise), and bad input that stops cleanly."""
 
 import glob
 import json
@@ -190,6 +190,32 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     ckpts = os.listdir(os.path.join(workdir, "checkpoints", "pretrain"))
     assert str(step) in ckpts
     assert _records(workdir)[-1]["step"] == step
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_bitwise(reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = _popen(workdir)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    err = proc.stderr.read()
+    assert "terminated (SIGTERM) at step" in err and "Rerun the same command to resume" in err
+    assert "Traceback" not in err
+    step = int(err.split("terminated (SIGTERM) at step ")[1].split(";")[0])
+    assert step < STEPS, "SIGTERM came too late to interrupt"
+    assert str(step) in os.listdir(os.path.join(workdir, "checkpoints", "pretrain"))
+    assert _records(workdir)[-1]["step"] == step
+    assert not os.path.exists(os.path.join(workdir, ".lock"))  # released on the way out
+
+    final = _popen(workdir)
+    assert final.wait(timeout=300) == 0, final.stderr.read()[-3000:]
+    _assert_same_tree(_params(workdir, STEPS), _params(reference, STEPS))
+    got, want = _records(workdir), _records(reference)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
 
 
 def test_workdir_of_another_config_is_refused_unless_overwrite(reference, tmp_path):

@@ -1,0 +1,241 @@
+"""What a user gets from a finished run (one tiny `run.py` run, shared): the encoder in their own
+code (`load_encoder`, checked against the model's own `encode`), the pictures (made from the run's
+own data and keys), and the console (log lines above the progress bars, the closing summary)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+import simclr_jax
+from simclr_jax import augment, data, encoder, models, parallel, pictures, plots, report
+from simclr_jax.errors import CheckpointError
+from simclr_jax.train_state import DATA_KEY, compute_dtype, restore_encoder, seed_key
+from tests.helpers import TINY_FLAGS, run_cli
+
+STEPS = 16  # two epochs of 256 images at batch 32: the kNN monitor runs twice
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("after") / "run")
+    args = [
+        *TINY_FLAGS,
+        f"--config.pretrain.num_steps={STEPS}",
+        "--config.pretrain.knn_every=1",
+        "--config.downstream.epochs=2",
+        "--config.downstream.linear_iters=20",
+        "--workdir",
+        workdir,
+    ]
+    out = run_cli(args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    config = encoder.read_config(workdir)
+    return {"workdir": workdir, "out": out, "config": config, "ds": data.load(config.data)}
+
+
+def _checkpoint_tree(workdir, step=STEPS):
+    path = os.path.join(workdir, "checkpoints", "pretrain", str(step), "state")
+    return ocp.PyTreeCheckpointer().restore(path)
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+# ----------------------------------------------------------------------------- load_encoder
+
+
+def test_load_encoder_matches_the_models_own_encode(run):
+    workdir, config, ds = run["workdir"], run["config"], run["ds"]
+    enc = simclr_jax.load_encoder(workdir)  # the workdir: its newest pretraining checkpoint
+    assert enc.step == STEPS and enc.source.endswith(os.path.join("checkpoints", "pretrain"))
+    images = ds.test_images[:20]  # (20, S, S, 3) uint8
+
+    # The model's own encode, with f as downstream restores it.
+    f, step = restore_encoder(config, os.path.join(workdir, "checkpoints", "pretrain"))
+    model = models.build_model(config.model, dtype=compute_dtype(config))
+    spec = augment.spec_from_config(config)  # the run's input size and normalisation
+    x = augment.downstream_batch(None, 0, images, None, train=False, image_size=spec.image_size)
+    x = augment.normalize(x, spec)
+    variables = {"params": {"encoder": f["params"]}, "batch_stats": {"encoder": f["batch_stats"]}}
+    want_h = model.apply(variables, x, train=False, method="encode")
+    h = enc(images)
+    assert h.shape == want_h.shape == (20, models.build_encoder(config.model).feat_dim)
+    np.testing.assert_allclose(h, want_h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(enc(images / 255.0), want_h, rtol=1e-4, atol=1e-5)  # float input
+    np.testing.assert_allclose(enc(images, batch_size=7), want_h, rtol=1e-5, atol=1e-6)
+
+    # z, with g from the same checkpoint.
+    tree = _checkpoint_tree(workdir)
+    full = {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+    want_h2, want_z = model.apply(full, x, train=False)
+    h2, z = enc(images, projection=True)
+    np.testing.assert_allclose(h2, want_h2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(z, want_z, rtol=1e-5, atol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, enc.variables, full)
+    jax.tree.map(np.testing.assert_array_equal, enc.encoder_variables, f)
+
+
+def test_the_portable_export_is_the_final_state(run):
+    workdir = run["workdir"]
+    path = os.path.join(workdir, encoder.EXPORT_FILE)
+    exported = simclr_jax.load_encoder(path)
+    tree = _checkpoint_tree(workdir)
+    assert exported.step is None and exported.source == path
+    jax.tree.map(np.testing.assert_array_equal, exported.variables, {
+        "params": tree["params"], "batch_stats": tree["batch_stats"]
+    })  # fmt: skip
+    images = run["ds"].test_images[:8]
+    from_ckpt = simclr_jax.load_encoder(os.path.join(workdir, "checkpoints", "pretrain"))
+    np.testing.assert_array_equal(exported(images), from_ckpt(images))
+
+
+def test_load_encoder_refuses_a_directory_without_a_run(tmp_path):
+    with pytest.raises(CheckpointError, match="holds no pretrained encoder"):
+        simclr_jax.load_encoder(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def test_the_pictures_are_written_and_linked_from_the_report(run):
+    workdir = run["workdir"]
+    sizes = {}
+    for name in (plots.VIEWS_PNG, plots.PRETRAIN_PNG, plots.NEIGHBOURS_PNG):
+        with Image.open(os.path.join(workdir, name)) as im:
+            sizes[name] = im.size
+    assert sizes[plots.VIEWS_PNG] == (1020, 420)  # 8 columns x (source, view 1, view 2)
+    assert sizes[plots.PRETRAIN_PNG] == (1260, 360)  # loss, learning rate, kNN: 3 panels
+    assert sizes[plots.NEIGHBOURS_PNG] == (790, 1160)  # 8 test images x (itself + 5 neighbours)
+    md = open(os.path.join(workdir, report.REPORT_MD)).read()
+    for name in (plots.VIEWS_PNG, plots.PRETRAIN_PNG, plots.NEIGHBOURS_PNG):
+        assert f"]({name})" in md
+
+
+def test_views_are_the_first_steps_own(run, tmp_path):
+    config, ds = run["config"], run["ds"]
+    v = pictures.first_views(config, ds.train_images)
+    # Step 0's global batch, as pretrain_step draws it on one device.
+    ids_fn = jax.pmap(
+        lambda key: parallel.device_batch_ids(key, 0, len(ds.train_images), 32),
+        axis_name=parallel.AXIS,
+        devices=jax.devices()[:1],
+    )
+    batch_ids = np.asarray(ids_fn(parallel.replicate(seed_key(0, DATA_KEY), jax.devices()[:1])))[0]
+    np.testing.assert_array_equal(v["ids"], batch_ids[:8])
+    np.testing.assert_array_equal(v["sources"], ds.train_images[batch_ids[:8]])
+    spec = augment.spec_from_config(config)
+    v1, v2 = augment.two_views(seed_key(0, 2), 0, ds.train_images[batch_ids], batch_ids, spec)
+    np.testing.assert_allclose(v["view1"], v1[:8], atol=1e-6)
+    np.testing.assert_allclose(v["view2"], v2[:8], atol=1e-6)
+    assert not np.allclose(v["view1"], v["view2"])
+    fig = pictures.write_views(config, ds, str(tmp_path))
+    assert len(fig.axes) == 24 and [ax.get_ylabel() for ax in fig.axes[::8]] == [
+        "source", "view 1", "view 2"
+    ]  # fmt: skip
+    np.testing.assert_array_equal(  # the run's picture is this one
+        _pixels(os.path.join(tmp_path, plots.VIEWS_PNG)),
+        _pixels(os.path.join(run["workdir"], plots.VIEWS_PNG)),
+    )
+
+
+def test_pretrain_picture_shows_the_runs_records(run, tmp_path):
+    workdir, config = run["workdir"], run["config"]
+    for name in ("metrics.jsonl", "config.json"):
+        (tmp_path / name).write_text(open(os.path.join(workdir, name)).read())
+    fig = pictures.write_pretrain_curves(config, str(tmp_path), num_classes=10)
+    records = [r for r in report.read_records(str(tmp_path / "metrics.jsonl"))]
+    records = [r for r in records if r["phase"] == "pretrain"]
+    loss_ax, lr_ax, knn_ax = fig.axes
+    assert loss_ax.get_ylabel() == "NT-Xent loss" and loss_ax.get_xlabel() == "step"
+    np.testing.assert_array_equal(loss_ax.lines[0].get_ydata(), [r["loss"] for r in records])
+    np.testing.assert_array_equal(lr_ax.lines[0].get_ydata(), [r["learning_rate"] for r in records])
+    knn = [r["knn_acc"] for r in records if "knn_acc" in r]
+    assert len(knn) == 2 and list(knn_ax.lines[0].get_ydata()) == knn
+    assert any("chance" in line.get_label() for line in knn_ax.lines)
+    np.testing.assert_array_equal(
+        _pixels(tmp_path / plots.PRETRAIN_PNG), _pixels(os.path.join(workdir, plots.PRETRAIN_PNG))
+    )
+
+
+def test_one_outlier_does_not_set_the_loss_axis(tmp_path):
+    records = [
+        {"step": s, "loss": 6.0 - 0.05 * s, "learning_rate": 0.1} for s in range(1, 41)
+    ]  # fmt: skip
+    records[0]["loss"] = 1e4  # a spike at the first step
+    fig = plots.pretrain_curves(records, str(tmp_path / "p.png"), "t")
+    lo, hi = fig.axes[0].get_ylim()
+    assert hi < 10 and lo < 4.0  # the other 39 points span 4.0 .. 5.9
+    assert len(fig.axes) == 2  # no kNN records: no kNN panel
+    assert fig.axes[0].lines[1].get_label() == "off the axis"  # the spike, marked at the edge
+
+
+def test_neighbours_are_the_nearest_in_h_space(run, tmp_path):
+    workdir, config, ds = run["workdir"], run["config"], run["ds"]
+    source = os.path.join(workdir, "checkpoints", "pretrain")
+    fig, nn = pictures.write_neighbours(config, ds, str(tmp_path), source)
+    assert len(fig.axes) == 8 * 6
+    np.testing.assert_array_equal(ds.test_labels[nn["queries"]], np.arange(8))  # a class each
+    # The same neighbours from load_encoder's h: the top-5 cosine similarities agree.
+    enc = simclr_jax.load_encoder(workdir)
+    bank = np.asarray(enc(ds.train_images), np.float64)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    q = np.asarray(enc(ds.test_images[nn["queries"]]), np.float64)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    sims = q @ bank.T  # (8, N)
+    np.testing.assert_allclose(np.sort(sims, axis=1)[:, ::-1][:, :5], nn["sims"], atol=1e-4)
+    chosen = np.take_along_axis(sims, nn["neighbours"], axis=1)
+    np.testing.assert_allclose(chosen, nn["sims"], atol=1e-4)
+    with Image.open(tmp_path / plots.NEIGHBOURS_PNG) as a:
+        with Image.open(os.path.join(workdir, plots.NEIGHBOURS_PNG)) as b:
+            assert a.size == b.size
+
+
+def test_classifier_plots_say_what_they_show_and_mark_chance(tmp_path):
+    curve = {"epoch": [1, 2], "test_acc": [0.3, 0.5], "train_acc": [0.2, 0.6]}
+    curve |= {"test_loss": [2.0, 1.5], "train_loss": [2.1, 1.2]}
+    rep = {
+        "finetune": curve,
+        "scratch": curve,
+        "num_labelled": 72,
+        "chance": {"test_acc": 0.1},
+        "config": {"data": {"name": "digits"}},
+    }
+    acc = plots.classifier_curves(rep, "acc", str(tmp_path / "a.png"))
+    assert acc.axes[0].get_ylabel().startswith("classifier accuracy")
+    chance = [line for line in acc.axes[0].lines if "chance" in line.get_label()]
+    assert len(chance) == 1 and list(chance[0].get_ydata()) == [0.1, 0.1]
+    loss = plots.classifier_curves(rep, "loss", str(tmp_path / "l.png"))
+    assert loss.axes[0].get_ylabel().startswith("classifier cross-entropy loss")
+    assert not any("chance" in line.get_label() for line in loss.axes[0].lines)
+
+
+# ----------------------------------------------------------------------------- console
+
+
+def test_the_console_ends_with_the_numbers_and_the_report_path(run):
+    workdir, out = run["workdir"], run["out"]
+    lines = out.stdout.strip().splitlines()
+    rep = json.load(open(os.path.join(workdir, report.REPORT_JSON)))
+    ft = rep["finetune"]["final_test_acc"]
+    assert lines[0] == f"done: results in {workdir}"
+    assert any(f"fine-tuned from SimCLR {100 * ft:.2f}%" in line for line in lines)
+    assert any("linear probe" in line and "kNN" in line for line in lines)
+    assert lines[-1] == f"  report: {os.path.join(workdir, report.REPORT_MD)}"
+    assert os.path.isabs(lines[-1].split("report: ")[1])
+
+
+def test_log_lines_print_above_the_progress_bars(run):
+    err = run["out"].stderr
+    assert "pretrain: compiling the first step" in err
+    # Logged while a bar is on screen (one per classifier epoch): each starts a line of its own,
+    # where a plain print would continue the bar's line.
+    logged = [line for line in err.split("\n") if "test acc" in line and "epoch" in line]
+    assert len(logged) == 4
+    for line in logged:
+        assert line.split("\r")[-1].startswith("I"), repr(line)
