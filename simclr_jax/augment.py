@@ -21,14 +21,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from simclr_jax.errors import ConfigError
+from simclr_jax import data
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
-
-# The CIFAR-10 statistics the ResNet applied itself before the normalisation moved to the data
-# side: what runs whose config has no data.mean / data.std (written before) were trained with.
-LEGACY_MEAN, LEGACY_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
 
 # Candidate boxes drawn at once by random_resized_crop (torchvision tries 10 in a loop).
 _CROP_ATTEMPTS = 10
@@ -273,24 +269,10 @@ def simclr_view(key, image_uint8, cfg):
 
 def spec_from_config(config) -> types.SimpleNamespace:
     """What the input side reads: the config's augment section, the output size and the dataset's
-    per-channel mean and std (`normalize`), as a plain namespace closed over when jitting."""
-    data = config.data
-    mean, std = tuple(data.get("mean", LEGACY_MEAN)), tuple(data.get("std", LEGACY_STD))
-    if len(mean) != 3 or len(std) != 3:
-        raise ConfigError(
-            f"config.data.mean / config.data.std are {mean} / {std}: set three values each, or "
-            f"leave them () and let `data.with_stats(config, dataset)` fill them from the train "
-            f"split (the pipeline does)."
-        )
-    return types.SimpleNamespace(
-        **config.augment.to_dict(), image_size=config.data.image_size, mean=mean, std=std
-    )
-
-
-def normalize(images, spec):
-    """Images in [0, 1] (..., 3) -> the encoder's input: (x - mean) / std per channel, with the
-    statistics of the dataset at hand (`spec.mean`, `spec.std`)."""
-    return (images - jnp.asarray(spec.mean, jnp.float32)) / jnp.asarray(spec.std, jnp.float32)
+    channel statistics (`data.normalize`), as a plain namespace closed over when jitting."""
+    mean, std = data.input_stats(config)
+    size = config.data.image_size
+    return types.SimpleNamespace(**config.augment.to_dict(), image_size=size, mean=mean, std=std)
 
 
 def example_keys(key, step, example_ids):

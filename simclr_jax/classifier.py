@@ -14,7 +14,7 @@ import optax
 from jax import lax
 from jax.experimental import multihost_utils
 
-from simclr_jax import augment, loop, models, parallel
+from simclr_jax import augment, data, loop, models, parallel
 from simclr_jax.checkpoint import Checkpointer
 from simclr_jax.train_state import (
     check_meta,
@@ -57,7 +57,7 @@ def classifier_step(
     x = augment.downstream_batch(
         aug_key, state.step, images[ids], ids, True, spec.image_size, spec.flip_prob
     )
-    x = augment.normalize(x, spec)
+    x = data.normalize(x, spec)
     y = labels[ids]  # (n,)
 
     def loss_fn(params):
@@ -101,7 +101,7 @@ def eval_step(params, batch_stats, images, labels, ids, mask, *, model, spec):
 
     ids, mask: (n,) indices into images / labels, and False for padding rows. BN in inference.
     """
-    x = augment.normalize(
+    x = data.normalize(
         augment.downstream_batch(None, 0, images[ids], ids, False, spec.image_size), spec
     )
     logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)

@@ -16,9 +16,12 @@ import shlex
 
 import numpy as np
 
-from simclr_jax.errors import DataError
+from simclr_jax.errors import ConfigError, DataError
 
 DIGITS = "digits"
+# The CIFAR-10 statistics the ResNet applied itself before the normalisation moved to the data
+# side: what runs whose config has no data.mean / data.std (written before) were trained with.
+LEGACY_STATS = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
 _READ_CHUNK = 2048  # examples per tfds read; bounds peak memory of the decoded dicts
 
 
@@ -44,9 +47,30 @@ class Dataset:
         return tuple(float(m) for m in mean), tuple(float(max(s, 1e-3)) for s in std)
 
 
+def input_stats(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """config.data's (mean, std); the CIFAR constants the ResNet applied itself for a config
+    written before they were keys (LEGACY_STATS)."""
+    mean, std = (
+        tuple(config.data.get(k, v)) for k, v in zip(("mean", "std"), LEGACY_STATS, strict=True)
+    )
+    if len(mean) != 3 or len(std) != 3:
+        raise ConfigError(
+            f"config.data.mean / config.data.std are {mean} / {std}: set three values each, or "
+            f"leave them () and let `data.with_stats(config, dataset)` fill them from the train "
+            f"split (the pipeline does)."
+        )
+    return mean, std
+
+
+def normalize(images, spec):
+    """Images in [0, 1] (..., 3) -> the encoder's input: (x - mean) / std per channel, with the
+    statistics of the dataset at hand (`spec.mean`, `spec.std`; numpy or jax arrays)."""
+    return (images - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+
+
 def with_stats(config, ds: Dataset):
     """A copy of `config` whose data.mean / data.std are the train split's channel statistics
-    where they were left () (the encoder's input normalisation, `augment.normalize`)."""
+    where they were left () (the encoder's input normalisation, `normalize`)."""
     config = copy.deepcopy(config)
     if not tuple(config.data.mean) or not tuple(config.data.std):
         mean, std = ds.channel_stats()

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
-from simclr_jax import augment, models
+from simclr_jax import augment, data, models
 from simclr_jax.checkpoint import Checkpointer
 from simclr_jax.errors import CheckpointError
 from simclr_jax.train_state import abstract_pretrain_tree, checked_restore, compute_dtype
@@ -39,9 +39,9 @@ CONFIG_FILE = "config.json"  # pipeline.CONFIG_FILE (pipeline imports this modul
 def preprocess(images, spec):
     """(N, H, W, 3) pixels in [0, 255] -> what f is fed at evaluation: float32 (N, S, S, 3),
     resized to S = spec.image_size (`augment.downstream_batch` with train=False), normalised with
-    the run's statistics (`augment.normalize`). spec: `augment.spec_from_config(run config)`."""
+    the run's statistics (`data.normalize`). spec: `augment.spec_from_config(run config)`."""
     x = augment.downstream_batch(None, 0, images, None, train=False, image_size=spec.image_size)
-    return augment.normalize(x, spec)
+    return data.normalize(x, spec)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec_items", "projection"))
@@ -123,9 +123,9 @@ class Encoder:
 def export(variables: dict, path: str) -> None:
     """Writes the model's variables ({'params', 'batch_stats'}, f and g) to `path` with
     flax.serialization (msgpack; readable without this project), atomically."""
-    data = serialization.to_bytes(jax.device_get(variables))
+    payload = serialization.to_bytes(jax.device_get(variables))
     with open(path + ".tmp", "wb") as f:
-        f.write(data)
+        f.write(payload)
     os.replace(path + ".tmp", path)
 
 

@@ -11,7 +11,7 @@ import optax
 from jax import lax
 from jax.experimental import multihost_utils
 
-from simclr_jax import augment, models, parallel
+from simclr_jax import augment, data, models, parallel
 from simclr_jax.train_state import LINEAR_KEY, compute_dtype
 
 
@@ -21,7 +21,7 @@ def make_feature_fn(model, spec):
 
     def features(variables, images, ids):
         x = augment.downstream_batch(None, 0, images[ids], ids, False, spec.image_size)
-        return model.apply(variables, augment.normalize(x, spec), train=False, method="encode")
+        return model.apply(variables, data.normalize(x, spec), train=False, method="encode")
 
     return jax.pmap(features, axis_name=parallel.AXIS)
 

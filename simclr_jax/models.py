@@ -4,7 +4,7 @@ This module owns the architectures only; the NT-Xent loss lives in `losses.py`.
 
 * `ResNet`: CIFAR stem (3x3 conv, stride 1, no max-pool) or ImageNet stem (7x7 conv,
   stride 2, 3x3 max-pool); `BasicBlock` (ResNet-18/34) or `Bottleneck` (ResNet-50).
-  Input: normalised images (B, H, W, 3) (`augment.normalize`: the input pipeline normalises
+  Input: normalised images (B, H, W, 3) (`data.normalize`: the input pipeline normalises
   with the statistics of the dataset at hand); output: h (B, feat_dim), float32.
 * `ProjectionHead`: [Dense -> BN -> ReLU] * (num_layers - 1) -> Dense(out_dim).
 * `SimCLRModel`: `__call__(x, train) -> (h, z)`.

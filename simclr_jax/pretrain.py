@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from simclr_jax import augment, evaluate, loop, losses, models, optim, parallel
+from simclr_jax import augment, data, evaluate, loop, losses, models, optim, parallel
 from simclr_jax.checkpoint import Checkpointer
 from simclr_jax.errors import ConfigError
 from simclr_jax.train_state import (
@@ -38,7 +38,7 @@ def pretrain_step(
     """
     ids = parallel.device_batch_ids(data_key, state.step, images.shape[0], global_batch)  # (n,)
     v1, v2 = augment.two_views(aug_key, state.step, images[ids], ids, aug_cfg)  # (n, S, S, 3) x2
-    views = augment.normalize(jnp.concatenate([v1, v2]), aug_cfg)  # (2n, S, S, 3): BN sees both
+    views = data.normalize(jnp.concatenate([v1, v2]), aug_cfg)  # (2n, S, S, 3): BN sees both
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}

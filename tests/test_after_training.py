@@ -61,7 +61,7 @@ def test_load_encoder_matches_the_models_own_encode(run):
     model = models.build_model(config.model, dtype=compute_dtype(config))
     spec = augment.spec_from_config(config)  # the run's input size and normalisation
     x = augment.downstream_batch(None, 0, images, None, train=False, image_size=spec.image_size)
-    x = augment.normalize(x, spec)
+    x = data.normalize(x, spec)
     variables = {"params": {"encoder": f["params"]}, "batch_stats": {"encoder": f["batch_stats"]}}
     want_h = model.apply(variables, x, train=False, method="encode")
     h = enc(images)

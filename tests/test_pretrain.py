@@ -64,7 +64,7 @@ def test_projections_do_not_collapse(bn_output):
     model = models.build_model(config.model)
     spec = augment.spec_from_config(config)
     views, _ = augment.two_views(jax.random.PRNGKey(3), 0, images[:64], np.arange(64), spec)
-    views = augment.normalize(views, spec)  # as the step feeds the encoder
+    views = data.normalize(views, spec)  # as the step feeds the encoder
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     (_, z), _ = model.apply(variables, views, train=True, mutable=["batch_stats"])
     z = np.asarray(z, np.float64)
@@ -97,7 +97,7 @@ def test_augment_spec_carries_image_size_and_normalisation():
     assert (spec.mean, spec.std) == (tuple(config.data.mean), tuple(config.data.std))
     view = augment.simclr_view(jax.random.PRNGKey(0), np.zeros((32, 32, 3), np.uint8), spec)
     assert view.shape == (24, 24, 3)
-    normalised = np.asarray(augment.normalize(np.full((2, 2, 3), 0.5, np.float32), spec))
+    normalised = np.asarray(data.normalize(np.full((2, 2, 3), 0.5, np.float32), spec))
     np.testing.assert_allclose(normalised, (0.5 - spec.mean[0]) / spec.std[0], rtol=1e-6)
     config.data.mean = ()  # unresolved statistics: a clear error, not a silent default
     with pytest.raises(ConfigError, match="data.mean"):
@@ -163,7 +163,7 @@ def test_the_step_descends_twice_the_reported_loss():
     spec = augment.spec_from_config(config)
     ids = np.asarray(parallel.epoch_permutation(keys[0], 0, 64))[:32]
     v1, v2 = augment.two_views(keys[1], 0, images[ids], ids, spec)
-    views = augment.normalize(jnp.concatenate([v1, v2]), spec)
+    views = data.normalize(jnp.concatenate([v1, v2]), spec)
     plain = models.build_model(config.model)  # one device: no BN axis needed
 
     def projections(params):
