@@ -4,6 +4,7 @@ checked against the project's model, loss and optimizer where PyTorch is install
 install it: those tests are skipped there)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,6 +67,38 @@ def test_profile_step_sums_the_traced_step_per_operation(tmp_path):
     assert 5 < len(kinds) <= 40 and all(float(row.split()[1]) >= 0 for row in kinds)
     assert any(row.startswith("convolution") for row in kinds), kinds
     assert "convolution(" in (tmp_path / "step.hlo.txt").read_text()
+
+
+def test_vs_torch_writes_its_json_and_table(tmp_path):
+    pytest.importorskip("torch")
+    stdout = _run(
+        "vs_torch.py",
+        *("--widths", "0.125", "--batch", "8", "--devices", "2", "--steps", "2", "--warmup", "1"),
+        *("--peak-size", "256", "--out", str(tmp_path)),
+    )
+    (path,) = tmp_path.glob("*.json")
+    assert path.name == "cpu-vs-torch-2dev-b8.json"
+    result = json.loads(path.read_text())
+    assert result["kind"] == "vs_torch" and result["device_count"] == 2
+    assert result["global_batch"] == 8 and result["precision"] == "float32"
+    assert result["torch_threads"] == len(os.sched_getaffinity(0))
+    assert result["torch_memory_format"] == "channels_last" and result["peak_gflop_per_s"] > 0
+    (row,) = result["widths"]
+    assert row["width"] == 0.125 and row["gflop_per_step"] > 0
+    for side in ("jax", "torch"):
+        assert len(row[side]["ms_all"]) == 2 and row[side]["images_per_s"] > 0
+        assert 0 < row[side]["mfu"] < 10
+    assert row["ratio"] == pytest.approx(row["jax"]["images_per_s"] / row["torch"]["images_per_s"])
+    assert len(row["torch_losses"]) == 2 and all(math.isfinite(x) for x in row["torch_losses"])
+    header = "| width | batch | project images/s | PyTorch images/s | ratio | project MFU |"
+    assert header in stdout and "\n| 0.125 | 8 | " in stdout
+    table = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "table.py"), str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert table.returncode == 0, table.stderr
+    assert header in table.stdout and "\n| 0.125 | 8 | " in table.stdout, table.stdout
 
 
 def test_torch_nt_xent_is_the_project_loss():
