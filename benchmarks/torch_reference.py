@@ -40,7 +40,8 @@ STAGES = (2, 2, 2, 2)  # ResNet-18
 
 def _conv(c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Conv2d:
     conv = nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False)
-    # He init (fan_out), as models.conv_init (flax's is a truncated normal; speed is the same).
+    # He init (normal, fan_out): models.conv_init's distribution. The Linear layers keep torch's
+    # default init (flax's Dense: lecun normal); neither changes the work of a step.
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     return conv
 
