@@ -2,6 +2,8 @@
 
 One row per (file, part): the settings that differ between runs (devices, conv lowering (results
 before it was removed), XLA:CPU convolution library, malloc), ms/step, images/s and MFU against the peak measured in that run.
+Results of benchmarks/vs_torch.py (`"kind": "vs_torch"`) get their own table, one row per width:
+project vs PyTorch images/s, their ratio and MFUs.
 """
 
 import json
@@ -11,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import MALLOC  # noqa: E402  (imports no jax)
+from vs_torch import table_rows as vs_torch_rows  # noqa: E402  (imports no jax nor torch)
 
 from simclr_jax import xla_env  # noqa: E402  (imports no jax)
 
@@ -45,7 +48,17 @@ def rows(paths, parts=("pretrain", "augment", "classifier")):
             )
 
 
+def _load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
-    print("\n".join(rows(sys.argv[1:])))
+    results = {path: _load(path) for path in sys.argv[1:]}
+    vs_torch = [r for r in results.values() if r.get("kind") == "vs_torch"]
+    others = [path for path, r in results.items() if r.get("kind") != "vs_torch"]
+    tables = [rows(others)] if others else []
+    tables += [vs_torch_rows(vs_torch)] if vs_torch else []
+    print("\n\n".join("\n".join(t) for t in tables))

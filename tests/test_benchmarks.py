@@ -1,10 +1,16 @@
 """The benchmark scripts run end to end on a tiny model (their numbers are not checked: timings
-belong to the benchmark, not to tests)."""
+belong to the benchmark, not to tests). The PyTorch reference (benchmarks/torch_reference.py) is
+checked against the project's model, loss and optimizer where PyTorch is installed (CI does not
+install it: those tests are skipped there)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+
+import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -61,3 +67,117 @@ def test_profile_step_sums_the_traced_step_per_operation(tmp_path):
     assert 5 < len(kinds) <= 40 and all(float(row.split()[1]) >= 0 for row in kinds)
     assert any(row.startswith("convolution") for row in kinds), kinds
     assert "convolution(" in (tmp_path / "step.hlo.txt").read_text()
+
+
+def test_vs_torch_writes_its_json_and_table(tmp_path):
+    pytest.importorskip("torch")
+    stdout = _run(
+        "vs_torch.py",
+        *("--widths", "0.125", "--batch", "8", "--devices", "2", "--steps", "2", "--warmup", "1"),
+        *("--peak-size", "256", "--out", str(tmp_path)),
+    )
+    (path,) = tmp_path.glob("*.json")
+    assert path.name == "cpu-vs-torch-2dev-b8.json"
+    result = json.loads(path.read_text())
+    assert result["kind"] == "vs_torch" and result["device_count"] == 2
+    assert result["global_batch"] == 8 and result["precision"] == "float32"
+    assert result["torch_threads"] == len(os.sched_getaffinity(0))
+    assert result["torch_memory_format"] == "channels_last" and result["peak_gflop_per_s"] > 0
+    (row,) = result["widths"]
+    assert row["width"] == 0.125 and row["gflop_per_step"] > 0
+    for side in ("jax", "torch"):
+        assert len(row[side]["ms_all"]) == 2 and row[side]["images_per_s"] > 0
+        assert 0 < row[side]["mfu"] < 10
+    assert row["ratio"] == pytest.approx(row["jax"]["images_per_s"] / row["torch"]["images_per_s"])
+    assert len(row["torch_losses"]) == 2 and all(math.isfinite(x) for x in row["torch_losses"])
+    header = "| width | batch | project images/s | PyTorch images/s | ratio | project MFU |"
+    assert header in stdout and "\n| 0.125 | 8 | " in stdout
+    table = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "table.py"), str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert table.returncode == 0, table.stderr
+    assert header in table.stdout and "\n| 0.125 | 8 | " in table.stdout, table.stdout
+
+
+def test_torch_nt_xent_is_the_project_loss():
+    torch = pytest.importorskip("torch")
+    import jax.numpy as jnp
+    import torch_reference
+
+    from simclr_jax import losses
+
+    assert torch_reference.OBJECTIVE_SCALE == losses.OBJECTIVE_SCALE
+    assert torch_reference.LARGE_NUM == losses.LARGE_NUM
+    z1, z2 = np.random.default_rng(0).normal(size=(2, 12, 16))
+    want = float(losses.nt_xent(jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32), 0.5))
+    got = torch_reference.nt_xent(torch.from_numpy(z1), torch.from_numpy(z2), 0.5).item()
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_torch_model_has_the_flax_model_parameters():
+    """Same parameter tensors (sizes, sorted) and BN statistics: the same architecture."""
+    pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+    import torch_reference
+
+    from configs import cifar_simclr
+    from simclr_jax import models
+
+    config = cifar_simclr.get_config()
+    config.model.width = 0.25
+    model = models.build_model(config.model)
+    x = jnp.zeros((2, 32, 32, 3))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+    flax_sizes = sorted(p.size for p in jax.tree.leaves(shapes["params"]))
+    flax_stats = sum(p.size for p in jax.tree.leaves(shapes["batch_stats"]))
+    m = config.model
+    reference = torch_reference.SimCLRModel(0.25, m.head_layers, m.proj_dim, m.head_bn_output)
+    assert sorted(p.numel() for p in reference.parameters()) == flax_sizes
+    assert torch_reference.parameter_count(reference) == sum(flax_sizes)
+    running = [b for name, b in reference.named_buffers() if name.endswith(("_mean", "_var"))]
+    assert sum(b.numel() for b in running) == flax_stats
+
+
+def test_torch_lars_is_optax_lars():
+    torch = pytest.importorskip("torch")
+    import optax
+    import torch_reference
+
+    from simclr_jax import optim
+
+    rng = np.random.default_rng(0)
+    shapes = {"kernel": (3, 3, 4, 8), "bias": (8,), "zero_kernel": (5, 6)}
+    params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    params["zero_kernel"][:] = 0  # |p| = 0: trust ratio 1
+    grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in "abc"]
+    tx = optax.lars(
+        0.7,
+        weight_decay=1e-4,
+        weight_decay_mask=optim.decay_mask,
+        trust_coefficient=1e-3,
+        trust_ratio_mask=optim.decay_mask,
+        momentum=0.9,
+    )
+    want, state = dict(params), tx.init(params)
+    ours = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in params.items()}
+    opt = torch_reference.LARS(ours.values(), 0.7, weight_decay=1e-4, momentum=0.9)
+    for g in grads:
+        updates, state = tx.update(g, state, want)
+        want = optax.apply_updates(want, updates)
+        for k, p in ours.items():
+            p.grad = torch.from_numpy(g[k])
+        opt.step()
+    for k, p in ours.items():
+        np.testing.assert_allclose(p.detach().numpy(), np.asarray(want[k]), atol=1e-6)
+        assert not np.allclose(p.detach().numpy(), params[k])  # it moved
+
+
+def test_torch_step_trains():
+    pytest.importorskip("torch")
+    import torch_reference
+
+    losses = torch_reference.self_check(width=0.125, batch=16, steps=4)
+    assert len(losses) == 4
