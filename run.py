@@ -112,6 +112,7 @@ def main(argv):
     from simclr_jax import xla_env
 
     xla_env.prefer_eigen_convolutions()  # XLA:CPU only; before jax starts (see xla_env)
+    xla_env.use_compilation_cache()  # a rerun loads its compiled programs (~/.cache/simclr-jax)
     from simclr_jax import console, pipeline  # after flag parsing: jax starts here, not before
     from simclr_jax.errors import UserError
 

@@ -14,9 +14,10 @@ import optax
 from jax import lax
 from jax.experimental import multihost_utils
 
-from simclr_jax import augment, data, loop, models, parallel
+from simclr_jax import augment, cpu_conv, data, loop, models, parallel
 from simclr_jax.checkpoint import Checkpointer
 from simclr_jax.train_state import (
+    TrainState,
     check_meta,
     checked_restore,
     checkpoint_meta,
@@ -77,6 +78,18 @@ def classifier_step(
     return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
+def initial_state(model, tx, encoder: dict, image_size: int) -> TrainState:
+    """The classifier's state with `encoder`'s f ({'params', 'batch_stats'}) and the head at zero
+    (models.Classifier's init): the same as `train_state.create_state(..., encoder)`, without
+    compiling the model's random initialisers only to replace them."""
+    dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda key: model.init(key, dummy, train=False), jax.random.key(0))
+    head = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["params"]["head"])
+    params = {"encoder": encoder["params"], "head": head}
+    batch_stats = {"encoder": encoder["batch_stats"]}
+    return TrainState.create(apply_fn=model.apply, params=params, batch_stats=batch_stats, tx=tx)
+
+
 def make_classifier_step(config, schedule, num_classes: int, devices=None):
     """(model, pmapped step): `classifier_step` for `config`, over `devices` (default: every
     device), the state donated. The comparison, the benchmark and the tests build it here."""
@@ -85,6 +98,7 @@ def make_classifier_step(config, schedule, num_classes: int, devices=None):
         num_classes=num_classes,
         bn_axis_name=parallel.AXIS,
         dtype=compute_dtype(config),
+        conv=cpu_conv.conv_module(),  # the CPU's faster filter gradient of narrow convolutions
     )
     step_fn = functools.partial(
         classifier_step,

@@ -19,16 +19,15 @@ import time
 
 import numpy as np
 
-from simclr_jax import augment, classifier, data, evaluate, loop, models, optim, parallel
+from simclr_jax import augment, classifier, data, evaluate, loop, optim, parallel
 from simclr_jax.train_state import (
     CLASSIFIER_AUGMENT_KEY,
     CLASSIFIER_DATA_KEY,
-    CLASSIFIER_INIT_KEY,
     INIT_KEY,
-    create_state,
     init_variables,
     restore_encoder,
     seed_key,
+    simclr_model,
 )
 
 log = logging.getLogger(__name__)
@@ -73,7 +72,6 @@ def compare(config, ds, workdir: str, writer, subset: np.ndarray, starts: dict) 
     )
     test_images = parallel.replicate(ds.test_images)
     digest = {"subset": data.subset_digest(ids)}
-    init_key = seed_key(config.seed, CLASSIFIER_INIT_KEY)
     walls = {}
     for suffix, epochs in budgets(config):
         total = int(epochs * spe)
@@ -91,7 +89,7 @@ def compare(config, ds, workdir: str, writer, subset: np.ndarray, starts: dict) 
             directory = os.path.join(os.path.abspath(workdir), "checkpoints", phase)
             ckpt = classifier.open_run_checkpoints(directory, config, meta)
             try:
-                state = create_state(model, tx, init_key, image_size, encoder)
+                state = classifier.initial_state(model, tx, encoder, image_size)
                 loop_spec = loop.LoopSpec(phase, total, spe, log_every, ckpt_every, dc.batch_size)
                 result = classifier.train(
                     config, state, ckpt, meta, p_step, step_args, loop_spec, writer, evaluator
@@ -105,8 +103,8 @@ def compare(config, ds, workdir: str, writer, subset: np.ndarray, starts: dict) 
 def random_encoder(config) -> dict:
     """f at its initialisation, exactly as pretraining starts (the same init key): the floor a
     learned representation has to clear."""
-    variables = init_variables(
-        models.build_model(config.model), seed_key(config.seed, INIT_KEY), config.data.image_size
+    variables = init_variables(  # pretraining's own model: the compiled init is reused
+        simclr_model(config), seed_key(config.seed, INIT_KEY), config.data.image_size
     )
     return {
         "params": variables["params"]["encoder"],

@@ -23,6 +23,7 @@ from simclr_jax.train_state import (
     compute_dtype,
     create_state,
     seed_key,
+    simclr_model,
     state_tree,
 )
 
@@ -58,9 +59,7 @@ def pretrain_step(
 def make_step(config, schedule, devices=None):
     """(model, pmapped step): `pretrain_step` for `config`, over `devices` (default: every device),
     the state donated. pretrain.run, the benchmark and the tests all build the step here."""
-    model = models.build_model(
-        config.model, bn_axis_name=parallel.AXIS, dtype=compute_dtype(config)
-    )
+    model = simclr_model(config)
     step_fn = functools.partial(
         pretrain_step,
         model=model,

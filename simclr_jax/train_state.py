@@ -17,14 +17,15 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from simclr_jax import models, optim, parallel
+from simclr_jax import cpu_conv, models, optim, parallel
 from simclr_jax.checkpoint import Checkpointer
 from simclr_jax.errors import CheckpointError
 
 # fold_in tags of the config seed. Pretraining: model init, data order, augmentation. The two
-# classifier runs share theirs (head init, data order, augmentation); the linear probe's order.
+# classifier runs share theirs (data order, augmentation; tag 3 was their head's init, which is
+# now zero: not reused); the linear probe's cross-validation folds.
 INIT_KEY, DATA_KEY, AUGMENT_KEY = 0, 1, 2
-CLASSIFIER_INIT_KEY, CLASSIFIER_DATA_KEY, CLASSIFIER_AUGMENT_KEY, LINEAR_KEY = 3, 4, 5, 6
+CLASSIFIER_DATA_KEY, CLASSIFIER_AUGMENT_KEY, LINEAR_KEY = 4, 5, 6
 
 # Model keys of earlier versions that never changed the parameters: ignored when a checkpoint's or
 # a workdir's model is compared with the config's, so runs written before still restore.
@@ -105,6 +106,18 @@ def checked_restore(ckpt: Checkpointer, target: Any, config) -> tuple[Any, dict,
     return ckpt.restore_matching(target, lambda meta: check_meta(meta, config, ckpt.directory))
 
 
+def simclr_model(config):
+    """The SimCLR model (f and g) as pretraining builds and trains it (global BN over the pmap
+    axis, the compute dtype, the CPU's convolution); one object, so that its initialisation
+    compiles once per process."""
+    return models.build_model(
+        config.model,
+        bn_axis_name=parallel.AXIS,
+        dtype=compute_dtype(config),
+        conv=cpu_conv.conv_module(),
+    )
+
+
 def abstract_pretrain_tree(config) -> dict:
     """Shapes, dtypes and placement (default device) of a pretraining checkpoint's tree: the
     restore target, built as pretraining builds its state but traced only (no init compiled).
@@ -112,9 +125,7 @@ def abstract_pretrain_tree(config) -> dict:
     The optimizer state's structure depends on the optimizer, not on the schedule's values, so a
     constant schedule stands in for pretraining's.
     """
-    model = models.build_model(
-        config.model, bn_axis_name=parallel.AXIS, dtype=compute_dtype(config)
-    )
+    model = simclr_model(config)
     tx = optim.make_optimizer(config.pretrain, optax.constant_schedule(0.0))
     key = seed_key(config.seed, INIT_KEY)
     shapes = jax.eval_shape(

@@ -1,10 +1,11 @@
-"""XLA:CPU settings that must be made before jax starts (imports nothing from jax).
+"""XLA settings that must be made before jax starts (imports nothing from jax): Eigen's
+convolutions on XLA:CPU, and jax's persistent compilation cache.
 
 XLA:CPU hands convolutions to YNNPACK, whose filter gradient is much slower than Eigen's on the
 ResNets here (benchmarks/README.md has the measurements). `prefer_eigen_convolutions` asks for
-Eigen's, for this process and the processes it starts, unless XLA_FLAGS already chooses. The flag is only read by the CPU compiler
-(harmless with a GPU or TPU) and only set for the jaxlib versions known to have it: XLA aborts on
-an unknown flag.
+Eigen's, for this process and the processes it starts, unless XLA_FLAGS already chooses. The flag
+is only read by the CPU compiler (harmless with a GPU or TPU) and only set for the jaxlib versions
+known to have it: XLA aborts on an unknown flag.
 """
 
 import os
@@ -37,3 +38,18 @@ def prefer_eigen_convolutions(environ=os.environ) -> bool:
         return False
     environ["XLA_FLAGS"] = f"{flags} {EIGEN_CONVS}".strip()
     return True
+
+
+# jax's persistent compilation cache: a rerun loads its programs instead of compiling them again.
+CACHE_DIR = os.path.join("~", ".cache", "simclr-jax", "xla")
+CACHE_MIN_COMPILE_S = "0"  # every program is kept (the small ones add up: 75 in the probes)
+
+
+def use_compilation_cache(environ=os.environ) -> str:
+    """Points jax's persistent compilation cache at CACHE_DIR unless JAX_COMPILATION_CACHE_DIR
+    is set (set it to '' to turn the cache off); returns the directory in use ('' = off).
+    Delete the directory to clear it."""
+    if "JAX_COMPILATION_CACHE_DIR" not in environ:
+        environ["JAX_COMPILATION_CACHE_DIR"] = os.path.expanduser(CACHE_DIR)
+    environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", CACHE_MIN_COMPILE_S)
+    return environ["JAX_COMPILATION_CACHE_DIR"]

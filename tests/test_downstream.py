@@ -306,3 +306,18 @@ def test_end_to_end_then_downstream_only_then_a_mismatched_model(tmp_path):
     other.restore = workdir
     with pytest.raises(CheckpointError, match="model"):
         pipeline.run(other, str(tmp_path / "other"), "downstream")
+
+
+def test_the_classifier_state_without_compiled_init_is_create_states():
+    """classifier.initial_state skips compiling the model's initialisers: it must give exactly
+    what the generic create_state gives with the same encoder (a zero head)."""
+    config = _config(**{"data.mean": (0.5,) * 3, "data.std": (0.29,) * 3})
+    model = models.build_model(config.model, num_classes=10)
+    encoder = downstream.random_encoder(config)
+    tx = optax.sgd(0.1, momentum=0.9)
+    fast = classifier.initial_state(model, tx, encoder, 32)
+    slow = train_state.create_state(model, tx, jax.random.key(3), 32, encoder)
+    for col in ("params", "batch_stats", "opt_state"):
+        a, b = getattr(fast, col), getattr(slow, col)
+        assert jax.tree.structure(a) == jax.tree.structure(b), col
+        jax.tree.map(np.testing.assert_array_equal, a, b)

@@ -7,22 +7,25 @@
 * bf16 mixed precision: convs in bf16; params, optimizer state, BN statistics, h and the loss
   float32;
 * XLA:CPU is asked for Eigen's convolutions only where the flag exists;
+* the CPU's GEMM filter gradient (cpu_conv) gives XLA's outputs and gradients;
 * the loop fetches metrics from the devices only at log steps.
 
 The pretrain step is built exactly as `pretrain.run` builds it, with the tiny model.
 """
 
 import contextlib
+import os
 import re
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import cifar_simclr
-from simclr_jax import loop, models, optim, parallel, pretrain, train_state, xla_env
+from simclr_jax import cpu_conv, loop, models, optim, parallel, pretrain, train_state, xla_env
 from simclr_jax.metrics import MetricWriter
 
 IMAGE_SIZE = 16
@@ -189,3 +192,81 @@ def test_loop_fetches_metrics_only_at_log_steps(tmp_path, monkeypatch):
     writer = MetricWriter(str(tmp_path), enabled=False)
     loop.run(spec, step, jnp.int32(0), (), 0, writer)
     assert fetches == [4, 4, 2]  # steps 4, 8 and the last, each fetching its pending metrics
+
+
+# ----------------------------------------------------------------------------- CPU convolutions
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, cin, cout, hw",
+    [
+        (3, 1, ((1, 1), (1, 1)), 5, 7, (10, 12)),  # BasicBlock conv (row-shift GEMM)
+        (3, 1, ((1, 1), (1, 1)), 5, 7, (4, 6)),  # ... on a small map (im2col)
+        (3, 2, ((1, 1), (1, 1)), 4, 6, (10, 12)),  # strided BasicBlock conv
+        (1, 1, ((0, 0), (0, 0)), 6, 5, (10, 12)),  # Bottleneck 1x1
+        (1, 2, "SAME", 4, 8, (10, 12)),  # projection shortcut
+        (7, 2, ((3, 3), (3, 3)), 3, 4, (10, 12)),  # ImageNet stem
+        (3, 1, ((0, 2), (2, 0)), 3, 2, (10, 12)),  # asymmetric padding
+        (3, 1, ((1, 1), (1, 1)), 4, 40, (6, 6)),  # wider than cpu_conv.NARROW: XLA's own
+    ],
+)
+def test_narrow_gemm_conv_matches_xla(kernel, stride, padding, cin, cout, hw):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, *hw, cin)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)), jnp.float32)
+    dn = ("NHWC", "HWIO", "NHWC")
+    numbers = jax.lax.conv_dimension_numbers(x.shape, k.shape, dn)
+    xla = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (stride,) * 2, padding, dimension_numbers=dn
+    )
+    gemm = lambda x, k: cpu_conv.narrow_gemm_conv(
+        x, k, (stride,) * 2, padding, dimension_numbers=numbers
+    )
+    y = xla(x, k)
+    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    np.testing.assert_array_equal(jax.jit(gemm)(x, k), y)  # the forward is XLA's conv itself
+    vjp = lambda f: jax.jit(lambda x, k, g: jax.vjp(f, x, k)[1](g))(x, k, g)
+    (dx_ref, dk_ref), (dx, dk) = vjp(xla), vjp(gemm)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(dk_ref).max()))
+
+
+def test_the_cpu_conv_keeps_the_models_parameters_outputs_and_gradients():
+    cfg = types.SimpleNamespace(
+        name="tiny", width=1, stem="cifar", head_layers=2, head_hidden_dim=0, proj_dim=16
+    )
+    plain, fast = models.build_model(cfg), models.build_model(cfg, conv=cpu_conv.conv_module("cpu"))
+    assert cpu_conv.conv_module("gpu") is nn.Conv
+    x = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 16, 16, 3)), jnp.float32)
+    variables = jax.jit(lambda x: plain.init(jax.random.key(0, impl="unsafe_rbg"), x, train=False))(
+        x
+    )
+    shapes = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)
+    assert shapes(jax.eval_shape(lambda x: fast.init(jax.random.key(0), x, train=False), x)) == (
+        shapes(variables)
+    )
+
+    def run(model):
+        def loss(params):
+            v = {"params": params, "batch_stats": variables["batch_stats"]}
+            (h, z), _ = model.apply(v, x, train=True, mutable=["batch_stats"])
+            return jnp.sum(z * jnp.linspace(-1, 1, z.size).reshape(z.shape)) + jnp.sum(h**2), (h, z)
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+    ((loss_ref, (h_ref, z_ref)), g_ref), ((loss, (h, z)), g) = run(plain), run(fast)
+    np.testing.assert_array_equal(h, h_ref)
+    np.testing.assert_array_equal(z, z_ref)
+    assert loss == loss_ref
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_run_py_uses_a_persistent_compilation_cache_unless_told_otherwise():
+    env = {}
+    assert xla_env.use_compilation_cache(env) == os.path.expanduser(xla_env.CACHE_DIR)
+    assert env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == xla_env.CACHE_MIN_COMPILE_S
+    mine = {"JAX_COMPILATION_CACHE_DIR": "/somewhere"}
+    assert xla_env.use_compilation_cache(mine) == "/somewhere"
+    off = {"JAX_COMPILATION_CACHE_DIR": ""}
+    assert xla_env.use_compilation_cache(off) == ""
