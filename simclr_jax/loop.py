@@ -59,7 +59,8 @@ class _StopFlag:
     """Records SIGINT / SIGTERM instead of raising inside a (donating) step call.
 
     With several processes, SIGTERM stays with jax's preemption service (jax.distributed installs
-    its handler; on by default, `jax_enable_preemption_service`): a notice on any process reaches
+    its handler; on by default, `jax_enable_preemption_service`, a flag jax 0.7 does not have and
+    where the service is always on): a notice on any process reaches
     all of them, and `reached_preemption_sync_point` is True at the same step everywhere, so they
     save the same checkpoint together. It must be asked after every step, which `stop` is.
     """
@@ -67,7 +68,8 @@ class _StopFlag:
     def __init__(self):
         self.signum = None
         self._old = {}
-        self._coordinated = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+        service = getattr(jax.config, "jax_enable_preemption_service", True)
+        self._coordinated = jax.process_count() > 1 and service
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

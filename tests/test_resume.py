@@ -153,7 +153,9 @@ def test_checkpoint_from_8_devices_resumes_on_1_and_4(tmp_path):
         assert f"Resuming pretraining from step {STEPS - 4}" in out.stderr
         records = _records(workdir)
         assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-        np.testing.assert_allclose([r["loss"] for r in records], want, rtol=1e-4)
+        # Another device count sums in another order: float32 drift (jax 0.7.2 reaches 1.1e-4 by
+        # step 8). A wrong resume (data, key, optimiser state) moves the loss by percents.
+        np.testing.assert_allclose([r["loss"] for r in records], want, rtol=1e-3)
 
 
 def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
