@@ -159,16 +159,8 @@ def _linear_record(config, ds, writer, features, phase: str, sizes: dict) -> dic
     dc = config.downstream
     train_x, train_y, test_x = features
     t0 = time.perf_counter()
-    res = evaluate.linear_probe(
-        train_x,
-        train_y,
-        test_x,
-        ds.test_labels,
-        ds.num_classes,
-        l2_grid=tuple(dc.linear_l2_grid),
-        folds=dc.linear_folds,
-        iters=dc.linear_iters,
-        seed=config.seed,
+    res = evaluate.configured_linear_probe(
+        config, train_x, train_y, test_x, ds.test_labels, ds.num_classes
     )
     wall = time.perf_counter() - t0
     writer.drop_phase(phase)

@@ -208,3 +208,19 @@ def linear_probe(
         "l2": l2,
         "cv_loss": cv_loss,
     }
+
+
+def configured_linear_probe(config, train_x, train_y, test_x, test_y, num_classes) -> dict:
+    """`linear_probe` with the config's settings (downstream.linear_*, the seed's folds)."""
+    dc = config.downstream
+    return linear_probe(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        num_classes,
+        l2_grid=tuple(dc.linear_l2_grid),
+        folds=dc.linear_folds,
+        iters=dc.linear_iters,
+        seed=config.seed,
+    )

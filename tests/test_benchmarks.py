@@ -69,6 +69,31 @@ def test_profile_step_sums_the_traced_step_per_operation(tmp_path):
     assert "convolution(" in (tmp_path / "step.hlo.txt").read_text()
 
 
+def test_recipe_run_packs_data_then_pretrains_and_probes_from_the_pack(tmp_path):
+    """The accelerator's one-call script, on the CPU: --pack writes a data file small enough to
+    send, then a run from it times the step, sizes the epochs to the budget, pretrains and
+    evaluates the frozen encoder on every train label."""
+    npz = tmp_path / "digits.npz"
+    stdout = _run("recipe_run.py", "--config", "configs/digits_simclr.py", "--pack", str(npz))
+    stdout += _run(
+        "recipe_run.py",
+        *("--config", "configs/digits_simclr.py", "--npz", str(npz), "--minutes", "0.02"),
+        *("--set", "model.name=tiny", "--set", "pretrain.batch_size=64", "--set", "seed=3"),
+        *("--precision", "float32", "--timing-steps", "2"),
+        *("--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "results")),
+    )
+    assert "1437 train images" in stdout, stdout
+    (path,) = (tmp_path / "results").glob("*.json")
+    assert path.name == "cpu-digits-tiny-float32-recipe.json"
+    result = json.loads(path.read_text())
+    assert result["train_images"] == 1437 and result["test_images"] == 360
+    assert result["epochs"] >= 1 and result["steps"] == result["epochs"] * (1437 // 64)
+    assert result["timed_images_per_s"] > 0 and result["images_per_s"] > 0
+    assert 0.0 <= result["knn_acc"] <= 1.0 and 0.0 <= result["linear_acc"] <= 1.0
+    assert result["linear_acc"] > 0.2  # ten classes: far above chance even for a tiny encoder
+    assert math.isfinite(result["final_loss"])
+
+
 def test_vs_torch_writes_its_json_and_table(tmp_path):
     pytest.importorskip("torch")
     stdout = _run(
