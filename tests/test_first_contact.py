@@ -78,3 +78,16 @@ def test_a_run_that_fails_before_any_work_leaves_the_workdir_as_it_found_it(tmp_
         pipeline.run(tiny_config(**bad), str(existing), "pretrain")
     assert sorted(os.listdir(existing)) == ["config.json", "notes.txt"]
     assert json.loads((existing / "config.json").read_text()) == old_config
+
+
+@pytest.mark.parametrize("name", ["cifar_simclr", "cifar_cpu", "digits_simclr"])
+def test_every_shipped_config_passes_the_config_check(name):
+    import importlib
+
+    from simclr_jax import config as config_lib
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config_lib.validate(config)  # raises ConfigError naming the key otherwise
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    shipped = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f[0] != "_")
+    assert name in shipped and len(shipped) == 3  # a new config joins the list above
