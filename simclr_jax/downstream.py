@@ -62,14 +62,7 @@ def compare(config, ds, workdir: str, writer, subset: np.ndarray, starts: dict) 
     dc, image_size = config.downstream, config.data.image_size
     ids = epoch_indices(subset, dc.batch_size)  # (n_epoch,) train indices
     spe = len(ids) // dc.batch_size
-    step_args = parallel.replicate(
-        (
-            ds.train_images[ids],
-            ds.train_labels[ids].astype(np.int32),
-            seed_key(config.seed, CLASSIFIER_DATA_KEY),
-            seed_key(config.seed, CLASSIFIER_AUGMENT_KEY),
-        )
-    )
+    step_args = _step_args(config, ds, ids)
     test_images = parallel.replicate(ds.test_images)
     digest = {"subset": data.subset_digest(ids)}
     walls = {}
@@ -98,6 +91,19 @@ def compare(config, ds, workdir: str, writer, subset: np.ndarray, starts: dict) 
                 ckpt.close()
             walls[phase] = result.wall_s
     return walls
+
+
+def _step_args(config, ds, ids: np.ndarray) -> tuple:
+    """The classifier step's replicated inputs: one epoch's images and labels, the data-order and
+    augmentation keys (the same for both runs)."""
+    return parallel.replicate(
+        (
+            ds.train_images[ids],
+            ds.train_labels[ids].astype(np.int32),
+            seed_key(config.seed, CLASSIFIER_DATA_KEY),
+            seed_key(config.seed, CLASSIFIER_AUGMENT_KEY),
+        )
+    )
 
 
 def random_encoder(config) -> dict:

@@ -104,21 +104,8 @@ def robust_limits(values, margin: float = 0.05) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
-def pretrain_curves(records: list[dict], path: str, title: str, chance: float | None = None):
-    """Pretraining against the step, one panel each: the NT-Xent loss (axis robust to outliers;
-    points beyond it drawn as triangles on its edge), the learning rate and, when the run logged
-    it, the kNN-monitor test accuracy (chance level dashed). Returns the figure."""
-    from matplotlib.ticker import PercentFormatter
-
-    records = sorted(records, key=lambda r: r["step"])
-    steps = [r["step"] for r in records]
-    knn = [(r["step"], r["knn_acc"]) for r in records if r.get("knn_acc") is not None]
-    panels = 2 + bool(knn)
-    fig = _figure(4.2 * panels, 3.6)
-    axes = fig.subplots(1, panels, squeeze=False)[0]
-
-    ax = axes[0]
-    loss = [r.get("loss") for r in records]
+def _loss_panel(ax, steps, loss) -> None:
+    """The NT-Xent loss on an outlier-robust axis; points beyond it as triangles on its edge."""
     ax.plot(steps, loss, color="tab:blue", marker="." if len(steps) < 30 else None)
     lo, hi = robust_limits(loss)
     ax.set_ylim(lo, hi)
@@ -132,6 +119,21 @@ def pretrain_curves(records: list[dict], path: str, title: str, chance: float | 
         ax.legend(loc="upper right")
     ax.set(xlabel="step", ylabel="NT-Xent loss", title="pretraining loss")
 
+
+def pretrain_curves(records: list[dict], path: str, title: str, chance: float | None = None):
+    """Pretraining against the step, one panel each: the NT-Xent loss (axis robust to outliers;
+    points beyond it drawn as triangles on its edge), the learning rate and, when the run logged
+    it, the kNN-monitor test accuracy (chance level dashed). Returns the figure."""
+    from matplotlib.ticker import PercentFormatter
+
+    records = sorted(records, key=lambda r: r["step"])
+    steps = [r["step"] for r in records]
+    knn = [(r["step"], r["knn_acc"]) for r in records if r.get("knn_acc") is not None]
+    panels = 2 + bool(knn)
+    fig = _figure(4.2 * panels, 3.6)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+
+    _loss_panel(axes[0], steps, [r.get("loss") for r in records])
     ax = axes[1]
     ax.plot(steps, [r.get("learning_rate") for r in records], color="tab:green")
     ax.set(xlabel="step", ylabel="learning rate", title="learning-rate schedule")
