@@ -12,14 +12,15 @@ cache (--cache DIR sets it; run.py uses ~/.cache/simclr-jax/xla by default).
 
 import argparse
 import collections
-import json
 import os
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import throughput  # noqa: E402  (imports no jax)
+
 EVENTS = {
     "/jax/core/compile/jaxpr_trace_duration": "trace",
     "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
@@ -33,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--cache", default="", help="JAX_COMPILATION_CACHE_DIR ('' = off)")
     p.add_argument("--set", action="append", default=[], help="config override key=value")
     p.add_argument("--tag", default="", help="suffix of the result file")
-    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--out", default=throughput.RESULTS)
     return p.parse_args(argv)
 
 
@@ -95,12 +96,8 @@ def main(argv=None) -> dict:
         "phases": {k: dict(v) for k, v in totals.items()},
     }
     print_table(result)
-    os.makedirs(args.out, exist_ok=True)
     name = f"cpu-compile-{os.path.splitext(os.path.basename(args.config))[0]}"
-    path = os.path.join(args.out, f"{name}{'-' + args.tag if args.tag else ''}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
+    throughput.save_json(result, args.out, f"{name}{'-' + args.tag if args.tag else ''}.json")
     return result
 
 

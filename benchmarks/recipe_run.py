@@ -30,7 +30,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import throughput  # noqa: E402  (imports no jax)
 
 
 def parse_args(argv=None):
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], help="config override key=value")
     p.add_argument("--timing-steps", type=int, default=5, help="steps timed for images/s")
     p.add_argument("--workdir", default="", help="default: a fresh temporary directory")
-    p.add_argument("--out", default=RESULTS, help="directory of the JSON result")
+    p.add_argument("--out", default=throughput.RESULTS, help="directory of the JSON result")
     return p.parse_args(argv)
 
 
@@ -238,13 +239,8 @@ def main(argv=None) -> dict:
 def write(result: dict, out: str) -> str:
     kind = "".join(c if c.isalnum() else "-" for c in result["device"].lower()).strip("-")
     name = f"{kind}-{result['dataset']}-{result['model']}-{result['precision']}-recipe.json"
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, name)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
     print(json.dumps({k: result[k] for k in ("epochs", "images_per_s", "knn_acc", "linear_acc")}))
-    print(f"wrote {path}")
-    return path
+    return throughput.save_json(result, out, name)
 
 
 if __name__ == "__main__":

@@ -346,8 +346,14 @@ def write(result: dict, args) -> str:
         f"{result['device']}-{result['device_count']}dev-{args.model}{width}-b{args.batch}-"
         f"{args.precision}{tag}.json"
     )
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, name)
+    return save_json(result, args.out, name)
+
+
+def save_json(result: dict, out: str, name: str) -> str:
+    """Writes `result` to out/name (the directory made if need be), says where; the path. Every
+    benchmark script's results JSON goes through here."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, name)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {path}")

@@ -25,7 +25,6 @@ Needs PyTorch (pip install torch==2.13.0, the CPU build; not a dependency of the
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -251,12 +250,7 @@ def describe(args, jax, torch, peak, peak_flops: float, torch_peaks: list) -> di
 def write(result: dict, args) -> str:
     tag = f"-{args.tag}" if args.tag else ""
     name = f"{result['device']}-vs-torch-{result['device_count']}dev-b{args.batch}{tag}.json"
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, name)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
-    return path
+    return throughput.save_json(result, args.out, name)
 
 
 def table_rows(results: list[dict]):
