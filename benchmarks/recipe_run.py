@@ -107,16 +107,12 @@ def images_per_second(config, ds, steps: int) -> tuple[float, float]:
     """(images/s of the pretraining step after compiling, compile seconds)."""
     import jax
 
-    from simclr_jax import optim, parallel, pretrain, train_state
+    from simclr_jax import parallel, pretrain, train_state
 
     pc = config.pretrain
     spe = pretrain.steps_per_epoch(len(ds.train_labels), pc.batch_size)
-    schedule = optim.make_schedule(pc, spe, 100 * spe)
-    model, p_step = pretrain.make_step(config, schedule)
-    key = train_state.seed_key(config.seed, train_state.INIT_KEY)
-    state = train_state.create_state(
-        model, optim.make_optimizer(pc, schedule), key, config.data.image_size
-    )
+    # The run's own step but for its schedule's length (not known yet): one compile more.
+    p_step, state = pretrain.step_and_initial_state(config, spe, 100 * spe)
     keys = (train_state.seed_key(0, 1), train_state.seed_key(0, 2))
     args = parallel.replicate((ds.train_images, *keys))
     state = parallel.replicate(state)

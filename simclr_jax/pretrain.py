@@ -84,6 +84,15 @@ def total_steps(section, spe: int) -> int:
     return int(section.num_steps) if section.num_steps > 0 else int(section.epochs * spe)
 
 
+def step_and_initial_state(config, spe: int, n_steps: int) -> tuple:
+    """(pmapped step, fresh unreplicated state) of a pretraining run of `n_steps` steps, `spe` per
+    epoch: its LR schedule, model, optimizer and the seed's init key."""
+    schedule = optim.make_schedule(config.pretrain, spe, n_steps)
+    model, p_step = make_step(config, schedule)
+    tx = optim.make_optimizer(config.pretrain, schedule)
+    return p_step, create_state(model, tx, seed_key(config.seed, INIT_KEY), config.data.image_size)
+
+
 def restore_or_init(ckpt: Checkpointer, state: TrainState, config) -> tuple[TrainState, int]:
     """The newest readable checkpoint's state, or `state` itself (a fresh start)."""
     had_checkpoints = bool(ckpt.steps())  # damaged ones are set aside by the restore
@@ -103,14 +112,7 @@ def run(config, ds, writer, ckpt: Checkpointer) -> tuple[TrainState, loop.LoopRe
     global_batch = pc.batch_size
     spe = steps_per_epoch(len(ds.train_labels), global_batch)
     n_steps = total_steps(pc, spe)
-    schedule = optim.make_schedule(pc, spe, n_steps)
-    model, p_step = make_step(config, schedule)
-    state = create_state(
-        model,
-        optim.make_optimizer(pc, schedule),
-        seed_key(config.seed, INIT_KEY),
-        config.data.image_size,
-    )
+    p_step, state = step_and_initial_state(config, spe, n_steps)
     state, start = restore_or_init(ckpt, state, config)
 
     images = parallel.replicate(ds.train_images)
