@@ -1,11 +1,11 @@
 """Where a pretrain step's time goes: XLA's profile of one step, summed per HLO operation.
 
 Builds the pretrain step as benchmarks/throughput.py does (`pretrain.make_step`, same model,
-batch, precision, devices and CPU settings), runs it --warmup times, then traces one step with
-`jax.profiler.trace` and prints the operations' time from the trace, by kind (the HLO name
-without its number: `transpose_copy_fusion`, `convolution`, `ynn_fusion`, ...) and the single
-slowest ones, with the step's page faults and CPU time. The trace (open it in Perfetto or
-TensorBoard) and the optimized HLO are written under --trace-dir.
+batch, precision, devices and CPU settings, on its fixed on-device batch), runs it --warmup
+times, then traces one step with `jax.profiler.trace` and prints the operations' time from the
+trace, by kind (the HLO name without its number: `transpose_copy_fusion`, `convolution`,
+`ynn_fusion`, ...) and the single slowest ones, with the step's page faults and CPU time. The
+trace (open it in Perfetto or TensorBoard) and the optimized HLO are written under --trace-dir.
 
 On CPU the thunk executor runs independent operations side by side, and a convolution's trace
 event may end before its Eigen work does, so the times of different rows overlap and do not add
@@ -71,25 +71,25 @@ def main(argv=None):
     from simclr_jax import train_state
 
     config = throughput.make_config(args)
-    images, _, keys = throughput.device_data(config, args.batch)
+    batch, _, aug_key = throughput.device_data(config, args.batch)  # one fixed on-device batch
     key = train_state.seed_key(0, train_state.INIT_KEY)
     p_step, state = throughput.build_step("pretrain", config, key)
     os.makedirs(args.trace_dir, exist_ok=True)
-    p_step = p_step.lower(state, images, *keys).compile()  # compiled once, its HLO kept
+    p_step = p_step.lower(state, batch, aug_key).compile()  # compiled once, its HLO kept
     with open(os.path.join(args.trace_dir, "step.hlo.txt"), "w") as f:
         f.write(p_step.as_text())
     for _ in range(max(args.warmup, 1)):
-        state, metrics = p_step(state, images, *keys)
+        state, metrics = p_step(state, batch, aug_key)
         jax.block_until_ready(metrics)
 
     usage = _usage()
     t0 = time.perf_counter()
-    state, metrics = p_step(state, images, *keys)
+    state, metrics = p_step(state, batch, aug_key)
     jax.block_until_ready(metrics)
     wall = time.perf_counter() - t0
     usage = {k: v - usage[k] for k, v in _usage().items()}
     with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
-        state, metrics = p_step(state, images, *keys)
+        state, metrics = p_step(state, batch, aug_key)
         jax.block_until_ready(metrics)
 
     times = op_times(args.trace_dir)

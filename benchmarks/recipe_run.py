@@ -9,15 +9,17 @@ write the results to benchmarks/results/<device>-<dataset>-<model>-<precision>-r
       --set model.name=tiny --set pretrain.batch_size=64 --precision float32
 
 Steps: (1) load the data and its channel statistics; (2) time a few pretraining steps after
-compiling (images/s); (3) epochs = budget * images/s / train images (at least 1), warm-up a
-tenth of them; (4) pretrain (`pretrain.run` on the loaded data; the persistent compilation
-cache makes its compile a cache hit); (5) features of every train and test image, the linear
-probe (L-BFGS, penalty by cross-validation) and the weighted kNN; (6) the JSON.
+compiling, fed as the run feeds them (`pretrain.batches`; images/s); (3) epochs = budget *
+images/s / pretraining images (at least 1), warm-up a tenth of them; (4) pretrain
+(`pretrain.run` on the loaded data; the persistent compilation cache makes its compile a cache
+hit); (5) features of every train and test image, the linear probe (L-BFGS, penalty by
+cross-validation) and the weighted kNN; (6) the JSON.
 
 The data: a prepared tfds copy (`--data-dir`), or an .npz made by `--pack` on a machine that
-has one (uint8 arrays train_images, train_labels, test_images, test_labels; `--pack-train N`
-and `--pack-test M` keep the first N train and M test images, for a machine that can only be sent
-a smaller file: the device tool carries 64 MiB, and all of CIFAR-10 is 176 MiB of pixels).
+has one (uint8 arrays train_images, train_labels, test_images, test_labels of the labelled
+train and test splits, read back as `sources.ArraySource`s; `--pack-train N` and `--pack-test M`
+keep the first N train and M test images, for a machine that can only be sent a smaller file: the
+device tool carries 64 MiB, and all of CIFAR-10 is 176 MiB of pixels).
 """
 
 import argparse
@@ -71,32 +73,40 @@ def load_config(args):
 
 
 def load_data(config, args):
+    """The config's dataset (`data.load`), or the .npz of --npz as in-memory sources: its train
+    arrays pretrained on and the evaluations' labelled train split, its test arrays the test."""
     from simclr_jax import data
 
     if not args.npz:
         return data.load(config.data)
     import numpy as np
 
+    from simclr_jax import sources
+
     with np.load(args.npz) as f:
         arrays = {k: f[k] for k in f.files}
-    return data.Dataset(
-        config.data.name, **arrays, num_classes=int(arrays["train_labels"].max()) + 1
-    )
+    name = os.path.basename(args.npz)
+    train = sources.ArraySource(arrays["train_images"], arrays["train_labels"], f"{name}/train")
+    test = sources.ArraySource(arrays["test_images"], arrays["test_labels"], f"{name}/test")
+    num_classes = int(arrays["train_labels"].max()) + 1
+    return data.Dataset(config.data.name, train, train, test, num_classes=num_classes)
 
 
 def pack(config, args) -> None:
+    """The config's labelled train split (its first --pack-train images) and test split (first
+    --pack-test) written to --pack as uint8 arrays."""
     import numpy as np
 
-    from simclr_jax import data
+    from simclr_jax import data, sources
 
     ds = data.load(config.data)
-    n = args.pack_train or len(ds.train_labels)
-    m = args.pack_test or len(ds.test_labels)
+    n = min(args.pack_train or len(ds.train), len(ds.train))
+    m = min(args.pack_test or len(ds.test), len(ds.test))
     np.savez_compressed(
         args.pack,
-        train_images=ds.train_images[:n],
+        train_images=sources.read_all(sources.Take(ds.train, n)),
         train_labels=ds.train_labels[:n],
-        test_images=ds.test_images[:m],
+        test_images=sources.read_all(sources.Take(ds.test, m)),
         test_labels=ds.test_labels[:m],
     )
     size = os.path.getsize(args.pack) / 2**20
@@ -104,25 +114,25 @@ def pack(config, args) -> None:
 
 
 def images_per_second(config, ds, steps: int) -> tuple[float, float]:
-    """(images/s of the pretraining step after compiling, compile seconds)."""
+    """(images/s of the pretraining step after compiling, compile seconds): the run's step fed
+    as the run feeds it, `pretrain.batches` streaming ds.pretrain's rows to the devices."""
     import jax
 
-    from simclr_jax import parallel, pretrain, train_state
+    from simclr_jax import parallel, pretrain
 
     pc = config.pretrain
-    spe = pretrain.steps_per_epoch(len(ds.train_labels), pc.batch_size)
+    spe = pretrain.steps_per_epoch(len(ds.pretrain), pc.batch_size)
     # The run's own step but for its schedule's length (not known yet): one compile more.
     p_step, state = pretrain.step_and_initial_state(config, spe, 100 * spe)
-    keys = (train_state.seed_key(0, 1), train_state.seed_key(0, 2))
-    args = parallel.replicate((ds.train_images, *keys))
     state = parallel.replicate(state)
+    inputs = pretrain.batches(config, ds.pretrain, 0, steps + 1)
     t0 = time.perf_counter()
-    state, metrics = p_step(state, *args)
+    state, metrics = p_step(state, *next(inputs))
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = p_step(state, *args)
+    for step_args in inputs:  # the remaining `steps` steps
+        state, metrics = p_step(state, *step_args)
     jax.block_until_ready(metrics)
     return steps * pc.batch_size / (time.perf_counter() - t0), compile_s
 
@@ -153,7 +163,7 @@ def frozen_all_labels(config, ds, state) -> dict:
     from simclr_jax import evaluate
 
     encoder = {"params": state.params["encoder"], "batch_stats": state.batch_stats["encoder"]}
-    every = np.arange(len(ds.train_labels))
+    every = np.arange(len(ds.train))
     t0 = time.perf_counter()
     train_x, test_x = evaluate.frozen_features(config, ds, every, encoder)
     features_s = time.perf_counter() - t0
@@ -195,7 +205,7 @@ def main(argv=None) -> dict:
     ds = load_data(config, args)
     config = data.with_stats(config, ds)
     ips, compile_s = images_per_second(config, ds, args.timing_steps)
-    epochs = max(1, int(args.minutes * 60 * ips / len(ds.train_labels)))
+    epochs = max(1, int(args.minutes * 60 * ips / len(ds.pretrain)))
     config.pretrain.epochs, config.pretrain.num_steps = epochs, 0
     config.pretrain.warmup_epochs = max(1.0, round(0.1 * epochs))
     config.pretrain.knn_every, config.pretrain.checkpoint_every = 0, 0
@@ -208,8 +218,9 @@ def main(argv=None) -> dict:
         "device_count": jax.device_count(),
         "jax": jax.__version__,
         "dataset": config.data.name,
-        "train_images": len(ds.train_labels),
-        "test_images": len(ds.test_labels),
+        "train_images": len(ds.train),  # counts: the labelled train and test splits
+        "test_images": len(ds.test),
+        "pretrain_images": len(ds.pretrain),
         "model": config.model.name,
         "width": config.model.width,
         "image_size": config.data.image_size,

@@ -3,15 +3,17 @@
 For a given model, global batch, precision and device count it times (median of --steps runs
 after --warmup, each ended by block_until_ready):
 
-  augment     gathering a batch on device by index and making its two views (as pretrain_step);
+  augment     making the two views of a batch (the first lines of pretrain_step);
   pretrain    the full pretrain step, built as `pretrain.run` builds it (pmapped over
               parallel.AXIS, train state donated), run under jax.transfer_guard('disallow');
   classifier  the downstream classifier step (`classifier.classifier_step`), built the same way;
 
-and reports ms/step, images/s and model FLOP utilisation (MFU): the step's FLOPs from XLA's cost
-analysis, over the step time, over the machine's peak measured in the same run (the best of a
-large matmul, in the same precision, jitted on one device and pmapped over all of them; measured
-between the parts, so that load on a shared machine hits both alike).
+each on one fixed batch made on the devices beforehand (`device_data`: this process's rows of a
+global batch, as `pretrain.batches` streams them), so that the step alone is timed, not the
+reading of its batches; and reports ms/step, images/s and model FLOP utilisation (MFU): the
+step's FLOPs from XLA's cost analysis, over the step time, over the machine's peak measured in
+the same run (the best of a large matmul, in the same precision, jitted on one device and pmapped
+over all of them; measured between the parts, so that load on a shared machine hits both alike).
 
 Writes benchmarks/results/<device>-<n>dev-<model>[-w<width>]-b<batch>-<precision>[-<tag>].json
 and prints a short table. On CPU, --devices sets XLA_FLAGS=--xla_force_host_platform_device_count
@@ -175,21 +177,26 @@ def _flops(analysis) -> float:
 
 
 def device_data(config, batch: int):
-    """(images, labels, (data_key, augment_key)), replicated on the devices as pretrain.run
-    places the dataset: 4 batches' worth of random uint8 images and labels."""
+    """(pretrain batch, classifier batch, aug_key) on the local devices, as `pretrain.batches`
+    delivers a step's input: this process's rows of step 0's global batch (`stream.Order` over 4
+    batches' worth of random uint8 images and labels, read by `stream.Reader`), sharded over the
+    local devices. The pretrain batch is {'images': (L, n, S, S, 3) uint8, 'ids': (L, n) int32},
+    the classifier's adds 'labels' (L, n) int32; the augmentation key is replicated."""
+    import jax
     import numpy as np
 
-    from simclr_jax import parallel, train_state
+    from simclr_jax import parallel, sources, stream, train_state
 
     rng = np.random.default_rng(0)
     size = config.data.image_size
     images = rng.integers(0, 256, (4 * batch, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, (4 * batch,), dtype=np.int32)
-    keys = (
-        train_state.seed_key(0, train_state.DATA_KEY),
-        train_state.seed_key(0, train_state.AUGMENT_KEY),
-    )
-    return parallel.replicate(images), parallel.replicate(labels), parallel.replicate(keys)
+    source = sources.ArraySource(images, labels, "random")
+    order = stream.Order(train_state.seed_key(0, train_state.DATA_KEY), len(source), batch)
+    rows = jax.tree.map(parallel.shard, stream.Reader(source, labels=True)(order.local(0)))
+    pretrain_batch = {k: rows[k] for k in ("images", "ids")}
+    aug_key = parallel.replicate(train_state.seed_key(0, train_state.AUGMENT_KEY))
+    return pretrain_batch, rows, aug_key
 
 
 def build_step(part: str, config, state_key=None):
@@ -212,16 +219,15 @@ def build_step(part: str, config, state_key=None):
 
 
 def build_augment(config):
-    """pmapped (images, data_key, aug_key, step) -> two views, the first lines of pretrain_step."""
+    """pmapped (batch, aug_key, step) -> two views, the first lines of pretrain_step."""
     import jax
 
     from simclr_jax import augment, parallel
 
-    aug_cfg, global_batch = augment.spec_from_config(config), config.pretrain.batch_size
+    aug_cfg = augment.spec_from_config(config)
 
-    def views(images, data_key, aug_key, step):
-        ids = parallel.device_batch_ids(data_key, step, images.shape[0], global_batch)
-        return augment.two_views(aug_key, step, images[ids], ids, aug_cfg)
+    def views(batch, aug_key, step):
+        return augment.two_views(aug_key, step, batch["images"], batch["ids"], aug_cfg)
 
     return jax.pmap(views, axis_name=parallel.AXIS)
 
@@ -233,18 +239,19 @@ def run_part(name, args, config, data, peak) -> dict:
 
     from simclr_jax import parallel, train_state
 
-    images, labels, keys = data
+    pretrain_batch, classifier_batch, aug_key = data
     key = train_state.seed_key(0, train_state.INIT_KEY)
     t0 = time.perf_counter()
     if name == "augment":
         fn = build_augment(config)
         step = parallel.replicate(jnp.int32(0))
-        call_args = (images, *keys, step)
+        call_args = (pretrain_batch, aug_key, step)
         flops = lowered_flops(fn, call_args)
         call = lambda: fn(*call_args)  # noqa: E731
     else:
         p_step, state = build_step(name, config, key)
-        step_args = (images, *keys) if name == "pretrain" else (images, labels, *keys)
+        batch = pretrain_batch if name == "pretrain" else classifier_batch
+        step_args = (batch, aug_key)
         flops = lowered_flops(p_step, (state, *step_args))
         holder = {"state": state}
 
@@ -257,7 +264,7 @@ def run_part(name, args, config, data, peak) -> dict:
     for _ in range(args.warmup):
         jax.block_until_ready(call())
     peak.measure()
-    with jax.transfer_guard("disallow"):  # the data lives on the devices: no copies per step
+    with jax.transfer_guard("disallow"):  # the batch lives on the devices: no copies per step
         times = timed(call, args.steps)
     peak.measure()
     n_dev = jax.device_count()

@@ -76,8 +76,8 @@ def jax_side(args, width: float, data):
     p_step, state = throughput.build_step(
         "pretrain", config, train_state.seed_key(0, train_state.INIT_KEY)
     )
-    images, _, keys = data
-    step_args = (images, *keys)
+    batch, _, aug_key = data  # throughput.device_data: one fixed on-device batch
+    step_args = (batch, aug_key)
     flops = throughput.lowered_flops(p_step, (state, *step_args)) * jax.device_count()
     holder = {"state": state}
 
@@ -164,7 +164,7 @@ def run_width(args, width: float, data, peak, torch_peaks: list) -> dict:
         torch_call()
     peak.measure()
     torch_peaks.append(torch_matmul_flops(args.peak_size))
-    with jax.transfer_guard("disallow"):  # the project's data lives on the devices
+    with jax.transfer_guard("disallow"):  # the project's batch lives on the devices
         jax_s, torch_s, losses = interleaved(jax_call, torch_call, args.steps)
     peak.measure()
     torch_peaks.append(torch_matmul_flops(args.peak_size))
@@ -199,7 +199,7 @@ def main(argv=None):
     first = throughput.make_config(
         SimpleNamespace(precision="float32", model="resnet18", width=1.0, batch=args.batch)
     )
-    data = throughput.device_data(first, args.batch)  # random uint8 images, as throughput.py
+    data = throughput.device_data(first, args.batch)  # a random uint8 batch, as throughput.py
     peak = throughput.Peak(args.peak_size, jnp.float32)
     peak.measure()
     torch_matmul_flops(args.peak_size)  # MKL's and OpenMP's first-call set-up, untimed

@@ -40,9 +40,21 @@ def get_config() -> ml_collections.ConfigDict:
 
 def _data() -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
-    d.name = "cifar10"  # 'digits' (embedded) or any tfds image classification set
-    d.data_dir = ""  # tfds data_dir of a prepared copy ('' = tfds default, ~/tensorflow_datasets)
+    d.name = "cifar10"  # 'digits' (embedded), 'folder' (an image folder) or a tfds image set
+    # tfds: the data_dir of a prepared copy ('' = tfds' default, ~/tensorflow_datasets);
+    # folder: DIR with DIR/train/<class>/*, DIR/test/<class>/* and optionally DIR/unlabelled/*.
+    d.data_dir = ""
+    d.pretrain_split = "train"  # what SimCLR trains on; 'a+b' joins splits ('train+unlabelled')
+    d.train_split = "train"  # labelled: the kNN monitor's bank and the downstream labelled subset
+    d.test_split = "test"  # labelled: every test accuracy
     d.image_size = 32  # side of the views fed to the encoder
+    # Host side: images are decoded to a square canvas (shorter side resized to it, centre crop;
+    # 0 = the dataset's own fixed size, CIFAR-10's 32, else image_size); the crops come from it.
+    d.canvas = 0
+    d.cache_gb = 1.0  # a split whose canvases fit in this many GiB is read into memory once
+    d.read_threads = 0  # host threads that read and decode (0 = one per core, at most 16)
+    d.prefetch = 2  # batches read ahead: this many on the host and this many on the devices
+    d.max_bad_fraction = 0.1  # of a split's files that may fail to decode (skipped, named); more stops
     # Per-channel input normalisation (x - mean) / std of pixels in [0, 1]; () = the train
     # split's statistics, computed when the data is loaded (and written to config.json).
     d.mean = ()
@@ -113,6 +125,7 @@ def _downstream() -> ml_collections.ConfigDict:
     d.linear_l2_grid = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     d.linear_folds = 4
     d.linear_iters = 200
+    d.pixel_size = 0  # side of the raw-pixel baselines' images (0 = data.image_size)
     d.knn_k = 200
     d.knn_temperature = 0.1
     d.checkpoint_every = 0  # steps between classifier checkpoints (0 = at each test evaluation)

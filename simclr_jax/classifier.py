@@ -9,12 +9,11 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 from jax.experimental import multihost_utils
 
-from simclr_jax import augment, cpu_conv, data, loop, models, parallel
+from simclr_jax import augment, cpu_conv, data, loop, models, parallel, stream
 from simclr_jax.checkpoint import Checkpointer
 from simclr_jax.train_state import (
     TrainState,
@@ -45,21 +44,18 @@ RUN_KEYS = (
 # ----------------------------------------------------------------------------- step and eval
 
 
-def classifier_step(
-    state, images, labels, data_key, aug_key, *, model, spec, global_batch, schedule
-):
+def classifier_step(state, batch, aug_key, *, model, spec, schedule):
     """One supervised step on this device's share of the global batch (inside pmap over AXIS).
 
-    images: (N, H, W, 3) uint8 and labels (N,) int32, the labelled subset on every device;
-    spec: `augment.spec_from_config` (image size, normalisation).
+    batch: {'images': (n, H, W, 3) uint8, 'labels': (n,) int32, 'ids': (n,) int32 positions in
+    the epoch list (the keys fold from them)}; spec: `augment.spec_from_config`.
     """
-    ids = parallel.device_batch_ids(data_key, state.step, images.shape[0], global_batch)  # (n,)
+    ids, y = batch["ids"], batch["labels"]  # (n,) each
     # The pretraining's flip probability: whether the data is mirror-invariant (digits are not).
     x = augment.downstream_batch(
-        aug_key, state.step, images[ids], ids, True, spec.image_size, spec.flip_prob
+        aug_key, state.step, batch["images"], ids, True, spec.image_size, spec.flip_prob
     )
     x = data.normalize(x, spec)
-    y = labels[ids]  # (n,)
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
@@ -104,22 +100,22 @@ def make_classifier_step(config, schedule, num_classes: int, devices=None):
         classifier_step,
         model=model,
         spec=augment.spec_from_config(config),
-        global_batch=config.downstream.batch_size,
         schedule=schedule,
     )
     return model, jax.pmap(step_fn, axis_name=parallel.AXIS, devices=devices, donate_argnums=(0,))
 
 
-def eval_step(params, batch_stats, images, labels, ids, mask, *, model, spec):
-    """Summed test loss and correct count over every device's ids (inside pmap over AXIS).
+def eval_step(params, batch_stats, batch, *, model, spec):
+    """Summed test loss and correct count over every device's rows (inside pmap over AXIS).
 
-    ids, mask: (n,) indices into images / labels, and False for padding rows. BN in inference.
+    batch: {'images', 'labels', 'mask'} (n, ...) with mask False for padding rows. BN in
+    inference.
     """
     x = data.normalize(
-        augment.downstream_batch(None, 0, images[ids], ids, False, spec.image_size), spec
+        augment.downstream_batch(None, 0, batch["images"], None, False, spec.image_size), spec
     )
     logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
-    y = labels[ids]
+    y, mask = batch["labels"], batch["mask"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)  # (n,)
     correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
     return (
@@ -128,22 +124,17 @@ def eval_step(params, batch_stats, images, labels, ids, mask, *, model, spec):
     )
 
 
-def make_evaluator(model, spec, test_images, test_labels: np.ndarray, extra: dict | None = None):
-    """(replicated state) -> {'test_loss', 'test_acc', **extra} over the whole test set.
-
-    test_images: replicated uint8 (local devices, M, H, W, 3).
-    """
-    p_eval = jax.pmap(
-        functools.partial(eval_step, model=model, spec=spec),
-        axis_name=parallel.AXIS,
-    )
-    labels = parallel.replicate(np.asarray(test_labels, np.int32))
-    m = len(test_labels)
+def make_evaluator(model, spec, test_source, data_cfg, extra: dict | None = None):
+    """(replicated state) -> {'test_loss', 'test_acc', **extra} over the whole test split, read
+    from `test_source` in chunks (stream.eval_chunks)."""
+    p_eval = jax.pmap(functools.partial(eval_step, model=model, spec=spec), axis_name=parallel.AXIS)
+    reader, m = stream.Reader(test_source, labels=True), len(test_source)
 
     def evaluate_state(rstate) -> dict:
         loss_sum, correct = 0.0, 0.0
-        for _, local_ids, mask in parallel.index_chunks(m):
-            out = p_eval(rstate.params, rstate.batch_stats, test_images, labels, local_ids, mask)
+        for _, batch in stream.eval_chunks(reader, m, data_cfg):
+            batch = {k: batch[k] for k in ("images", "labels", "mask")}
+            out = p_eval(rstate.params, rstate.batch_stats, batch)
             loss_sum += float(out[0][0])
             correct += float(out[1][0])
         return {"test_loss": loss_sum / m, "test_acc": correct / m, **(extra or {})}
@@ -222,9 +213,10 @@ def eval_every(epochs: int) -> int:
     return max(1, epochs // EVAL_POINTS)
 
 
-def train(config, state, ckpt, meta, p_step, step_args, spec, writer, evaluator):
+def train(config, state, ckpt, meta, p_step, inputs, spec, writer, evaluator):
     """Trains one classifier run with the shared loop: resumes from `ckpt`, and skips training
     when its last checkpoint is the final step (the curves are then already in metrics.jsonl).
+    `inputs(start, stop)` yields the steps' arguments from `start` on.
 
     The test set is evaluated every `eval_every(epochs)` epochs and after the last one; those
     records get 'epoch', 'test_loss' and 'test_acc'. Returns the LoopResult.
@@ -252,7 +244,14 @@ def train(config, state, ckpt, meta, p_step, step_args, spec, writer, evaluator)
         return out
 
     result = loop.run(
-        spec, p_step, parallel.replicate(state), step_args, start, writer, save, on_epoch_end
+        spec,
+        p_step,
+        parallel.replicate(state),
+        inputs(start, spec.total_steps),
+        start,
+        writer,
+        save,
+        on_epoch_end,
     )
     ckpt.wait()
     return result

@@ -8,7 +8,9 @@ import ml_collections
 
 from simclr_jax.errors import ConfigError
 
-DATASET_CHOICES_HINT = "'digits' (embedded) or a tfds image-classification dataset name"
+DATASET_CHOICES_HINT = (
+    "'digits' (embedded), 'folder' (with config.data.data_dir=DIR) or a tfds image dataset name"
+)
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALINGS = ("linear", "sqrt", "none")
 PRECISIONS = ("float32", "bfloat16")
@@ -37,7 +39,8 @@ def validate(config: ml_collections.ConfigDict, mode: str = "all") -> None:
     _check(mode in MODES, "mode", f"--mode must be one of {MODES}, got {mode!r}")
     _check(config.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
     _check(bool(config.data.name), "data.name", f"set a dataset: {DATASET_CHOICES_HINT}")
-    _check_positive(config, "data", ("image_size",))
+    _check_positive(config, "data", ("image_size", "prefetch"))
+    _check_data(config.data)
     _check_model(config)
     _check_augment(config)
     for section in ("pretrain", "downstream"):
@@ -45,6 +48,22 @@ def validate(config: ml_collections.ConfigDict, mode: str = "all") -> None:
     _check_pretrain(config)
     _check_downstream(config)
     check_batch_sizes(config)
+
+
+def _check_data(d: ml_collections.ConfigDict) -> None:
+    for role in ("pretrain", "train", "test"):
+        names = [p.strip() for p in str(d[f"{role}_split"]).split("+")]
+        _check(all(names), f"data.{role}_split", "name a split ('train', 'unlabelled', 'a+b')")
+    _check(
+        d.name != "folder" or bool(d.data_dir),
+        "data.data_dir",
+        "config.data.name=folder needs config.data.data_dir=DIR (DIR/train/<class>/*.jpg, "
+        "DIR/test/<class>/*.jpg, optionally DIR/unlabelled/*.jpg)",
+    )
+    _check(d.canvas >= 0, "data.canvas", "must be >= 0 (0 = the dataset's own size)")
+    _check(d.cache_gb >= 0, "data.cache_gb", "must be >= 0 (0 = always stream)")
+    _check(d.read_threads >= 0, "data.read_threads", "must be >= 0 (0 = one per core)")
+    _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]")
 
 
 def _check_model(config: ml_collections.ConfigDict) -> None:

@@ -1,9 +1,12 @@
-"""Datasets: uint8 images and labels read once into host memory, then placed on the devices.
+"""Datasets: the splits a run reads, as random-access sources (`sources.py`), never as a whole.
 
-Two sources: the embedded scikit-learn handwritten digits (no network, no files) and any tfds
-image-classification set with `image`/`label` features, read through `tfds.data_source` (array_record;
-no TensorFlow needed to read). Also the train split's channel statistics (the encoder's input
-normalisation) and the class-balanced labelled subset used downstream.
+Three kinds: the embedded scikit-learn handwritten digits (no network, no files), an image folder
+in torchvision's ImageFolder layout (`images.py`), and any prepared tfds image set, read through
+`tfds.data_source` (array_record; no TensorFlow needed to read). A run names the split it
+pretrains on (possibly unlabelled, or several joined with '+') and the labelled train and test
+splits the evaluations read. Also: the pretraining split's channel statistics (the encoder's input
+normalisation), the data's identity that checkpoints record, and the class-balanced labelled
+subset used downstream.
 """
 
 import contextlib
@@ -13,37 +16,56 @@ import hashlib
 import logging
 import os
 import shlex
+from typing import Any
 
 import numpy as np
 
+from simclr_jax import images as image_files
+from simclr_jax import sources
 from simclr_jax.errors import ConfigError, DataError
 
 DIGITS = "digits"
 # The CIFAR-10 statistics the ResNet applied itself before the normalisation moved to the data
 # side: what runs whose config has no data.mean / data.std (written before) were trained with.
 LEGACY_STATS = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
-_READ_CHUNK = 2048  # examples per tfds read; bounds peak memory of the decoded dicts
+_READ_CHUNK = 2048  # examples per read of the statistics' pass; bounds its memory
+STATS_MAX = 50_000  # images the channel statistics are computed on (evenly spaced)
+FOLDER = "folder"
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
+    """The splits of a run, as random-access sources (`sources.py`): what SimCLR pretrains on
+    (`pretrain`, labels unused: may be unlabelled), the labelled train split (the kNN monitor, the
+    downstream stage's labelled subset) and the test split."""
+
     name: str
-    train_images: np.ndarray  # (N, H, W, 3) uint8
-    train_labels: np.ndarray  # (N,) int32
-    test_images: np.ndarray  # (M, H, W, 3) uint8
-    test_labels: np.ndarray  # (M,) int32
+    pretrain: Any
+    train: Any
+    test: Any
     num_classes: int
 
+    @property
+    def train_labels(self) -> np.ndarray:
+        return self.train.labels
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        return self.test.labels
+
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and std of the train images' pixels in [0, 1] (float64 sums)."""
-        total, sq, n = np.zeros(3), np.zeros(3), 0
-        for start in range(0, len(self.train_images), _READ_CHUNK):
-            x = self.train_images[start : start + _READ_CHUNK].astype(np.float64) / 255.0
+        """Per-channel mean and std of the pretraining images' pixels in [0, 1] (float64 sums),
+        over at most STATS_MAX of them, evenly spaced (all of CIFAR-10's train split)."""
+        n = len(self.pretrain)
+        ids = np.unique(np.linspace(0, n - 1, min(n, STATS_MAX)).round().astype(np.int64))
+        total, sq, count = np.zeros(3), np.zeros(3), 0
+        for start in range(0, len(ids), _READ_CHUNK):
+            x = self.pretrain.read(ids[start : start + _READ_CHUNK]).astype(np.float64) / 255.0
             total += x.sum(axis=(0, 1, 2))
             sq += (x * x).sum(axis=(0, 1, 2))
-            n += x[..., 0].size
-        mean = total / n
-        std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
+            count += x[..., 0].size
+        mean = total / count
+        std = np.sqrt(np.maximum(sq / count - mean * mean, 0.0))
         return tuple(float(m) for m in mean), tuple(float(max(s, 1e-3)) for s in std)
 
 
@@ -69,32 +91,99 @@ def normalize(images, spec):
 
 
 def with_stats(config, ds: Dataset):
-    """A copy of `config` whose data.mean / data.std are the train split's channel statistics
-    where they were left () (the encoder's input normalisation, `normalize`)."""
+    """A copy of `config` whose data.mean / data.std are the pretraining split's channel
+    statistics where they were left () (the encoder's input normalisation, `normalize`), and
+    whose data.identity is what its checkpoints record of the data (`identity`)."""
     config = copy.deepcopy(config)
-    if not tuple(config.data.mean) or not tuple(config.data.std):
-        mean, std = ds.channel_stats()
-        with config.unlocked():
-            config.data.mean, config.data.std = mean, std
+    with config.unlocked():
+        if not tuple(config.data.mean) or not tuple(config.data.std):
+            config.data.mean, config.data.std = ds.channel_stats()
+        config.data.identity = identity(ds)
     return config
 
 
+def identity(ds: Dataset) -> dict:
+    """What a checkpoint records of the data it was trained on: each split's source, number of
+    examples and fingerprint (a resumed run on other data stops instead of going on in another
+    order)."""
+    return {role: getattr(ds, role).identity() for role in ("pretrain", "train", "test")}
+
+
 def load(data_cfg) -> Dataset:
-    """Loads `data_cfg.name` (optionally subsampled to data_cfg.max_train_examples)."""
+    """The splits config.data names (`pretrain_split`, `train_split`, `test_split`) of
+    `data_cfg.name`: the embedded digits, an image folder, or a prepared tfds dataset. The train
+    side is cut to data_cfg.max_train_examples; a split whose pixels fit in data_cfg.cache_gb is
+    read once into host memory, a larger one is read (and decoded) at each step."""
     if data_cfg.name == DIGITS:
-        ds = load_digits(data_cfg.image_size)
+        splits, num_classes = _digits_splits(data_cfg)
+    elif data_cfg.name == FOLDER:
+        splits, num_classes = _folder_splits(data_cfg)
     else:
-        ds = load_tfds(data_cfg.name, data_cfg.data_dir or None)
-    if data_cfg.max_train_examples and data_cfg.max_train_examples < len(ds.train_labels):
-        n = data_cfg.max_train_examples
-        ds = dataclasses.replace(
-            ds, train_images=ds.train_images[:n], train_labels=ds.train_labels[:n]
-        )
-    return ds
+        splits, num_classes = _tfds_splits(data_cfg)
+    pretrain, train, test = (splits[k] for k in ("pretrain", "train", "test"))
+    n = data_cfg.max_train_examples
+    if n:
+        pretrain, train = (sources.Take(s, n) if n < len(s) else s for s in (pretrain, train))
+    for role, split in (("train", train), ("test", test)):
+        if (split.labels < 0).any():
+            raise DataError(
+                f"config.data.{role}_split={data_cfg[role + '_split']!r} of {data_cfg.name!r} is "
+                f"unlabelled; the {role} split of the evaluations needs labels. Name a labelled "
+                f"split there, and the unlabelled one in config.data.pretrain_split."
+            )
+    limit = data_cfg.cache_gb * 2**30
+    cached = {}  # a split named twice (pretrain = train) is read once
+
+    def cache(src):
+        return cached.setdefault(id(src), sources.cached(src, limit))
+
+    return Dataset(data_cfg.name, cache(pretrain), cache(train), cache(test), num_classes)
 
 
-def load_digits(image_size: int = 32) -> Dataset:
-    """scikit-learn's 1,797 8x8 digits (0..16 ink levels) as uint8 RGB, 80/20 split, fixed order."""
+def _split_names(data_cfg) -> dict[str, list[str]]:
+    """{'pretrain': [...], 'train': [...], 'test': [...]}: 'train+unlabelled' names two."""
+    return {
+        role: [p.strip() for p in str(data_cfg[f"{role}_split"]).split("+") if p.strip()]
+        for role in ("pretrain", "train", "test")
+    }
+
+
+def _assemble(data_cfg, open_split) -> dict:
+    """Each role's source from `open_split(name)`, every split opened once."""
+    opened, out = {}, {}
+    for role, names in _split_names(data_cfg).items():
+        for n in names:
+            if n not in opened:
+                opened[n] = open_split(n)
+        parts = [opened[n] for n in names]
+        out[role] = parts[0] if len(parts) == 1 else sources.Concat(parts)
+    return out
+
+
+def canvas_size(data_cfg, native: int | None = None) -> int:
+    """The host canvas images are decoded and resized to: config.data.canvas, else the dataset's
+    own fixed size (CIFAR-10's 32), else config.data.image_size."""
+    return int(data_cfg.canvas or native or data_cfg.image_size)
+
+
+def _digits_splits(data_cfg) -> tuple[dict, int]:
+    train, test = load_digits(data_cfg.image_size)
+    known = {"train": train, "test": test}
+
+    def open_split(name):
+        if name not in known:
+            raise DataError(
+                f"The digits have splits 'train' and 'test', not {name!r}: set "
+                f"config.data.pretrain_split / train_split / test_split to one of them."
+            )
+        return known[name]
+
+    return _assemble(data_cfg, open_split), 10
+
+
+def load_digits(image_size: int = 32) -> tuple:
+    """scikit-learn's 1,797 8x8 digits (0..16 ink levels) as uint8 RGB, 80/20 split, fixed order:
+    (train, test) ArraySources."""
     from PIL import Image
     from sklearn.datasets import load_digits as sk_load_digits
 
@@ -111,7 +200,38 @@ def load_digits(image_size: int = 32) -> Dataset:
     order = np.random.default_rng(0).permutation(len(labels))  # fixed: independent of config.seed
     n_train = int(0.8 * len(labels))
     tr, te = order[:n_train], order[n_train:]
-    return Dataset(DIGITS, images[tr], labels[tr], images[te], labels[te], num_classes=10)
+    return (
+        sources.ArraySource(images[tr], labels[tr], "digits/train"),
+        sources.ArraySource(images[te], labels[te], "digits/test"),
+    )
+
+
+def _folder_splits(data_cfg) -> tuple[dict, int]:
+    """An image folder in the ImageFolder layout (images.LAYOUT): each named split scanned and
+    decoded once (images.verify drops, and names, the files that will not decode)."""
+    if not data_cfg.data_dir:
+        raise DataError(
+            f"config.data.name=folder needs config.data.data_dir=DIR, a folder laid out as "
+            f"{image_files.LAYOUT}."
+        )
+    root = os.path.abspath(os.path.expanduser(data_cfg.data_dir))
+    canvas = canvas_size(data_cfg)
+
+    def open_split(name):
+        split = image_files.scan_split(root, name)
+        split, _ = image_files.verify(
+            root, split, canvas, data_cfg.max_bad_fraction, data_cfg.read_threads
+        )
+        return sources.FolderSource(root, split, canvas)
+
+    splits = _assemble(data_cfg, open_split)
+    train, test = splits["train"], splits["test"]
+    if train.classes and test.classes and train.classes != test.classes:
+        raise DataError(
+            f"The class folders of {train.name} {list(train.classes)} and {test.name} "
+            f"{list(test.classes)} differ; both labelled splits need the same classes."
+        )
+    return splits, len(train.classes)
 
 
 TFDS_DEFAULT_DIR = "~/tensorflow_datasets"  # tfds' default data_dir (without TFDS_DATA_DIR)
@@ -148,12 +268,47 @@ def _quiet_absl():
         logger.setLevel(level)
 
 
-def load_tfds(name: str, data_dir: str | None) -> Dataset:
-    """Reads the train and test splits of a prepared tfds dataset into uint8 arrays."""
+def _tfds_splits(data_cfg) -> tuple[dict, int]:
+    """The named splits of a prepared tfds dataset, read through tfds.data_source with the images
+    left encoded (sources.TfdsSource decodes them at each read)."""
     import tensorflow_datasets as tfds
 
-    where = data_dir or os.environ.get("TFDS_DATA_DIR") or TFDS_DEFAULT_DIR  # tfds' own default
+    name = data_cfg.name
+    where = data_cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or TFDS_DEFAULT_DIR
     where = os.path.abspath(os.path.expanduser(where))
+    builder = _prepared_builder(name, where)
+    decoders = {"image": tfds.decode.SkipDecoding()}
+    features = builder.info.features
+    if "image" not in features:
+        raise DataError(
+            f"Dataset {name!r} has features {list(features)}; simclr-jax needs 'image'."
+        )
+    shape = features["image"].shape
+    canvas = canvas_size(data_cfg, shape[0] if shape[0] and shape[0] == shape[1] else None)
+
+    def open_split(split):
+        known = sorted(builder.info.splits)
+        if known and split not in known:
+            raise DataError(
+                f"Dataset {name!r} has no split {split!r} (it has {known}): set "
+                f"config.data.pretrain_split / train_split / test_split to splits it has."
+            )
+        try:
+            found = tfds.data_source(
+                name, split=split, data_dir=where, download=False, decoders=decoders
+            )
+        except Exception as err:
+            raise _not_prepared(name, where, f"{type(err).__name__}: {err}") from err
+        return sources.TfdsSource(found, name, split, str(builder.version), canvas)
+
+    num_classes = features["label"].num_classes if "label" in features else 0
+    return _assemble(data_cfg, open_split), num_classes
+
+
+def _prepared_builder(name: str, where: str):
+    """The tfds builder of `name` prepared in `where`, in a format tfds.data_source reads."""
+    import tensorflow_datasets as tfds
+
     if not os.path.isdir(where):  # checked first: tfds would report an empty dataset
         raise _not_prepared(name, where, "the directory does not exist")
     try:
@@ -169,47 +324,7 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
         raise _not_prepared(
             name, where, f"it is prepared as {file_format}, which tfds.data_source cannot read"
         )
-    try:
-        sources = tfds.data_source(name, data_dir=where, download=False)
-    except Exception as err:
-        raise _not_prepared(name, where, f"{type(err).__name__}: {err}") from err
-    features = builder.info.features
-    if "image" not in features or "label" not in features:
-        raise DataError(
-            f"Dataset {name!r} has features {list(features)}; simclr-jax needs 'image' and 'label'."
-        )
-    test_split = "test" if "test" in sources else None
-    if "train" not in sources or test_split is None:
-        raise DataError(
-            f"Dataset {name!r} needs 'train' and 'test' splits; it has {list(sources)}."
-        )
-    train = _read_split(name, sources["train"], "train", where)
-    test = _read_split(name, sources["test"], "test", where)
-    num_classes = features["label"].num_classes
-    return Dataset(name, train[0], train[1], test[0], test[1], num_classes=num_classes)
-
-
-def _read_split(name, source, split, data_dir) -> tuple[np.ndarray, np.ndarray]:
-    n = len(source)
-    images, labels = None, np.empty((n,), np.int32)
-    try:
-        for start in range(0, n, _READ_CHUNK):
-            rows = source.__getitems__(list(range(start, min(n, start + _READ_CHUNK))))
-            batch = np.stack([np.asarray(r["image"]) for r in rows])
-            if images is None:
-                images = np.empty((n,) + batch.shape[1:], np.uint8)
-            images[start : start + len(rows)] = batch
-            labels[start : start + len(rows)] = [r["label"] for r in rows]
-    except Exception as err:
-        raise DataError(
-            f"Could not read the {split!r} split of {name!r} under {data_dir}"
-            f" ({type(err).__name__}: {err}). The prepared files look damaged: delete "
-            f"{name}/ there and prepare it again (`{prepare_command(name, data_dir)}`), or use "
-            f"another copy."
-        ) from err
-    if images.shape[-1] == 1:  # grayscale sets (mnist, ...) become 3-channel
-        images = np.repeat(images, 3, axis=-1)
-    return images, labels
+    return builder
 
 
 def labelled_subset(labels: np.ndarray, fraction: float, num_classes: int, seed: int) -> np.ndarray:

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from simclr_jax import augment, classifier, data, evaluate, loop, optim, parallel
+from simclr_jax import augment, classifier, data, evaluate, loop, optim, parallel, stream
 from simclr_jax.train_state import (
     CLASSIFIER_AUGMENT_KEY,
     CLASSIFIER_DATA_KEY,
@@ -62,8 +62,7 @@ def compare(config, ds, workdir: str, writer, subset: np.ndarray, starts: dict) 
     dc, image_size = config.downstream, config.data.image_size
     ids = epoch_indices(subset, dc.batch_size)  # (n_epoch,) train indices
     spe = len(ids) // dc.batch_size
-    step_args = _step_args(config, ds, ids)
-    test_images = parallel.replicate(ds.test_images)
+    inputs = _inputs(config, ds, ids)
     digest = {"subset": data.subset_digest(ids)}
     walls = {}
     for suffix, epochs in budgets(config):
@@ -74,7 +73,7 @@ def compare(config, ds, workdir: str, writer, subset: np.ndarray, starts: dict) 
         spec = augment.spec_from_config(config)
         log_every = spe * classifier.eval_every(epochs)  # records (and checkpoints) per evaluation
         ckpt_every = dc.checkpoint_every if dc.checkpoint_every > 0 else log_every
-        evaluator = classifier.make_evaluator(model, spec, test_images, ds.test_labels, digest)
+        evaluator = classifier.make_evaluator(model, spec, ds.test, config.data, digest)
         for run in (FINETUNE, SCRATCH):
             encoder, encoder_id = starts[run]
             phase = run + suffix
@@ -85,7 +84,7 @@ def compare(config, ds, workdir: str, writer, subset: np.ndarray, starts: dict) 
                 state = classifier.initial_state(model, tx, encoder, image_size)
                 loop_spec = loop.LoopSpec(phase, total, spe, log_every, ckpt_every, dc.batch_size)
                 result = classifier.train(
-                    config, state, ckpt, meta, p_step, step_args, loop_spec, writer, evaluator
+                    config, state, ckpt, meta, p_step, inputs, loop_spec, writer, evaluator
                 )
             finally:
                 ckpt.close()
@@ -93,17 +92,20 @@ def compare(config, ds, workdir: str, writer, subset: np.ndarray, starts: dict) 
     return walls
 
 
-def _step_args(config, ds, ids: np.ndarray) -> tuple:
-    """The classifier step's replicated inputs: one epoch's images and labels, the data-order and
-    augmentation keys (the same for both runs)."""
-    return parallel.replicate(
-        (
-            ds.train_images[ids],
-            ds.train_labels[ids].astype(np.int32),
-            seed_key(config.seed, CLASSIFIER_DATA_KEY),
-            seed_key(config.seed, CLASSIFIER_AUGMENT_KEY),
-        )
-    )
+def _inputs(config, ds, ids: np.ndarray):
+    """(start, stop) -> the classifier steps' arguments (batch, aug_key) on the local devices:
+    the rows of the epoch list `ids` in the order of (seed, step), streamed from the labelled
+    train split (the same for both runs)."""
+    dc = config.downstream
+    reader = stream.Reader(ds.train, index=ids, labels=True)
+    aug_key = parallel.replicate(seed_key(config.seed, CLASSIFIER_AUGMENT_KEY))
+
+    def inputs(start: int, stop: int):
+        order = stream.Order(seed_key(config.seed, CLASSIFIER_DATA_KEY), len(ids), dc.batch_size)
+        for batch in stream.train_batches(reader, order, start, stop, config.data):
+            yield batch, aug_key
+
+    return inputs
 
 
 def random_encoder(config) -> dict:
@@ -119,20 +121,20 @@ def random_encoder(config) -> dict:
 
 
 def pixel_features(config, ds, subset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Raw pixels in [0, 1] at the encoder's input size (what the encoder sees, before its
+    """Raw pixels in [0, 1] at the encoder's input size or downstream.pixel_size (what the encoder sees, before its
     normalisation), flattened: (n, S*S*3) of the subset and (m, S*S*3) of the test split."""
     import jax  # noqa: PLC0415
 
-    size = config.data.image_size
+    size = config.downstream.get("pixel_size") or config.data.image_size
 
-    def flat(images):
+    def flat(source, ids):
         chunks = [
-            augment.downstream_batch(None, 0, images[i : i + 1024], None, False, size)
-            for i in range(0, len(images), 1024)
+            augment.downstream_batch(None, 0, source.read(ids[i : i + 1024]), None, False, size)
+            for i in range(0, len(ids), 1024)
         ]
         return np.concatenate([np.asarray(jax.device_get(c)).reshape(len(c), -1) for c in chunks])
 
-    return flat(ds.train_images[subset]), flat(ds.test_images)
+    return flat(ds.train, np.asarray(subset)), flat(ds.test, np.arange(len(ds.test)))
 
 
 def frozen_evaluations(config, ds, writer, subset, encoders: dict, encoder_step: int):

@@ -11,29 +11,27 @@ import optax
 from jax import lax
 from jax.experimental import multihost_utils
 
-from simclr_jax import augment, data, models, parallel
+from simclr_jax import augment, data, models, parallel, stream
 from simclr_jax.train_state import LINEAR_KEY, compute_dtype
 
 
 def make_feature_fn(model, spec):
-    """pmapped (variables, images uint8 (N,H,W,3), ids (n,)) -> h (n, F) float32, BN frozen.
-    spec: `augment.spec_from_config` (image size, normalisation)."""
+    """pmapped (variables, batch {'images': (n, H, W, 3) uint8, 'ids': (n,)}) -> h (n, F) float32,
+    BN frozen. spec: `augment.spec_from_config` (image size, normalisation)."""
 
-    def features(variables, images, ids):
-        x = augment.downstream_batch(None, 0, images[ids], ids, False, spec.image_size)
+    def features(variables, batch):
+        x = augment.downstream_batch(None, 0, batch["images"], None, False, spec.image_size)
         return model.apply(variables, data.normalize(x, spec), train=False, method="encode")
 
     return jax.pmap(features, axis_name=parallel.AXIS)
 
 
-def extract_features(feature_fn, variables, images, num_examples: int) -> np.ndarray:
-    """h for every example, in order, on the host: (num_examples, F) float32.
-
-    `variables` and `images` are replicated (leading local-device axis).
-    """
+def extract_features(feature_fn, variables, reader, num_examples: int, data_cfg) -> np.ndarray:
+    """h of positions 0..num_examples-1 of `reader` (stream.Reader), in order, on the host:
+    (num_examples, F) float32. `variables` are replicated (leading local-device axis)."""
     out = []
-    for ids, local_ids, _ in parallel.index_chunks(num_examples):
-        feats = feature_fn(variables, images, local_ids)  # (local_devices, per_device, F)
+    for ids, batch in stream.eval_chunks(reader, num_examples, data_cfg):
+        feats = feature_fn(variables, {"images": batch["images"], "ids": batch["ids"]})
         feats = multihost_utils.process_allgather(feats, tiled=True)  # (devices, per_device, F)
         out.append(np.asarray(feats).reshape(-1, feats.shape[-1])[: len(ids)])
     return np.concatenate(out)
@@ -50,10 +48,11 @@ def frozen_features(config, ds, subset: np.ndarray, encoder: dict) -> tuple[np.n
             "batch_stats": {"encoder": encoder["batch_stats"]},
         }
     )
-    train_images = parallel.replicate(ds.train_images[subset])
-    train_x = extract_features(feature_fn, variables, train_images, len(subset))
-    test_images = parallel.replicate(ds.test_images)
-    test_x = extract_features(feature_fn, variables, test_images, len(ds.test_labels))
+    train = stream.Reader(ds.train, index=np.asarray(subset))
+    train_x = extract_features(feature_fn, variables, train, len(subset), config.data)
+    test_x = extract_features(
+        feature_fn, variables, stream.Reader(ds.test), len(ds.test_labels), config.data
+    )
     return train_x, test_x
 
 
@@ -96,20 +95,13 @@ def knn_accuracy(
 
 
 def knn_eval(
-    feature_fn,
-    variables,
-    train_images,
-    train_labels,
-    test_images,
-    test_labels,
-    num_classes: int,
-    k: int,
-    temperature: float,
+    feature_fn, variables, ds, data_cfg, num_classes: int, k: int, temperature: float
 ) -> float:
-    """Features of both splits with the frozen encoder, then knn_accuracy."""
-    tr = extract_features(feature_fn, variables, train_images, len(train_labels))
-    te = extract_features(feature_fn, variables, test_images, len(test_labels))
-    return knn_accuracy(tr, train_labels, te, test_labels, num_classes, k, temperature)
+    """Features of the labelled train split and the test split with the frozen encoder (read
+    from `ds`'s sources in chunks), then knn_accuracy."""
+    tr = extract_features(feature_fn, variables, stream.Reader(ds.train), len(ds.train), data_cfg)
+    te = extract_features(feature_fn, variables, stream.Reader(ds.test), len(ds.test), data_cfg)
+    return knn_accuracy(tr, ds.train_labels, te, ds.test_labels, num_classes, k, temperature)
 
 
 # ----------------------------------------------------------------------------- linear probe

@@ -15,7 +15,7 @@ import signal
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -116,13 +116,14 @@ def run(
     spec: LoopSpec,
     step_fn: Callable,
     state,
-    step_args: tuple,
+    inputs: Iterator[tuple],
     start_step: int,
     writer: MetricWriter,
     save: Callable[[int, Any], None] | None = None,
     on_epoch_end: Callable[[int, Any], dict] | None = None,
 ) -> LoopResult:
-    """Runs `state, metrics = step_fn(state, *step_args)` from start_step to spec.total_steps.
+    """Runs `state, metrics = step_fn(state, *next(inputs))` from start_step to spec.total_steps
+    (`inputs` yields each step's arguments, from start_step on: the streamed batch and keys).
 
     `save(step, state)` writes a checkpoint; `on_epoch_end(epoch, state)` returns extra scalars for
     that step's record (evaluations). Records of this phase after start_step are dropped first, so
@@ -137,7 +138,7 @@ def run(
     bar = progress_bar(spec.total_steps, start_step, spec.phase)
     with _StopFlag() as flag:
         while step < spec.total_steps:
-            state, metrics = step_fn(state, *step_args)
+            state, metrics = step_fn(state, *next(inputs))
             step, epoch_end = step + 1, (step + 1) % spec.steps_per_epoch == 0
             pending.append(metrics)
             last = step == spec.total_steps

@@ -1,6 +1,6 @@
-"""Devices: the one pmap axis name, replication of state and data, the per-device slice of a global
-batch, the chunked loop over examples that evaluations share, and jax.distributed set-up for
-multi-host runs."""
+"""Devices: the one pmap axis name, replication of state and sharding of host batches, the chunked
+loop over examples that evaluations share, and jax.distributed set-up for multi-host runs. (The
+data order and the per-process rows of a global batch: `stream.py`.)"""
 
 import logging
 import os
@@ -8,7 +8,6 @@ import urllib.request
 
 import jax
 import numpy as np
-from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
@@ -32,25 +31,6 @@ def replicate(tree, devices=None):
 def unreplicate(tree):
     """The first local device's copy of a replicated tree, as single-device arrays (no host copy)."""
     return jax.tree.map(lambda x: x.addressable_data(0)[0], tree)
-
-
-def epoch_permutation(key, epoch, num_examples: int):
-    """The data order of one epoch: a function of (key, epoch) only. (num_examples,) int32."""
-    return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
-
-
-def device_batch_ids(key, step, num_examples: int, global_batch: int):
-    """Inside pmap: the global example indices this device handles at `step`. (per_device,)
-
-    The global batch of step s is slice s % steps_per_epoch of the permutation of epoch
-    s // steps_per_epoch; device d takes its d-th contiguous part. The union over devices, and so
-    the result of a step, does not depend on the device count.
-    """
-    steps_per_epoch = num_examples // global_batch
-    n = global_batch // lax.axis_size(AXIS)
-    perm = epoch_permutation(key, step // steps_per_epoch, num_examples)
-    start = (step % steps_per_epoch) * global_batch + lax.axis_index(AXIS) * n
-    return lax.dynamic_slice(perm, (start,), (n,))
 
 
 def shard_indices(indices: np.ndarray, pad_to: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,3 +124,10 @@ def initialize_distributed(dist_cfg) -> None:
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+def shard(x, devices=None):
+    """A host array whose leading axis is the local devices -> one slice on each (pmap's input)."""
+    devices = jax.local_devices() if devices is None else devices
+    sharding = NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))
+    return jax.device_put(np.asarray(x), sharding)

@@ -13,7 +13,7 @@ import os
 import jax
 import numpy as np
 
-from simclr_jax import augment, evaluate, models, parallel, plots
+from simclr_jax import augment, evaluate, models, parallel, plots, stream
 from simclr_jax.metrics import METRICS_FILE, read_records
 from simclr_jax.plots import NEIGHBOURS_PNG, PRETRAIN_PNG, VIEWS_PNG
 from simclr_jax.train_state import (
@@ -25,18 +25,20 @@ from simclr_jax.train_state import (
 )
 
 
-def first_views(config, train_images: np.ndarray, n: int = 8) -> dict:
+def first_views(config, source, n: int = 8) -> dict:
     """The first `n` images of pretraining's first global batch and their two views at step 0,
     exactly as `pretrain.pretrain_step` draws them (the data order and the per-example keys are
-    functions of the seed, the step and the global example index)."""
-    perm = parallel.epoch_permutation(seed_key(config.seed, DATA_KEY), 0, len(train_images))
-    ids = np.asarray(perm[: min(n, len(train_images))])
+    functions of the seed, the step and the global example index). `source`: ds.pretrain."""
+    batch = min(config.pretrain.batch_size, len(source))
+    order = stream.Order(seed_key(config.seed, DATA_KEY), len(source), batch)
+    ids = order.batch(0)[: min(n, len(source))]
     spec = augment.spec_from_config(config)
     views = jax.jit(lambda key, images, ids: augment.two_views(key, 0, images, ids, spec))
-    v1, v2 = views(seed_key(config.seed, AUGMENT_KEY), train_images[ids], ids)
+    images = source.read(ids)
+    v1, v2 = views(seed_key(config.seed, AUGMENT_KEY), images, ids)
     return {
         "ids": ids,
-        "sources": train_images[ids],
+        "sources": images,
         "view1": np.asarray(v1),
         "view2": np.asarray(v2),
     }
@@ -44,7 +46,7 @@ def first_views(config, train_images: np.ndarray, n: int = 8) -> dict:
 
 def write_views(config, ds, workdir: str):
     """views.png; returns the figure."""
-    v = first_views(config, ds.train_images)
+    v = first_views(config, ds.pretrain)
     a = config.augment
     title = (
         f"{ds.name}: SimCLR views at step 0 (crop scale >= {a.crop_scale_min:g}, jitter "
@@ -95,13 +97,12 @@ def nearest_neighbours(
         bank = np.sort(np.random.default_rng(config.seed).permutation(n)[:max_bank])
     queries = query_indices(ds.test_labels, n_queries)
 
-    def features(images):
-        return evaluate.extract_features(
-            feature_fn, variables, parallel.replicate(images), len(images)
-        )
+    def features(source, ids):
+        reader = stream.Reader(source, index=ids)
+        return evaluate.extract_features(feature_fn, variables, reader, len(ids), config.data)
 
-    bank_h = evaluate.l2_normalize(features(ds.train_images[bank]))  # (B, F)
-    query_h = evaluate.l2_normalize(features(ds.test_images[queries]))  # (q, F)
+    bank_h = evaluate.l2_normalize(features(ds.train, bank))  # (B, F)
+    query_h = evaluate.l2_normalize(features(ds.test, queries))  # (q, F)
     sims = np.asarray(query_h @ bank_h.T)  # (q, B)
     order = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # (q, k)
     return {
@@ -125,9 +126,9 @@ def write_neighbours(config, ds, workdir: str, source: str, primary: bool = True
         f"encoder step {step}"
     )
     fig = plots.neighbours_grid(
-        ds.test_images[q],
+        ds.test.read(q),
         ds.test_labels[q],
-        ds.train_images[idx],
+        ds.train.read(idx.reshape(-1)).reshape(idx.shape + (ds.train.canvas,) * 2 + (3,)),
         ds.train_labels[idx],
         nn["sims"],
         os.path.join(workdir, NEIGHBOURS_PNG),

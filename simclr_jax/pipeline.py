@@ -118,13 +118,18 @@ def encoder_source(config, workdir: str) -> str:
 def _load_data(config):
     t0 = time.perf_counter()
     ds = data.load(config.data)
+    streamed = [r for r in ("pretrain", "train", "test") if not hasattr(getattr(ds, r), "images")]
     log.info(
-        "Loaded %s: %d train / %d test images in %.1fs on %d device(s).",
+        "Loaded %s: %d pretraining (%s) / %d labelled train / %d test images in %.1fs on %d "
+        "device(s)%s.",
         ds.name,
+        len(ds.pretrain),
+        config.data.pretrain_split,
         len(ds.train_labels),
         len(ds.test_labels),
         time.perf_counter() - t0,
         jax.device_count(),
+        f"; streamed from storage: {', '.join(streamed)}" if streamed else "",
     )
     return ds
 

@@ -1,6 +1,6 @@
-"""SimCLR pretraining: the pmapped step (gather a batch on device, two views, f and g, NT-Xent
-over the global batch, LARS update), the kNN monitor, and the run that resumes from, and writes,
-orbax checkpoints.
+"""SimCLR pretraining: the pmapped step (two views of this device's rows, f and g, NT-Xent over
+the global batch, LARS update), the kNN monitor, and the run that streams its batches
+(`stream.py`), resumes from, and writes, orbax checkpoints.
 """
 
 import functools
@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from simclr_jax import augment, data, evaluate, loop, losses, models, optim, parallel
+from simclr_jax import augment, data, evaluate, loop, losses, models, optim, parallel, stream
 from simclr_jax.checkpoint import Checkpointer
 from simclr_jax.errors import ConfigError
 from simclr_jax.train_state import (
@@ -30,15 +30,14 @@ from simclr_jax.train_state import (
 log = logging.getLogger(__name__)
 
 
-def pretrain_step(
-    state, images, data_key, aug_key, *, model, aug_cfg, temperature, global_batch, schedule
-):
+def pretrain_step(state, batch, aug_key, *, model, aug_cfg, temperature, schedule):
     """One SimCLR step on this device's share of the global batch (inside pmap over AXIS).
 
-    images: (N, H, W, 3) uint8, the whole train split on every device.
+    batch: {'images': (n, H, W, 3) uint8, 'ids': (n,) int32}, this device's rows of the step's
+    global batch and their global positions (`stream.Order`), from which the views' keys fold.
     """
-    ids = parallel.device_batch_ids(data_key, state.step, images.shape[0], global_batch)  # (n,)
-    v1, v2 = augment.two_views(aug_key, state.step, images[ids], ids, aug_cfg)  # (n, S, S, 3) x2
+    ids = batch["ids"]
+    v1, v2 = augment.two_views(aug_key, state.step, batch["images"], ids, aug_cfg)  # (n,S,S,3) x2
     views = data.normalize(jnp.concatenate([v1, v2]), aug_cfg)  # (2n, S, S, 3): BN sees both
 
     def loss_fn(params):
@@ -65,7 +64,6 @@ def make_step(config, schedule, devices=None):
         model=model,
         aug_cfg=augment.spec_from_config(config),
         temperature=config.pretrain.temperature,
-        global_batch=config.pretrain.batch_size,
         schedule=schedule,
     )
     return model, jax.pmap(step_fn, axis_name=parallel.AXIS, devices=devices, donate_argnums=(0,))
@@ -106,35 +104,43 @@ def restore_or_init(ckpt: Checkpointer, state: TrainState, config) -> tuple[Trai
     return state.replace(**tree), step
 
 
+def batches(config, source, start: int, stop: int):
+    """Steps start..stop-1's inputs, (batch, aug_key), on the local devices: `source`'s rows in
+    the order of (seed, step) (stream.Order), read on host threads."""
+    order = stream.Order(seed_key(config.seed, DATA_KEY), len(source), config.pretrain.batch_size)
+    aug_key = parallel.replicate(seed_key(config.seed, AUGMENT_KEY))
+    for batch in stream.train_batches(stream.Reader(source), order, start, stop, config.data):
+        yield batch, aug_key
+
+
 def run(config, ds, writer, ckpt: Checkpointer) -> tuple[TrainState, loop.LoopResult]:
-    """Pretrains (resuming from `ckpt` when it holds a checkpoint); returns the unreplicated state."""
+    """Pretrains on ds.pretrain (resuming from `ckpt` when it holds a checkpoint); returns the
+    unreplicated state."""
     pc = config.pretrain
     global_batch = pc.batch_size
-    spe = steps_per_epoch(len(ds.train_labels), global_batch)
+    spe = steps_per_epoch(len(ds.pretrain), global_batch)
     n_steps = total_steps(pc, spe)
     p_step, state = step_and_initial_state(config, spe, n_steps)
     state, start = restore_or_init(ckpt, state, config)
-
-    images = parallel.replicate(ds.train_images)
-    keys = parallel.replicate((seed_key(config.seed, DATA_KEY), seed_key(config.seed, AUGMENT_KEY)))
     meta = checkpoint_meta(config, "pretrain")
 
     def save(step, rstate):
         ckpt.save(step, state_tree(parallel.unreplicate(rstate)), meta)
 
     spec = loop.LoopSpec("pretrain", n_steps, spe, pc.log_every, pc.checkpoint_every, global_batch)
-    on_epoch_end = knn_monitor(config, ds, images) if pc.knn_every else None
+    on_epoch_end = knn_monitor(config, ds) if pc.knn_every else None
+    inputs = batches(config, ds.pretrain, start, n_steps)
     result = loop.run(
-        spec, p_step, parallel.replicate(state), (images, *keys), start, writer, save, on_epoch_end
+        spec, p_step, parallel.replicate(state), inputs, start, writer, save, on_epoch_end
     )
     return parallel.unreplicate(result.state), result
 
 
-def knn_monitor(config, ds, train_images):
-    """on_epoch_end callback: kNN test accuracy of the frozen encoder every knn_every epochs."""
+def knn_monitor(config, ds):
+    """on_epoch_end callback: kNN test accuracy of the frozen encoder every knn_every epochs
+    (features of the labelled train and test splits, streamed)."""
     model = models.build_model(config.model, dtype=compute_dtype(config))
     feature_fn = evaluate.make_feature_fn(model, augment.spec_from_config(config))
-    test_images = parallel.replicate(ds.test_images)
     dc = config.downstream
 
     def on_epoch_end(epoch, rstate):
@@ -142,15 +148,7 @@ def knn_monitor(config, ds, train_images):
             return {}
         variables = {"params": rstate.params, "batch_stats": rstate.batch_stats}
         acc = evaluate.knn_eval(
-            feature_fn,
-            variables,
-            train_images,
-            ds.train_labels,
-            test_images,
-            ds.test_labels,
-            ds.num_classes,
-            dc.knn_k,
-            dc.knn_temperature,
+            feature_fn, variables, ds, config.data, ds.num_classes, dc.knn_k, dc.knn_temperature
         )
         return {"knn_acc": acc}
 

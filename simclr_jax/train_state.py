@@ -78,17 +78,43 @@ def model_identity(model: dict) -> dict:
 
 
 def checkpoint_meta(config, phase: str) -> dict:
-    """What a checkpoint must agree with to be restored: the model and the data it was made for."""
-    return {
+    """What a checkpoint must agree with to be restored: the model and the data it was made for
+    (with `data.identity`, each split's source, size and fingerprint, where the loader set it)."""
+    meta = {
         "phase": phase,
         "model": model_identity(config.model.to_dict()),
         "data": {"name": config.data.name, "image_size": config.data.image_size},
     }
+    identity = config.data.get("identity")
+    if identity:
+        meta["data_identity"] = _plain(identity)
+    return meta
+
+
+def _plain(tree):
+    """ConfigDicts and tuples as the dicts and lists a checkpoint's JSON metadata reads back."""
+    if hasattr(tree, "to_dict"):
+        tree = tree.to_dict()
+    if isinstance(tree, dict):
+        return {k: _plain(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_plain(v) for v in tree]
+    return tree
 
 
 def check_meta(meta: dict, config, where: str) -> None:
-    """Raises CheckpointError when the checkpoint metadata `meta` (in `where`) is not `config`'s."""
+    """Raises CheckpointError when the checkpoint metadata `meta` (in `where`) is not `config`'s.
+    A checkpoint written before the data identity was recorded is checked on the rest."""
     want = checkpoint_meta(config, meta.get("phase", "pretrain"))
+    got_data, want_data = meta.get("data_identity"), want.get("data_identity")
+    if got_data and want_data and got_data != want_data:
+        changed = [k for k in want_data if got_data.get(k) != want_data[k]]
+        raise CheckpointError(
+            f"The checkpoint in {where} was trained on other data: its {', '.join(changed)} "
+            f"split(s) were {[got_data.get(k) for k in changed]}, the config now reads "
+            f"{[want_data[k] for k in changed]}. Resuming would go on in another order over other "
+            f"images: point config.data at the data it was trained on, or use another --workdir."
+        )
     for key in ("model", "data"):
         got = meta.get(key)
         if key == "model" and isinstance(got, dict):

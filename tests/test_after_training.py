@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import simclr_jax
-from simclr_jax import augment, data, encoder, models, parallel, pictures, plots, report
+from simclr_jax import augment, data, encoder, models, pictures, plots, report, sources
 from simclr_jax.errors import CheckpointError
 from simclr_jax.train_state import DATA_KEY, compute_dtype, restore_encoder, seed_key
 from tests.helpers import TINY_FLAGS, run_cli
@@ -54,7 +54,7 @@ def test_load_encoder_matches_the_models_own_encode(run):
     workdir, config, ds = run["workdir"], run["config"], run["ds"]
     enc = simclr_jax.load_encoder(workdir)  # the workdir: its newest pretraining checkpoint
     assert enc.step == STEPS and enc.source.endswith(os.path.join("checkpoints", "pretrain"))
-    images = ds.test_images[:20]  # (20, S, S, 3) uint8
+    images = ds.test.read(np.arange(20))  # (20, S, S, 3) uint8
 
     # The model's own encode, with f as downstream restores it.
     f, step = restore_encoder(config, os.path.join(workdir, "checkpoints", "pretrain"))
@@ -90,7 +90,7 @@ def test_the_portable_export_is_the_final_state(run):
     jax.tree.map(np.testing.assert_array_equal, exported.variables, {
         "params": tree["params"], "batch_stats": tree["batch_stats"]
     })  # fmt: skip
-    images = run["ds"].test_images[:8]
+    images = run["ds"].test.read(np.arange(8))
     from_ckpt = simclr_jax.load_encoder(os.path.join(workdir, "checkpoints", "pretrain"))
     np.testing.assert_array_equal(exported(images), from_ckpt(images))
 
@@ -119,18 +119,16 @@ def test_the_pictures_are_written_and_linked_from_the_report(run):
 
 def test_views_are_the_first_steps_own(run, tmp_path):
     config, ds = run["config"], run["ds"]
-    v = pictures.first_views(config, ds.train_images)
-    # Step 0's global batch, as pretrain_step draws it on one device.
-    ids_fn = jax.pmap(
-        lambda key: parallel.device_batch_ids(key, 0, len(ds.train_images), 32),
-        axis_name=parallel.AXIS,
-        devices=jax.devices()[:1],
-    )
-    batch_ids = np.asarray(ids_fn(parallel.replicate(seed_key(0, DATA_KEY), jax.devices()[:1])))[0]
+    v = pictures.first_views(config, ds.pretrain)
+    # Step 0's global batch, as the stream feeds it to pretrain_step: the first 32 of the
+    # first epoch's permutation.
+    perm = jax.random.permutation(jax.random.fold_in(seed_key(0, DATA_KEY), 0), len(ds.pretrain))
+    batch_ids = np.asarray(perm)[:32]
+    train_images = sources.read_all(ds.pretrain)
     np.testing.assert_array_equal(v["ids"], batch_ids[:8])
-    np.testing.assert_array_equal(v["sources"], ds.train_images[batch_ids[:8]])
+    np.testing.assert_array_equal(v["sources"], train_images[batch_ids[:8]])
     spec = augment.spec_from_config(config)
-    v1, v2 = augment.two_views(seed_key(0, 2), 0, ds.train_images[batch_ids], batch_ids, spec)
+    v1, v2 = augment.two_views(seed_key(0, 2), 0, train_images[batch_ids], batch_ids, spec)
     np.testing.assert_allclose(v["view1"], v1[:8], atol=1e-6)
     np.testing.assert_allclose(v["view2"], v2[:8], atol=1e-6)
     assert not np.allclose(v["view1"], v["view2"])
@@ -183,9 +181,9 @@ def test_neighbours_are_the_nearest_in_h_space(run, tmp_path):
     np.testing.assert_array_equal(ds.test_labels[nn["queries"]], np.arange(8))  # a class each
     # The same neighbours from load_encoder's h: the top-5 cosine similarities agree.
     enc = simclr_jax.load_encoder(workdir)
-    bank = np.asarray(enc(ds.train_images), np.float64)
+    bank = np.asarray(enc(sources.read_all(ds.train)), np.float64)
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
-    q = np.asarray(enc(ds.test_images[nn["queries"]]), np.float64)
+    q = np.asarray(enc(ds.test.read(nn["queries"])), np.float64)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     sims = q @ bank.T  # (8, N)
     np.testing.assert_allclose(np.sort(sims, axis=1)[:, ::-1][:, :5], nn["sims"], atol=1e-4)

@@ -19,6 +19,8 @@ from simclr_jax import (
     parallel,
     pipeline,
     report,
+    sources,
+    stream,
     train_state,
 )
 from simclr_jax.errors import CheckpointError
@@ -79,9 +81,14 @@ def step_setup():
     labels = np.arange(64, dtype=np.int32) % 10
     schedule = optim.make_schedule(dc, 2, 4)
     model, p_step = classifier.make_classifier_step(config, schedule, num_classes=10)
-    args = parallel.replicate(
-        (images, labels, train_state.seed_key(0, 4), train_state.seed_key(0, 5))
-    )
+    source = sources.ArraySource(images, labels, "random")
+    order = stream.Order(train_state.seed_key(0, 4), 64, dc.batch_size)
+    aug_key = parallel.replicate(train_state.seed_key(0, 5))
+
+    def args(step):  # step's rows over every local device, as the stream gives them
+        batch = stream.Reader(source, labels=True)(order.local(step))
+        return jax.tree.map(parallel.shard, batch), aug_key
+
     return config, model, optim.make_optimizer(dc, schedule), p_step, args
 
 
@@ -89,8 +96,8 @@ def _train(step_setup, encoder=None, steps=3):
     _, model, tx, p_step, args = step_setup
     state = train_state.create_state(model, tx, train_state.seed_key(0, 3), 32, encoder)
     rstate, losses = parallel.replicate(state), []
-    for _ in range(steps):
-        rstate, metrics = p_step(rstate, *args)
+    for step in range(steps):
+        rstate, metrics = p_step(rstate, *args(step))
         losses.append(float(metrics["loss"][0]))
         assert 0.0 <= float(metrics["accuracy"][0]) <= 1.0
     return np.array(losses), parallel.unreplicate(rstate)

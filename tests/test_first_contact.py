@@ -80,7 +80,7 @@ def test_a_run_that_fails_before_any_work_leaves_the_workdir_as_it_found_it(tmp_
     assert json.loads((existing / "config.json").read_text()) == old_config
 
 
-@pytest.mark.parametrize("name", ["cifar_simclr", "cifar_cpu", "digits_simclr"])
+@pytest.mark.parametrize("name", ["cifar_simclr", "cifar_cpu", "digits_simclr", "imagenet_simclr"])
 def test_every_shipped_config_passes_the_config_check(name):
     import importlib
 
@@ -90,4 +90,4 @@ def test_every_shipped_config_passes_the_config_check(name):
     config_lib.validate(config)  # raises ConfigError naming the key otherwise
     folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
     shipped = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f[0] != "_")
-    assert name in shipped and len(shipped) == 3  # a new config joins the list above
+    assert name in shipped and len(shipped) == 4  # a new config joins the list above

@@ -14,6 +14,7 @@ The pretrain step is built exactly as `pretrain.run` builds it, with the tiny mo
 """
 
 import contextlib
+import itertools
 import os
 import re
 import types
@@ -25,7 +26,17 @@ import numpy as np
 import pytest
 
 from configs import cifar_simclr
-from simclr_jax import cpu_conv, loop, models, optim, parallel, pretrain, train_state, xla_env
+from simclr_jax import (
+    cpu_conv,
+    loop,
+    models,
+    optim,
+    parallel,
+    pretrain,
+    sources,
+    train_state,
+    xla_env,
+)
 from simclr_jax.metrics import MetricWriter
 
 IMAGE_SIZE = 16
@@ -47,7 +58,8 @@ def tiny_config(precision="float32"):
 
 
 def build_step(config):
-    """(p_step, replicated state, step args) as pretrain.run builds them."""
+    """(p_step, replicated state, an iterator of the steps' args) as pretrain.run builds them:
+    the batches streamed from a source (their transfers are explicit device_puts)."""
     pc = config.pretrain
     schedule = optim.make_schedule(pc, 4, 100)
     model, p_step = pretrain.make_step(config, schedule)
@@ -58,15 +70,8 @@ def build_step(config):
     images = np.random.default_rng(0).integers(
         0, 256, (4 * pc.batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8
     )
-    keys = (
-        train_state.seed_key(0, train_state.DATA_KEY),
-        train_state.seed_key(0, train_state.AUGMENT_KEY),
-    )
-    return (
-        p_step,
-        parallel.replicate(state),
-        (parallel.replicate(images), *parallel.replicate(keys)),
-    )
+    source = sources.ArraySource(images, np.zeros(len(images), np.int32), "random")
+    return p_step, parallel.replicate(state), pretrain.batches(config, source, 0, 100)
 
 
 @contextlib.contextmanager
@@ -96,13 +101,13 @@ def steady_state():
     compile events of each phase and whether each step deleted its input state."""
     p_step, state, args = build_step(tiny_config())
     with count_compile_events() as first:
-        state, metrics = p_step(state, *args)
+        state, metrics = p_step(state, *next(args))
         jax.block_until_ready(metrics)
     deleted, losses = [], []
     with count_compile_events() as steady, jax.transfer_guard("disallow"):
         for _ in range(3):
             old = state
-            state, metrics = p_step(state, *args)
+            state, metrics = p_step(state, *next(args))
             leaves = jax.tree.leaves((old.params, old.batch_stats, old.opt_state, old.step))
             deleted.append([x.is_deleted() for x in leaves])
             losses.append(metrics["loss"])
@@ -136,12 +141,12 @@ def _conv_types(hlo_text: str) -> list[list[str]]:
 
 def test_bfloat16_computes_convs_in_bf16_and_keeps_float32_state():
     p_step, state, args = build_step(tiny_config("bfloat16"))
-    new_state, metrics = jax.eval_shape(p_step, state, *args)
+    new_state, metrics = jax.eval_shape(p_step, state, *next(args))
     for tree in (new_state.params, new_state.opt_state, new_state.batch_stats):
         floats = {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
         assert floats == {jnp.dtype(jnp.float32)}  # (the optimizer's step count is int32)
     assert metrics["loss"].dtype == jnp.float32
-    convs = _conv_types(p_step.lower(state, *args).as_text())
+    convs = _conv_types(p_step.lower(state, *next(args)).as_text())
     assert len(convs) >= 6  # forward and input-gradient convs of the 5 convs
     assert all(t == ["bf16", "bf16", "bf16"] for t in convs), convs
     # h comes back float32 even though the convs are bf16.
@@ -155,7 +160,7 @@ def test_bfloat16_computes_convs_in_bf16_and_keeps_float32_state():
 
 def test_float32_step_has_no_bf16_convs():
     p_step, state, args = build_step(tiny_config("float32"))
-    convs = _conv_types(p_step.lower(state, *args).as_text())
+    convs = _conv_types(p_step.lower(state, *next(args)).as_text())
     assert convs and all(t == ["f32", "f32", "f32"] for t in convs)
 
 
@@ -190,7 +195,7 @@ def test_loop_fetches_metrics_only_at_log_steps(tmp_path, monkeypatch):
     step = jax.jit(lambda s: (s + 1, {"loss": s.astype(jnp.float32)}))
     spec = loop.LoopSpec("pretrain", 10, 100, log_every=4, checkpoint_every=0, images_per_step=1)
     writer = MetricWriter(str(tmp_path), enabled=False)
-    loop.run(spec, step, jnp.int32(0), (), 0, writer)
+    loop.run(spec, step, jnp.int32(0), itertools.repeat(()), 0, writer)
     assert fetches == [4, 4, 2]  # steps 4, 8 and the last, each fetching its pending metrics
 
 

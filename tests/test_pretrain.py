@@ -10,7 +10,18 @@ import numpy as np
 import optax
 import pytest
 
-from simclr_jax import augment, data, losses, models, optim, parallel, pretrain, train_state
+from simclr_jax import (
+    augment,
+    data,
+    losses,
+    models,
+    optim,
+    parallel,
+    pretrain,
+    sources,
+    stream,
+    train_state,
+)
 from simclr_jax.errors import ConfigError
 from tests.helpers import TINY_FLAGS, max_param_diff, run_cli, tiny_config
 
@@ -25,20 +36,33 @@ def _loss_curve(config, images, devices, steps=3):
         model, optim.make_optimizer(pc, schedule), train_state.seed_key(0, 0), 32
     )
     rep = functools.partial(parallel.replicate, devices=devices)
-    keys = rep((train_state.seed_key(0, 1), train_state.seed_key(0, 2)))
-    rstate, rimages = rep(state), rep(images)
-    losses = []
-    for _ in range(steps):
-        rstate, metrics = p_step(rstate, rimages, *keys)
+    aug_key, rstate, losses = rep(train_state.seed_key(0, 2)), rep(state), []
+    for step in range(steps):
+        rstate, metrics = p_step(
+            rstate, device_batch(images, step, pc.batch_size, devices), aug_key
+        )
         losses.append(float(metrics["loss"][0]))
     return np.array(losses), parallel.unreplicate(rstate)
+
+
+def device_batch(images, step: int, batch_size: int, devices):
+    """Step `step`'s global batch of `images` in the data order of seed 0, split over `devices`
+    as the stream splits it over a process's devices."""
+    source = sources.ArraySource(images, np.zeros(len(images), np.int32), "test")
+    order = stream.Order(train_state.seed_key(0, 1), len(images), batch_size)
+    batch = stream.Reader(source)(order.batch(step).reshape(len(devices), -1))
+    return jax.tree.map(lambda x: parallel.shard(x, devices), batch)
+
+
+def digits_train_images(n: int) -> np.ndarray:
+    return data.load_digits()[0].images[:n]
 
 
 def test_loss_curve_is_the_same_on_1_2_4_8_devices():
     if jax.device_count() < 8:
         pytest.skip("needs 8 (simulated) devices")
     config = tiny_config()
-    images = data.load_digits().train_images[:128]
+    images = digits_train_images(128)
     ref, ref_state = _loss_curve(config, images, jax.devices()[:1])
     assert np.all(np.isfinite(ref)) and ref[0] > ref[-1] - 1.0
     for n in (2, 4, 8):
@@ -59,7 +83,7 @@ def test_projections_do_not_collapse(bn_output):
     # The 2-layer head the collapse was found with (on the 1-2 channels of the tiny test model
     # a deeper head without BN on z starts out more aligned, collapse or not).
     config = tiny_config(**{"model.head_bn_output": bn_output, "model.head_layers": 2})
-    images = data.load_digits().train_images[:128]
+    images = digits_train_images(128)
     losses, state = _loss_curve(config, images, jax.devices()[:1], steps=6)
     model = models.build_model(config.model)
     spec = augment.spec_from_config(config)
@@ -72,22 +96,6 @@ def test_projections_do_not_collapse(bn_output):
     off_diagonal = (z @ z.T)[~np.eye(64, dtype=bool)]
     assert off_diagonal.mean() < 0.5, (off_diagonal.mean(), losses)
     assert np.ptp(losses[3:]) > 1e-3, losses  # not frozen at log(2N - 1)
-
-
-def test_device_batch_ids_cover_the_epoch_without_repeats():
-    if jax.device_count() < 4:
-        pytest.skip("needs 4 (simulated) devices")
-    devices = jax.devices()[:4]
-    key = parallel.replicate(train_state.seed_key(0, 1), devices)
-    ids_fn = jax.pmap(
-        lambda k, s: parallel.device_batch_ids(k, s, 40, 8),
-        axis_name=parallel.AXIS,
-        devices=devices,
-    )
-    epoch = [np.asarray(ids_fn(key, parallel.replicate(np.int32(s), devices))) for s in range(5)]
-    flat = np.concatenate([e.reshape(-1) for e in epoch])  # 5 steps x 8 = one epoch of 40
-    assert sorted(flat.tolist()) == list(range(40))
-    assert epoch[0].shape == (4, 2)
 
 
 def test_augment_spec_carries_image_size_and_normalisation():
@@ -148,21 +156,25 @@ def test_the_step_descends_twice_the_reported_loss():
     config = tiny_config(
         **{"pretrain.optimizer": "sgd", "pretrain.momentum": 0.0, "pretrain.weight_decay": 0.0}
     )
-    images = data.load_digits().train_images[:64]
+    images = digits_train_images(64)
     device, lr = jax.devices()[:1], 0.1
     schedule = optax.constant_schedule(lr)
     model, p_step = pretrain.make_step(config, schedule, device)
     tx = optim.make_optimizer(config.pretrain, schedule)
     state = train_state.create_state(model, tx, train_state.seed_key(0, 0), 32)
-    keys = (train_state.seed_key(0, 1), train_state.seed_key(0, 2))
-    rep = functools.partial(parallel.replicate, devices=device)
-    new, metrics = p_step(rep(state), rep(images), *rep(keys))
+    aug_key = train_state.seed_key(0, 2)
+    batch = device_batch(images, 0, 32, device)
+    new, metrics = p_step(
+        parallel.replicate(state, device), batch, parallel.replicate(aug_key, device)
+    )
     new = parallel.unreplicate(new)
 
     # The same views outside the step, and L's gradient by the plain formula.
     spec = augment.spec_from_config(config)
-    ids = np.asarray(parallel.epoch_permutation(keys[0], 0, 64))[:32]
-    v1, v2 = augment.two_views(keys[1], 0, images[ids], ids, spec)
+    ids = np.asarray(jax.random.permutation(jax.random.fold_in(train_state.seed_key(0, 1), 0), 64))[
+        :32
+    ]
+    v1, v2 = augment.two_views(aug_key, 0, images[ids], ids, spec)
     views = data.normalize(jnp.concatenate([v1, v2]), spec)
     plain = models.build_model(config.model)  # one device: no BN axis needed
 

@@ -1,0 +1,190 @@
+"""Random-access sources of uint8 images at the canvas size, one per kind of dataset.
+
+Every source answers `len(source)`, `source.labels` ((N,) int32, -1 where a split is unlabelled),
+`source.read(ids) -> (k, canvas, canvas, 3) uint8` and `source.identity()` (what a checkpoint
+records of the data: the source, the number of examples and a fingerprint). Nothing here decides
+an order or touches a device: `stream.py` asks for the rows of each step.
+
+* `ArraySource`: images already in host memory (the embedded digits, or a small split cached);
+* `TfdsSource`: a prepared tfds dataset through `tfds.data_source` (array_record: random access,
+  no TensorFlow), decoded on each read;
+* `FolderSource`: image files in torchvision's ImageFolder layout (`images.scan_split`), decoded
+  on each read;
+* `Concat` (several splits as one, e.g. STL-10's train+unlabelled) and `Take` (the first n).
+"""
+
+import dataclasses
+import hashlib
+import os
+
+import numpy as np
+
+from simclr_jax import images as image_files
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArraySource:
+    """(N, S, S, 3) uint8 images and (N,) labels in host memory."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def canvas(self) -> int:
+        return self.images.shape[1]
+
+    def read(self, ids) -> np.ndarray:
+        return self.images[np.asarray(ids)]
+
+    def identity(self) -> dict:
+        digest = hashlib.sha1(np.ascontiguousarray(self.labels).tobytes())
+        step = max(1, len(self) // 64)  # 64 images sampled: cheap, and any other data differs
+        digest.update(np.ascontiguousarray(self.images[::step]).tobytes())
+        return {
+            "source": self.name,
+            "num_examples": len(self),
+            "fingerprint": digest.hexdigest()[:16],
+        }
+
+
+class TfdsSource:
+    """One split of a prepared tfds dataset, read through `tfds.data_source` with the images left
+    encoded (`SkipDecoding`): labels come without decoding a pixel, and each read decodes its
+    images with `images.decode`, the folder's decoder (PNG is lossless: CIFAR-10's pixels are
+    the ones tfds itself decodes)."""
+
+    def __init__(self, data_source, name: str, split: str, version: str, canvas: int):
+        self._source, self.name, self.canvas = data_source, f"tfds:{name}/{split}", canvas
+        self._version = version
+        n = len(data_source)
+        labels = []
+        for start in range(0, n, 4096):  # an unlabelled split (STL-10's) has -1 or no label
+            rows = data_source.__getitems__(list(range(start, min(n, start + 4096))))
+            labels += [int(r.get("label", -1)) for r in rows]
+        self.labels = np.asarray(labels, np.int32)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, ids) -> np.ndarray:
+        rows = self._source.__getitems__([int(i) for i in np.asarray(ids)])
+        return _stack([image_files.decode(r["image"], self.canvas) for r in rows], self.canvas)
+
+    def identity(self) -> dict:
+        text = f"{self.name}:{self._version}:{len(self)}".encode()
+        return {
+            "source": self.name,
+            "num_examples": len(self),
+            "fingerprint": hashlib.sha1(text + self.labels.tobytes()).hexdigest()[:16],
+        }
+
+
+class FolderSource:
+    """The readable files of one split of an image folder (`images.verify` has dropped the rest)."""
+
+    def __init__(self, root: str, split: image_files.FolderSplit, canvas: int):
+        self.root, self.split, self.canvas = root, split, canvas
+        self.name = f"folder:{os.path.join(root, split.split)}"
+        self.labels = np.asarray(split.labels, np.int32)
+        self.classes = split.classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, ids) -> np.ndarray:
+        # Files were decoded once by images.verify: one failing now changed since (a DataError).
+        paths = (os.path.join(self.root, self.split.files[int(i)]) for i in np.asarray(ids))
+        return _stack([image_files.decode(p, self.canvas) for p in paths], self.canvas)
+
+    def identity(self) -> dict:
+        return {
+            "source": self.name,
+            "num_examples": len(self),
+            "fingerprint": self.split.fingerprint(),
+        }
+
+
+class Concat:
+    """Several sources read as one: ids [0, len(a)) are a's, then b's, ..."""
+
+    def __init__(self, parts: list):
+        self.parts, self.canvas = parts, parts[0].canvas
+        self.name = "+".join(p.name for p in parts)
+        self._starts = np.cumsum([0] + [len(p) for p in parts])
+        self.labels = np.concatenate([p.labels for p in parts])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def read(self, ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        out = np.empty((len(ids), self.canvas, self.canvas, 3), np.uint8)
+        which = np.searchsorted(self._starts, ids, side="right") - 1
+        for k, part in enumerate(self.parts):
+            rows = np.flatnonzero(which == k)
+            if len(rows):
+                out[rows] = part.read(ids[rows] - self._starts[k])
+        return out
+
+    def identity(self) -> dict:
+        ids = [p.identity() for p in self.parts]
+        joined = "".join(i["fingerprint"] for i in ids).encode()
+        return {
+            "source": self.name,
+            "num_examples": len(self),
+            "fingerprint": hashlib.sha1(joined).hexdigest()[:16],
+        }
+
+
+class Take:
+    """The first n examples of a source (config.data.max_train_examples)."""
+
+    def __init__(self, source, n: int):
+        self.source, self.n, self.canvas, self.name = source, n, source.canvas, source.name
+        self.labels = source.labels[:n]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def read(self, ids) -> np.ndarray:
+        return self.source.read(ids)
+
+    def identity(self) -> dict:
+        inner = self.source.identity()
+        return {**inner, "num_examples": self.n, "of": inner["num_examples"]}
+
+
+def read_all(source, chunk: int = 2048) -> np.ndarray:
+    """The whole source in host memory, (N, S, S, 3) uint8, read in chunks."""
+    out = np.empty((len(source), source.canvas, source.canvas, 3), np.uint8)
+    for start in range(0, len(source), chunk):
+        ids = np.arange(start, min(len(source), start + chunk))
+        out[ids] = source.read(ids)
+    return out
+
+
+def cached(source, max_bytes: float):
+    """`source` read once into host memory (an ArraySource keeping its identity) when its pixels
+    fit in `max_bytes`; else the source itself, read on each access."""
+    if isinstance(source, ArraySource):
+        return source
+    if len(source) * source.canvas**2 * 3 > max_bytes:
+        return source
+    return _Cached(read_all(source), source.labels, source.name, source.identity())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Cached(ArraySource):
+    inner_identity: dict = dataclasses.field(default_factory=dict)
+
+    def identity(self) -> dict:  # the same run whether it was cached or streamed
+        return self.inner_identity
+
+
+def _stack(rows: list[np.ndarray], canvas: int) -> np.ndarray:
+    """Decoded canvases (canvas, canvas, 3) as one (k, canvas, canvas, 3) array."""
+    return np.stack(rows) if rows else np.empty((0, canvas, canvas, 3), np.uint8)
