@@ -6,7 +6,9 @@
 # Prepared here first (the device reaches no network and takes 64 MiB with the working tree):
 #   echo /.whl/ >> .git/info/exclude; echo /.devdata/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 -d .whl ml-collections tensorboardX   # not in its image
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#       --platform manylinux2014_x86_64 -d .whl ml-collections tensorboardX grain array-record \
+#       portpicker   # not in its image
 #   python benchmarks/recipe_run.py --data-dir ../shared/tensorflow_datasets \
 #       --pack .devdata/cifar_pack.npz --pack-train 15000 --pack-test 5000  # 54.4 MiB
 # then, as one call: run(command="bash benchmarks/gpu_run.sh", carry=[".whl", ".devdata"],

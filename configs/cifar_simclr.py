@@ -51,10 +51,10 @@ def _data() -> ml_collections.ConfigDict:
     # Host side: images are decoded to a square canvas (shorter side resized to it, centre crop;
     # 0 = the dataset's own fixed size, CIFAR-10's 32, else image_size); the crops come from it.
     d.canvas = 0
-    d.cache_gb = 1.0  # a split whose canvases fit in this many GiB is read into memory once
+    d.cache_gb = 0.25  # a split whose canvases fit in this many GiB is read into memory once
     d.read_threads = 0  # host threads that read and decode (0 = one per core, at most 16)
     d.prefetch = 2  # batches read ahead: this many on the host and this many on the devices
-    d.max_bad_fraction = 0.1  # of a split's files that may fail to decode (skipped, named); more stops
+    d.max_bad_fraction = 0.1  # of a split's files that may not decode (skipped, named); more: stop
     # Per-channel input normalisation (x - mean) / std of pixels in [0, 1]; () = the train
     # split's statistics, computed when the data is loaded (and written to config.json).
     d.mean = ()

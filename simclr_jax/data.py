@@ -297,9 +297,15 @@ def _tfds_splits(data_cfg) -> tuple[dict, int]:
             found = tfds.data_source(
                 name, split=split, data_dir=where, download=False, decoders=decoders
             )
+            # Reads every record once (its labels): a damaged file shows here, before any work.
+            return sources.TfdsSource(found, name, split, str(builder.version), canvas)
         except Exception as err:
-            raise _not_prepared(name, where, f"{type(err).__name__}: {err}") from err
-        return sources.TfdsSource(found, name, split, str(builder.version), canvas)
+            raise DataError(
+                f"Could not read the {split!r} split of {name!r} under {where} "
+                f"({type(err).__name__}: {err}). The prepared files look damaged: delete "
+                f"{name}/ there and prepare it again (`{prepare_command(name, where)}`), or use "
+                f"another copy."
+            ) from err
 
     num_classes = features["label"].num_classes if "label" in features else 0
     return _assemble(data_cfg, open_split), num_classes

@@ -99,9 +99,13 @@ class Reader:
 
 
 def read_options(data_cfg) -> grain.ReadOptions:
-    """Host threads and host-side prefetch depth (config.data.read_threads / prefetch)."""
+    """Host threads (config.data.read_threads) and the host batches read ahead: at least one
+    per thread, since grain runs no more threads than its buffer holds (config.data.prefetch
+    raises it). Host memory holds at most that many batches."""
     threads = data_cfg.read_threads or min(16, os.cpu_count() or 1)
-    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=data_cfg.prefetch)
+    return grain.ReadOptions(
+        num_threads=threads, prefetch_buffer_size=max(threads, data_cfg.prefetch)
+    )
 
 
 def to_devices(batches, depth: int):
