@@ -1,0 +1,67 @@
+"""The baselines of a recipe_run result, on its own labelled images and test split: chance, raw
+pixels (the project's linear probe, scikit-learn's default LogisticRegression, the weighted kNN)
+and the same network at its initialisation, frozen (linear probe, kNN). The frozen encoder's
+probes are the ones recipe_run.frozen_all_labels fits (every train label, same settings).
+
+  python benchmarks/subset_baselines.py --npz .devdata/cifar_pack.npz --precision bfloat16
+Results: results/<tag>.json. Slow on a CPU at width 1 (the random encoder's features: minutes).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import recipe_run  # noqa: E402
+import throughput  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--npz", required=True)
+    p.add_argument("--config", default="configs/cifar_simclr.py")
+    p.add_argument("--precision", default="bfloat16")
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--out", default=throughput.RESULTS)
+    p.add_argument("--tag", default="cifar-subset-baselines")
+    args = p.parse_args(argv)
+    rargs = recipe_run.parse_args(["--npz", args.npz, "--config", args.config,
+                                   "--precision", args.precision] + sum((["--set", s] for s in args.set), []))  # fmt: skip
+    from sklearn.linear_model import LogisticRegression
+
+    from simclr_jax import data, downstream, evaluate
+
+    config = recipe_run.load_config(rargs)
+    ds = recipe_run.load_data(config, rargs)
+    config = data.with_stats(config, ds)
+    every = np.arange(len(ds.train))
+    y, ty, k = ds.train_labels, ds.test_labels, ds.num_classes
+    out = {"train_images": len(ds.train), "test_images": len(ds.test), "chance": 1.0 / k}
+    t0 = time.perf_counter()
+    px, tpx = downstream.pixel_features(config, ds, every)
+    out["pixels_linear_probe"] = evaluate.configured_linear_probe(config, px, y, tpx, ty, k)[
+        "test_acc"
+    ]
+    sk = LogisticRegression(max_iter=1000).fit(px, y)  # scikit-learn's defaults, pixels in [0, 1]
+    out["pixels_sklearn_default_logreg"] = float(np.mean(sk.predict(tpx) == ty))
+    out["pixels_knn"] = evaluate.knn_accuracy(px, y, tpx, ty, k, 200, 0.1)
+    out["pixels_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rx, trx = evaluate.frozen_features(config, ds, every, downstream.random_encoder(config))
+    out["random_init_linear_probe"] = evaluate.configured_linear_probe(config, rx, y, trx, ty, k)[
+        "test_acc"
+    ]
+    out["random_init_knn"] = evaluate.knn_accuracy(rx, y, trx, ty, k, 200, 0.1)
+    out["random_s"] = time.perf_counter() - t0
+    out["command"] = " ".join(["subset_baselines.py", *(argv or sys.argv[1:])])
+    for key, value in out.items():
+        print(f"{key}: {value}")
+    throughput.save_json(out, args.out, f"{args.tag}.json")
+
+
+if __name__ == "__main__":
+    main()
