@@ -121,8 +121,9 @@ def random_encoder(config) -> dict:
 
 
 def pixel_features(config, ds, subset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Raw pixels in [0, 1] at the encoder's input size or downstream.pixel_size (what the encoder sees, before its
-    normalisation), flattened: (n, S*S*3) of the subset and (m, S*S*3) of the test split."""
+    """Raw pixels in [0, 1] at the encoder's input size, what the encoder sees before its
+    normalisation (or at downstream.pixel_size where set, for images too large to fit),
+    flattened: (n, S*S*3) of the subset and (m, S*S*3) of the test split."""
     import jax  # noqa: PLC0415
 
     size = config.downstream.get("pixel_size") or config.data.image_size

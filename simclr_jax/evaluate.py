@@ -16,11 +16,11 @@ from simclr_jax.train_state import LINEAR_KEY, compute_dtype
 
 
 def make_feature_fn(model, spec):
-    """pmapped (variables, batch {'images': (n, H, W, 3) uint8, 'ids': (n,)}) -> h (n, F) float32,
-    BN frozen. spec: `augment.spec_from_config` (image size, normalisation)."""
+    """pmapped (variables, images (n, H, W, 3) uint8) -> h (n, F) float32, BN frozen.
+    spec: `augment.spec_from_config` (image size, normalisation)."""
 
-    def features(variables, batch):
-        x = augment.downstream_batch(None, 0, batch["images"], None, False, spec.image_size)
+    def features(variables, images):
+        x = augment.downstream_batch(None, 0, images, None, False, spec.image_size)
         return model.apply(variables, data.normalize(x, spec), train=False, method="encode")
 
     return jax.pmap(features, axis_name=parallel.AXIS)
@@ -31,7 +31,7 @@ def extract_features(feature_fn, variables, reader, num_examples: int, data_cfg)
     (num_examples, F) float32. `variables` are replicated (leading local-device axis)."""
     out = []
     for ids, batch in stream.eval_chunks(reader, num_examples, data_cfg):
-        feats = feature_fn(variables, {"images": batch["images"], "ids": batch["ids"]})
+        feats = feature_fn(variables, batch["images"])  # (local_devices, per_device, F)
         feats = multihost_utils.process_allgather(feats, tiled=True)  # (devices, per_device, F)
         out.append(np.asarray(feats).reshape(-1, feats.shape[-1])[: len(ids)])
     return np.concatenate(out)

@@ -18,14 +18,10 @@ EVAL_CHUNK = 256  # images per device per evaluation call (bounds the activation
 
 def replicate(tree, devices=None):
     """Copies a host/single-device tree onto every local device (leading axis = local devices)."""
-    devices = jax.local_devices() if devices is None else devices
-    n, sharding = len(devices), NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))
-
-    def put(x):
-        x = np.asarray(x)
-        return jax.device_put(np.broadcast_to(x, (n,) + x.shape), sharding)
-
-    return jax.tree.map(put, tree)
+    n = len(jax.local_devices() if devices is None else devices)
+    return jax.tree.map(
+        lambda x: shard(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), devices), tree
+    )
 
 
 def unreplicate(tree):

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from simclr_jax import checkpoint, data, encoder, parallel, pictures, pretrain, report
+from simclr_jax import checkpoint, data, encoder, parallel, pictures, pretrain, report, sources
 from simclr_jax import config as config_lib
 from simclr_jax.errors import CheckpointError, WorkdirError
 from simclr_jax.lock import LOCK_FILE, WorkdirLock
@@ -118,7 +118,11 @@ def encoder_source(config, workdir: str) -> str:
 def _load_data(config):
     t0 = time.perf_counter()
     ds = data.load(config.data)
-    streamed = [r for r in ("pretrain", "train", "test") if not hasattr(getattr(ds, r), "images")]
+    streamed = [
+        r
+        for r in ("pretrain", "train", "test")
+        if not isinstance(getattr(ds, r), sources.ArraySource)
+    ]
     log.info(
         "Loaded %s: %d pretraining (%s) / %d labelled train / %d test images in %.1fs on %d "
         "device(s)%s.",

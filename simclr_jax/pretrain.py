@@ -75,7 +75,7 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
             f"config.pretrain.batch_size={global_batch} is larger than the {num_examples} training "
             f"images; lower it."
         )
-    return num_examples // global_batch
+    return stream.steps_per_epoch(num_examples, global_batch)
 
 
 def total_steps(section, spe: int) -> int:

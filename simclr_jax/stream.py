@@ -25,27 +25,6 @@ from simclr_jax import parallel
 _ORDER_CACHE = 2  # epochs whose permutation is kept (a step never spans more than two)
 
 
-class _Orders:
-    """The per-epoch permutations, computed once on the host (thread-safe: grain reads on many)."""
-
-    def __init__(self, key, num_examples: int):
-        # This process's own CPU device (jax.devices('cpu')[0] may be another process's).
-        self._cpu = jax.local_devices(backend="cpu")[0]
-        self._key = jax.device_put(jax.device_get(key), self._cpu)
-        self._n, self._lock, self._cache = num_examples, threading.Lock(), {}
-
-    def __call__(self, epoch: int) -> np.ndarray:
-        with self._lock:
-            if epoch not in self._cache:
-                with jax.default_device(self._cpu):
-                    key = jax.random.fold_in(self._key, epoch)
-                    perm = np.asarray(jax.random.permutation(key, self._n), np.int32)
-                while len(self._cache) >= _ORDER_CACHE:
-                    self._cache.pop(min(self._cache))
-                self._cache[epoch] = perm
-            return self._cache[epoch]
-
-
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     return num_examples // global_batch
 
@@ -58,18 +37,34 @@ def local_block(global_batch: int) -> tuple[int, int]:
 
 
 class Order:
-    """Global batch ids as a function of (key, step): positions in [0, num_examples)."""
+    """Global batch ids as a function of (key, step): positions in [0, num_examples). Each epoch's
+    permutation is computed once on this process's CPU and kept for _ORDER_CACHE epochs
+    (thread-safe: grain asks from many threads)."""
 
     def __init__(self, key, num_examples: int, global_batch: int):
         self.num_examples, self.global_batch = num_examples, global_batch
         self.steps_per_epoch = steps_per_epoch(num_examples, global_batch)
-        self._orders = _Orders(key, num_examples)
+        # This process's own CPU device (jax.devices('cpu')[0] may be another process's).
+        self._cpu = jax.local_devices(backend="cpu")[0]
+        self._key = jax.device_put(jax.device_get(key), self._cpu)
+        self._lock, self._cache = threading.Lock(), {}
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            if epoch not in self._cache:
+                with jax.default_device(self._cpu):
+                    key = jax.random.fold_in(self._key, epoch)
+                    perm = np.asarray(jax.random.permutation(key, self.num_examples), np.int32)
+                while len(self._cache) >= _ORDER_CACHE:
+                    self._cache.pop(min(self._cache))
+                self._cache[epoch] = perm
+            return self._cache[epoch]
 
     def batch(self, step: int) -> np.ndarray:
         """(global_batch,) int32 positions of step `step`."""
         epoch, k = divmod(int(step), self.steps_per_epoch)
         start = k * self.global_batch
-        return self._orders(epoch)[start : start + self.global_batch]
+        return self._epoch(epoch)[start : start + self.global_batch]
 
     def local(self, step: int) -> np.ndarray:
         """(local_devices, per_device) positions of this process's rows of step `step`."""

@@ -15,17 +15,11 @@ from simclr_jax import data, sources
 from tests.folder_fixture import write_folder
 from tests.helpers import run_cli
 
-# The CIFAR recipe with a tiny model and a few steps: what a user runs on a folder, shrunk.
-FOLDER_FLAGS = [
-    "--config",
-    "configs/cifar_simclr.py",
+# Any recipe shrunk to seconds: a tiny network, batches of 8, one short classifier run.
+SHRINK = [
     "--config.data.name=folder",
     "--config.model.name=tiny",
-    "--config.data.image_size=16",
     "--config.pretrain.batch_size=8",
-    "--config.pretrain.num_steps=4",
-    "--config.pretrain.log_every=2",
-    "--config.pretrain.checkpoint_every=2",
     "--config.downstream.batch_size=8",
     "--config.downstream.epochs=1",
     "--config.downstream.long_epochs=0",
@@ -33,6 +27,16 @@ FOLDER_FLAGS = [
     "--config.downstream.linear_l2_grid=(0.01,)",
     "--config.downstream.linear_iters=20",
     "--config.downstream.linear_folds=0",
+]
+# The CIFAR recipe shrunk: what a user runs on a folder.
+FOLDER_FLAGS = [
+    "--config",
+    "configs/cifar_simclr.py",
+    *SHRINK,
+    "--config.data.image_size=16",
+    "--config.pretrain.num_steps=4",
+    "--config.pretrain.log_every=2",
+    "--config.pretrain.checkpoint_every=2",
 ]
 
 
@@ -133,22 +137,13 @@ def test_the_imagenet_recipe_runs_end_to_end_on_an_imagenet_shaped_folder(tmp_pa
         "configs/imagenet_simclr.py",
         "--workdir",
         workdir,
-        "--config.data.name=folder",
         f"--config.data.data_dir={root}",
-        "--config.model.name=tiny",  # the recipe as it is but the network and the sizes
+        *SHRINK,  # the recipe as it is but the network and the sizes
         "--config.precision=float32",
-        "--config.pretrain.batch_size=8",
         "--config.pretrain.num_steps=2",
         "--config.pretrain.log_every=1",
         "--config.pretrain.knn_every=0",
         "--config.downstream.label_fraction=1.0",
-        "--config.downstream.batch_size=8",
-        "--config.downstream.epochs=1",
-        "--config.downstream.long_epochs=0",
-        "--config.downstream.knn_k=5",
-        "--config.downstream.linear_l2_grid=(0.01,)",
-        "--config.downstream.linear_iters=20",
-        "--config.downstream.linear_folds=0",
     ]
     out = run_cli(flags, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

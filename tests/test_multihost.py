@@ -29,30 +29,35 @@ def _free_port() -> int:
 def _run_processes(workdir, steps, num_processes=2, devices_per_process=2):
     """Runs run.py as `num_processes` cooperating processes; returns their (returncode, stderr)."""
     port = _free_port()
+    argvs = [
+        [
+            sys.executable,
+            "run.py",
+            *FLAGS,
+            "--workdir",
+            workdir,
+            f"--config.pretrain.num_steps={steps}",
+            "--config.distributed.enabled=True",
+            f"--config.distributed.coordinator_address=localhost:{port}",
+            f"--config.distributed.num_processes={num_processes}",
+            f"--config.distributed.process_id={i}",
+        ]
+        for i in range(num_processes)
+    ]
+    return run_together(argvs, devices_per_process)
+
+
+def run_together(argvs, devices_per_process: int) -> list[tuple[int, str]]:
+    """Starts one process per argv (cwd: the repo; `devices_per_process` simulated CPU devices
+    each), waits for all with TIMEOUT, and kills any left; returns their (returncode, stderr)."""
     env = dict(
         os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}"
     )
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "run.py",
-                *FLAGS,
-                "--workdir",
-                workdir,
-                f"--config.pretrain.num_steps={steps}",
-                "--config.distributed.enabled=True",
-                f"--config.distributed.coordinator_address=localhost:{port}",
-                f"--config.distributed.num_processes={num_processes}",
-                f"--config.distributed.process_id={i}",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+            argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
-        for i in range(num_processes)
+        for argv in argvs
     ]
     try:
         return [(p.wait(timeout=TIMEOUT), p.stderr.read()) for p in procs]

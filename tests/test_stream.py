@@ -4,7 +4,6 @@ replaced (1 process x 1 device, 1 x 4, 2 processes x 2 devices)."""
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -13,7 +12,7 @@ import pytest
 
 from simclr_jax import data, sources, stream, train_state
 from tests.helpers import REPO, tiny_config
-from tests.test_multihost import TIMEOUT, _free_port
+from tests.test_multihost import _free_port, run_together
 
 WORKER = os.path.join(REPO, "tests", "stream_worker.py")
 
@@ -54,27 +53,12 @@ def _host(config, ds, start, stop):
 
 
 def _worker(tmp_path, devices: int, processes: int = 1) -> list[dict]:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     port = _free_port()
     outs = [str(tmp_path / f"out{i}.json") for i in range(processes)]
     extra = lambda i: [str(port), str(processes), str(i)] if processes > 1 else []  # noqa: E731
-    procs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, outs[i], *extra(i)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(processes)
-    ]
-    try:
-        codes = [(p.wait(timeout=TIMEOUT), p.stderr.read()) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    codes = run_together(
+        [[sys.executable, WORKER, outs[i], *extra(i)] for i in range(processes)], devices
+    )
     for i, (code, err) in enumerate(codes):
         assert code == 0, f"process {i}:\n{err[-3000:]}"
     return [json.load(open(o)) for o in outs]
