@@ -3,7 +3,9 @@
   decode   host decode + resize to the canvas, images/s on ONE thread (= per core), at 32, 96 and
            224 px: from JPEG files (sources.FolderSource) and from array_record records holding
            the same JPEG bytes (array_record's reader, what tfds.data_source reads); at 32 px also
-           CIFAR-10's own array_record (PNG records, sources.TfdsSource). Plus what it means in
+           CIFAR-10's own array_record (PNG records, sources.TfdsSource); and from the folder
+           packed at the canvas (`python -m simclr_jax.pack`, PNG and JPEG; with its packing rate
+           on one thread: verify + decode + encode). Plus what it means in
            host cores per accelerator for a step of 20,000 images/s.
   step     the CIFAR-10 pretraining step fed from the in-memory cache against the same step fed
            by decoding array_record at every step (data.cache_gb=0), interleaved block by block
@@ -73,7 +75,7 @@ def _rate(read, n: int, repeats: int, batch: int = 64) -> float:
 def part_decode(args) -> list[dict]:
     from array_record.python import array_record_data_source, array_record_module
 
-    from simclr_jax import images, sources
+    from simclr_jax import images, pack, sources
 
     rows, tmp = [], tempfile.mkdtemp(prefix="input_bench_")
     for canvas, (w, h) in SOURCE_SIDE.items():
@@ -106,6 +108,20 @@ def part_decode(args) -> list[dict]:
                 "images_per_s_per_core": _rate(read, n, args.repeats),
             }  # fmt: skip
         )
+        for encoding in pack.ENCODINGS:  # the folder packed at the canvas (simclr_jax.pack)
+            out = os.path.join(tmp, f"pack{canvas}{encoding}")
+            t0 = time.perf_counter()
+            meta = pack.pack(root, out, canvas, ["train"], encoding, num_threads=1)
+            packing = n / (time.perf_counter() - t0)
+            packed = sources.PackedSource(out, "train", meta, canvas)
+            rows.append(
+                {
+                    "canvas": canvas,
+                    "source": f"pack of {w}x{h}: {encoding}, {canvas}x{canvas}",
+                    "images_per_s_per_core": _rate(packed.read, n, args.repeats),
+                    "packing_images_per_s_per_core": packing,
+                }  # fmt: skip
+            )
     if args.data_dir:
         from configs import cifar_simclr
         from simclr_jax import data

@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 
 from simclr_jax import images as image_files
-from simclr_jax import sources
+from simclr_jax import pack, sources
 from simclr_jax.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 DIGITS = "digits"
 # The CIFAR-10 statistics the ResNet applied itself before the normalisation moved to the data
@@ -215,6 +217,8 @@ def _folder_splits(data_cfg) -> tuple[dict, int]:
             f"{image_files.LAYOUT}."
         )
     root = os.path.abspath(os.path.expanduser(data_cfg.data_dir))
+    if pack.is_pack(root):
+        return _packed_splits(data_cfg, root)
     canvas = canvas_size(data_cfg)
 
     def open_split(name):
@@ -224,7 +228,37 @@ def _folder_splits(data_cfg) -> tuple[dict, int]:
         )
         return sources.FolderSource(root, split, canvas)
 
-    splits = _assemble(data_cfg, open_split)
+    return _labelled_classes(_assemble(data_cfg, open_split))
+
+
+def _packed_splits(data_cfg, root: str) -> tuple[dict, int]:
+    """A folder packed by `python -m simclr_jax.pack` (pack.py): its splits' array_record files."""
+    meta = pack.read_meta(root)
+    canvas = canvas_size(data_cfg, meta["canvas"])
+    if canvas != meta["canvas"]:
+        log.warning(
+            "%s was packed at %d px and config.data.canvas=%d: every read resizes again (pack at "
+            "the canvas you train at).",
+            root,
+            meta["canvas"],
+            canvas,
+        )
+
+    def open_split(name):
+        if name not in meta["splits"]:
+            raise DataError(
+                f"The pack {root} has splits {sorted(meta['splits'])}, not {name!r}: set "
+                f"config.data.pretrain_split / train_split / test_split to those, or pack "
+                f"{name!r} too (python -m simclr_jax.pack {meta['source']} NEW_OUT --canvas "
+                f"{meta['canvas']})."
+            )
+        return sources.PackedSource(root, name, meta, canvas)
+
+    return _labelled_classes(_assemble(data_cfg, open_split))
+
+
+def _labelled_classes(splits: dict) -> tuple[dict, int]:
+    """`splits` and the number of classes of its train split, checked against its test split's."""
     train, test = splits["train"], splits["test"]
     if train.classes and test.classes and train.classes != test.classes:
         raise DataError(

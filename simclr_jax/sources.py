@@ -10,6 +10,8 @@ an order or touches a device: `stream.py` asks for the rows of each step.
   no TensorFlow), decoded on each read;
 * `FolderSource`: image files in torchvision's ImageFolder layout (`images.scan_split`), decoded
   on each read;
+* `PackedSource`: one split of such a folder packed into array_record (`pack.py`), decoded on
+  each read;
 * `Concat` (several splits as one, e.g. STL-10's train+unlabelled) and `Take` (the first n).
 """
 
@@ -20,6 +22,8 @@ import os
 import numpy as np
 
 from simclr_jax import images as image_files
+from simclr_jax import pack
+from simclr_jax.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -108,6 +112,38 @@ class FolderSource:
         }
 
 
+class PackedSource:
+    """One split of a packed image folder (`pack.py`): canvas-sized encoded images in one
+    array_record file, read at random through array_record's data source (thread-safe)."""
+
+    def __init__(self, root: str, split: str, meta: dict, canvas: int):
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+        entry = meta["splits"][split]
+        self.name, self.canvas = f"pack:{os.path.join(root, split)}", canvas
+        self.labels = np.load(pack.labels_path(root, split)).astype(np.int32)
+        self.classes = tuple(entry["classes"])
+        self._source = ArrayRecordDataSource([pack.record_path(root, split)])
+        if len(self._source) != len(self.labels) or len(self.labels) != entry["num_examples"]:
+            raise DataError(
+                f"The pack {root} is inconsistent for split {split!r} ({len(self._source)} "
+                f"records, {len(self.labels)} labels, {entry['num_examples']} in "
+                f"{pack.PACK_META}): pack the folder again into a new folder."
+            )
+        text = f"{entry['fingerprint']}:{meta['canvas']}:{meta['encoding']}".encode()
+        self._fingerprint = hashlib.sha1(text).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, ids) -> np.ndarray:
+        rows = self._source.__getitems__([int(i) for i in np.asarray(ids)])
+        return _stack([image_files.decode(r, self.canvas) for r in rows], self.canvas)
+
+    def identity(self) -> dict:
+        return {"source": self.name, "num_examples": len(self), "fingerprint": self._fingerprint}
+
+
 class Concat:
     """Several sources read as one: ids [0, len(a)) are a's, then b's, ..."""
 
@@ -116,6 +152,8 @@ class Concat:
         self.name = "+".join(p.name for p in parts)
         self._starts = np.cumsum([0] + [len(p) for p in parts])
         self.labels = np.concatenate([p.labels for p in parts])
+        # A folder's class names (those of its labelled parts; () for the others).
+        self.classes = next((p.classes for p in parts if getattr(p, "classes", ())), ())
 
     def __len__(self) -> int:
         return int(self._starts[-1])
