@@ -10,9 +10,13 @@ copy of the (identical) tree; orbax writes each array once, from process 0, and 
 reads it back. Callers see single-device arrays either way.
 """
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
+import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -156,8 +160,35 @@ class Checkpointer:
         ]
 
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        """Until the saves started are committed; a signal meanwhile waits for that (held)."""
+        with signals_held():
+            self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        with signals_held():
+            self._mngr.wait_until_finished()
+            self._mngr.close()
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM recorded, not acted on, while a checkpoint is committed, then delivered
+    to the handlers that were there before (run.py's, which stop the run, or the step loop's): a
+    second Ctrl-C or a SIGTERM during the final save does not abandon it. Only in the main thread,
+    and only for handlers set from Python (jax's preemption service owns SIGTERM in a
+    multi-process run)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if got:
+            log.warning("Signal %d arrived while a checkpoint was saved; it is saved.", got[0])
+            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # else: already stopping
+                signal.raise_signal(got[0])

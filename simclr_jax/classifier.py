@@ -252,6 +252,7 @@ def train(config, state, ckpt, meta, p_step, inputs, spec, writer, evaluator):
         writer,
         save,
         on_epoch_end,
+        ckpt.wait,
     )
     ckpt.wait()
     return result

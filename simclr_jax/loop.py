@@ -27,6 +27,10 @@ from simclr_jax.metrics import MetricWriter, progress_bar
 
 log = logging.getLogger(__name__)
 
+# A record key: the epoch-end evaluation due at this step was skipped by a stop (`run` makes it up
+# when the run resumes from that step, then drops the key).
+SKIPPED = "evaluation_skipped"
+
 
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was written before this was
@@ -87,6 +91,11 @@ class _StopFlag:
             return signal.SIGTERM
         return self.signum
 
+    def late(self) -> int | None:
+        """A signal this process's handler recorded since the step's `stop` was asked (in a
+        multi-process run SIGTERM is the service's, and only SIGINT is recorded here)."""
+        return self.signum
+
     def message(self, phase: str, step: int, signum: int) -> str:
         if signum == signal.SIGINT:
             return f"{phase}: interrupted at step {step}; checkpoint saved."
@@ -112,6 +121,18 @@ def _fetch(pending: list, first_step: int, phase: str) -> list[dict]:
     return rows
 
 
+def _skipped_evaluation(writer: MetricWriter, spec: LoopSpec, start_step: int) -> bool:
+    """Whether the record of `start_step` (a resumed run's first) marks an epoch-end evaluation
+    that a stop skipped; process 0 reads metrics.jsonl and tells the others."""
+    if not start_step or start_step % spec.steps_per_epoch:
+        return False
+    last = writer.last(spec.phase)
+    found = bool(last and last["step"] == start_step and last.get(SKIPPED))
+    if jax.process_count() > 1:
+        found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+    return found
+
+
 def run(
     spec: LoopSpec,
     step_fn: Callable,
@@ -121,55 +142,83 @@ def run(
     writer: MetricWriter,
     save: Callable[[int, Any], None] | None = None,
     on_epoch_end: Callable[[int, Any], dict] | None = None,
+    commit: Callable[[], None] | None = None,
 ) -> LoopResult:
     """Runs `state, metrics = step_fn(state, *next(inputs))` from start_step to spec.total_steps
     (`inputs` yields each step's arguments, from start_step on: the streamed batch and keys).
 
-    `save(step, state)` writes a checkpoint; `on_epoch_end(epoch, state)` returns extra scalars for
-    that step's record (evaluations). Records of this phase after start_step are dropped first, so
-    a resumed metrics.jsonl has neither duplicated nor missing steps.
+    `save(step, state)` starts a checkpoint and `commit()` waits until it is written;
+    `on_epoch_end(epoch, state)` returns extra scalars for that step's record (evaluations).
+    Records of this phase after start_step are dropped first, so a resumed metrics.jsonl has
+    neither duplicated nor missing steps.
+
+    A checkpoint that is due is started before the epoch's evaluation. On SIGINT / SIGTERM the
+    step that is running finishes, its checkpoint is written and committed (an evaluation due
+    then is skipped, and the log says so), and `Interrupted` is raised; a signal that arrives
+    later in a step's work (its fetch, evaluation, log or save; the phase's last step included)
+    ends the run the same way once that work is done. A second signal while the checkpoint is
+    committed is recorded, not acted on: the save finishes first.
     """
     writer.truncate(spec.phase, start_step)
+    if on_epoch_end and _skipped_evaluation(writer, spec, start_step):
+        extra = on_epoch_end(start_step // spec.steps_per_epoch, state)
+        writer.amend(spec.phase, start_step, extra, drop=(SKIPPED,))
+        log.info("%s: the evaluation a stop skipped at step %d, made up.", spec.phase, start_step)
     step, pending, rows = start_step, [], []
     rates, record = [], {}
     t_log = t0 = time.perf_counter()
     if start_step < spec.total_steps:  # the bar sits at its start until the compilation is done
         log.info("%s: compiling the first step (tens of seconds) ...", spec.phase)
     bar = progress_bar(spec.total_steps, start_step, spec.phase)
+
+    def log_record(extra: dict) -> None:
+        nonlocal rows, pending, t_log, record
+        rows += _fetch(pending, step - len(pending), spec.phase)
+        pending = []
+        if not rows:
+            return
+        now = time.perf_counter()
+        rates.append(len(rows) * spec.images_per_step / (now - t_log))
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        record = writer.write(step, spec.phase, {**mean, **extra, "images_per_s": rates[-1]})
+        bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{rates[-1]:.0f}")
+        bar.update(len(rows))
+        rows, t_log = [], now
+
     with _StopFlag() as flag:
         while step < spec.total_steps:
             state, metrics = step_fn(state, *next(inputs))
             step, epoch_end = step + 1, (step + 1) % spec.steps_per_epoch == 0
             pending.append(metrics)
             last = step == spec.total_steps
-            stop = flag.stop(
-                step
-            )  # read once: a signal during the fetch below is handled next step
+            stop = flag.stop(step)
             want_ckpt = save is not None and (
                 last or stop or (spec.checkpoint_every and step % spec.checkpoint_every == 0)
             )
-            extra = (
-                on_epoch_end(step // spec.steps_per_epoch, state)
-                if epoch_end and on_epoch_end
-                else {}
-            )
-            want_log = last or step % spec.log_every == 0 or bool(extra) or bool(stop)
-            if want_log or want_ckpt:
+            if want_ckpt:  # checked for a NaN first: a diverged state is never saved
                 rows += _fetch(pending, step - len(pending), spec.phase)
                 pending = []
-            if want_log:
-                now = time.perf_counter()
-                rates.append(len(rows) * spec.images_per_step / (now - t_log))
-                mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-                record = writer.write(
-                    step, spec.phase, {**mean, **extra, "images_per_s": rates[-1]}
-                )
-                bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{rates[-1]:.0f}")
-                bar.update(len(rows))
-                rows, t_log = [], now
-            if want_ckpt:
                 save(step, state)
+            extra = {}
+            if epoch_end and on_epoch_end:
+                if stop:
+                    extra = {SKIPPED: 1}  # made up when the run resumes from this step
+                    log.info(
+                        "%s: stopping; the evaluation due after step %d (epoch %d) is skipped.",
+                        spec.phase,
+                        step,
+                        step // spec.steps_per_epoch,
+                    )
+                else:
+                    extra = on_epoch_end(step // spec.steps_per_epoch, state)
+            stop = stop or flag.late()  # one that came during this step's fetch, save or eval
+            if last or stop or step % spec.log_every == 0 or extra:
+                log_record(extra)
             if stop:
+                if save is not None:
+                    save(step, state)  # a no-op when this step was saved above
+                    if commit is not None:
+                        commit()  # the handlers still only record: a second signal waits
                 bar.close()
                 raise Interrupted(flag.message(spec.phase, step, stop), stop)
     bar.close()

@@ -42,6 +42,35 @@ class MetricWriter:
                 self._tb.add_scalar(f"{phase}/{k}", v, int(step))
         return record
 
+    def amend(self, phase: str, step: int, scalars: dict, drop: tuple[str, ...] = ()) -> None:
+        """Adds `scalars` to (and removes the keys `drop` from) the record of `phase` at `step`:
+        an evaluation a stop skipped, made up when the run resumes."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        records = read_records(self.path)
+        for r in records:
+            if r["phase"] == phase and r["step"] == step:
+                r.update({k: _to_python(v) for k, v in scalars.items()})
+                for k in drop:
+                    r.pop(k, None)
+        self._rewrite(records)
+        for k, v in scalars.items():
+            if isinstance(v, int | float) and math.isfinite(v):
+                self._tb.add_scalar(f"{phase}/{k}", v, int(step))
+
+    def last(self, phase: str) -> dict | None:
+        """The last record of `phase` (None: none, or not the writing process)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return None
+        records = read_records(self.path, phase)
+        return records[-1] if records else None
+
+    def _rewrite(self, records: list[dict]) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(tmp, self.path)  # atomic: a kill here leaves the old or the new file whole
+
     def truncate(self, phase: str, after_step: int) -> None:
         """Drops `phase` records with step > after_step (written after the checkpoint resumed)."""
         if not self.enabled or not os.path.exists(self.path):
@@ -51,10 +80,7 @@ class MetricWriter:
             for r in read_records(self.path)
             if not (r["phase"] == phase and r["step"] > after_step)
         ]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)  # atomic: a kill here leaves the old or the new file whole
+        self._rewrite(kept)
 
     def drop_phase(self, phase: str) -> None:
         self.truncate(phase, -1)

@@ -131,7 +131,15 @@ def run(config, ds, writer, ckpt: Checkpointer) -> tuple[TrainState, loop.LoopRe
     on_epoch_end = knn_monitor(config, ds) if pc.knn_every else None
     inputs = batches(config, ds.pretrain, start, n_steps)
     result = loop.run(
-        spec, p_step, parallel.replicate(state), inputs, start, writer, save, on_epoch_end
+        spec,
+        p_step,
+        parallel.replicate(state),
+        inputs,
+        start,
+        writer,
+        save,
+        on_epoch_end,
+        ckpt.wait,
     )
     return parallel.unreplicate(result.state), result
 

@@ -1,0 +1,105 @@
+"""Stops that lose nothing: a signal at an epoch's end, during its evaluation, during the last
+step of pretraining (with a second one during the final save) and during the downstream stage
+each end the run with 130/143 after a committed checkpoint of that step, never going on into the
+next stage, and the rerun finishes exactly as an uninterrupted run does.
+
+The signals are sent by the run to itself at the exact point (tests/signal_worker.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, TINY_FLAGS, run_cli
+from tests.test_resume import _assert_same_tree, _params
+
+# digits shrunk: 256 images, batch 32 = 8 steps an epoch; 2 epochs with a kNN check after each;
+# a short downstream stage (11 labels: one classifier step an epoch, 3 epochs).
+STEPS = 16
+FLAGS = [
+    *TINY_FLAGS,
+    f"--config.pretrain.num_steps={STEPS}",
+    "--config.pretrain.knn_every=1",
+    "--config.pretrain.log_every=4",
+    "--config.pretrain.checkpoint_every=4",
+    "--config.downstream.epochs=3",
+    "--config.downstream.linear_folds=0",
+    "--config.downstream.knn_k=5",
+]
+
+
+def _signalled(workdir, point, signame, *extra, devices=2):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    worker = os.path.join(REPO, "tests", "signal_worker.py")
+    args = [point, signame, *extra, "--", *FLAGS, "--workdir", workdir]
+    return subprocess.run(
+        [sys.executable, worker, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _numbers(workdir):
+    """Every record's numbers but timings, by phase and step (a resumed downstream stage writes
+    its frozen evaluations again, after the classifier runs' records): what a bitwise resume must
+    reproduce."""
+    rows = [{k: v for k, v in r.items() if not k.endswith("_s")} for r in _records(workdir)]
+    return sorted(rows, key=lambda r: (r["phase"], r["step"]))
+
+
+def _steps(workdir, phase):
+    where = os.path.join(workdir, "checkpoints", phase)
+    return sorted(int(d) for d in os.listdir(where) if d.isdigit())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("ref") / "run")
+    out = run_cli([*FLAGS, "--workdir", workdir])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.parametrize(
+    "point, signame, extra, phase, step, code",
+    [
+        ("pretrain@8", "SIGTERM", (), "pretrain", 8, 143),  # the step that ends epoch 1
+        ("pretrain@eval", "SIGINT", (), "pretrain", 8, 130),  # during epoch 1's kNN check
+        ("pretrain@16", "SIGTERM", ("again",), "pretrain", 16, 143),  # last step, then the save
+        ("finetune@2", "SIGTERM", (), "finetune", 2, 143),  # the downstream stage
+    ],
+)
+def test_a_signal_saves_that_step_stops_the_run_and_the_rerun_is_bitwise(
+    reference, tmp_path, point, signame, extra, phase, step, code
+):
+    workdir = str(tmp_path / "run")
+    out = _signalled(workdir, point, signame, *extra)
+    assert out.returncode == code, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "Rerun the same command to resume" in out.stderr
+    assert f"at step {step}; checkpoint saved" in out.stderr, out.stderr[-3000:]
+    assert _steps(workdir, phase)[-1] == step  # committed: the newest checkpoint is that step
+    records = _records(workdir)
+    assert records[-1]["phase"] == phase and records[-1]["step"] == step
+    if point == "pretrain@8":  # saved first; the evaluation due then was skipped, and said so
+        assert "the evaluation due after step 8 (epoch 1) is skipped" in out.stderr
+        assert "knn_acc" not in records[-1]
+    if phase == "pretrain":  # it never went on into the next stage
+        assert {r["phase"] for r in records} == {"pretrain"}
+        assert not os.path.exists(os.path.join(workdir, "report.md"))
+    if "again" in extra:
+        assert "arrived while a checkpoint was saved; it is saved" in out.stderr
+
+    rerun = run_cli([*FLAGS, "--workdir", workdir])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _assert_same_tree(_params(workdir, STEPS), _params(reference, STEPS))
+    assert _numbers(workdir) == _numbers(reference)
