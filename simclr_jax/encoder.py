@@ -172,19 +172,28 @@ def _locate(path: str) -> tuple[str, str, str]:
     return "", path, path
 
 
-def load_encoder(path: str) -> Encoder:
+def load_encoder(path: str, _chain: tuple[str, ...] = ()) -> Encoder:
     """The pretrained encoder of a run: `path` is its workdir, its pretraining checkpoint
     directory (`<workdir>/checkpoints/pretrain`: the newest checkpoint) or an `encoder.msgpack`;
     the model is built from the run's own config.json. A workdir that ran --mode=downstream from
     another run's checkpoint (config.restore) leads to that run.
 
-    Raises CheckpointError when `path` holds none of these."""
+    A relative `restore` in a config.json is taken relative to that workdir (runs record it
+    absolute). Raises CheckpointError when `path` holds none of these, or when the chain of
+    `restore`s leads back to a workdir it passed."""
     path = os.path.abspath(os.path.expanduser(path))
+    if path in _chain:
+        raise CheckpointError(
+            f"The config.restore chain loops ({' -> '.join([*_chain, path])}), so it never reaches "
+            f"a pretrained encoder: point config.restore in {_chain[-1]}/{CONFIG_FILE} at a "
+            f"pretraining run's workdir."
+        )
     kind, where, run_dir = _locate(path)
     if not kind:
         config = read_config(path) if os.path.isfile(os.path.join(path, CONFIG_FILE)) else None
         if config is not None and config.get("restore"):
-            return load_encoder(config.restore)
+            restore = os.path.join(path, os.path.expanduser(config.restore))  # abs stays abs
+            return load_encoder(restore, (*_chain, path))
         raise CheckpointError(
             f"{path} holds no pretrained encoder: pass a workdir of a pretraining run, its "
             f"checkpoints/pretrain directory, or an {EXPORT_FILE} (with its config.json beside it)."

@@ -3,6 +3,7 @@ written, then take the workdir (one run at a time), pretrain, then the downstrea
 pictures and the report. What run.py calls."""
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -272,6 +273,10 @@ def run(config, workdir: str, mode: str = "all") -> dict:
     if jax.process_index() != 0:  # process 0 reports progress; the others only warn
         logging.getLogger("simclr_jax").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     config_lib.validate(config, mode)
+    if config.restore and not os.path.isabs(os.path.expanduser(config.restore)):
+        config = copy.deepcopy(config)  # recorded absolute: config.json is read from elsewhere
+        with config.unlocked():
+            config.restore = os.path.abspath(os.path.expanduser(config.restore))
     source = encoder_source(config, workdir) if mode == "downstream" else None
     if source is not None:
         check_encoder_source(config, source)

@@ -95,6 +95,26 @@ def test_the_portable_export_is_the_final_state(run):
     np.testing.assert_array_equal(exported(images), from_ckpt(images))
 
 
+def test_a_relative_restore_is_the_workdirs_and_a_loop_is_one_line(run, tmp_path, monkeypatch):
+    """A workdir that ran --mode=downstream from another run: its config.json's relative
+    `restore` is taken relative to that workdir, wherever the caller stands; a chain of restores
+    that comes back to where it started is a CheckpointError naming the chain."""
+    import shutil
+
+    shutil.copytree(run["workdir"], tmp_path / "pretrained", ignore=shutil.ignore_patterns("*.png"))
+    config = json.load(open(os.path.join(run["workdir"], "config.json")))
+    for name, restore in (("down", "../pretrained"), ("a", "../b"), ("b", "../a")):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "config.json", "w") as f:
+            json.dump({**config, "restore": restore}, f)
+    monkeypatch.chdir(tmp_path / "a")  # '../pretrained' from here is no run
+    enc = simclr_jax.load_encoder(str(tmp_path / "down"))
+    assert enc.source == str(tmp_path / "pretrained" / "checkpoints" / "pretrain")
+    with pytest.raises(CheckpointError, match="chain loops") as err:
+        simclr_jax.load_encoder(str(tmp_path / "a"))
+    assert "\n" not in str(err.value) and str(tmp_path / "b") in str(err.value)
+
+
 def test_load_encoder_refuses_a_directory_without_a_run(tmp_path):
     with pytest.raises(CheckpointError, match="holds no pretrained encoder"):
         simclr_jax.load_encoder(str(tmp_path))
