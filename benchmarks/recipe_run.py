@@ -153,7 +153,31 @@ def pretrain_for(config, ds, workdir: str):
         ckpt.close()
         writer.close()
     summary = {"wall_s": result.wall_s, "images_per_s": result.images_per_s, **result.last_record}
+    first = [r for r in writer_records(workdir) if r["phase"] == "pretrain"][0]
+    summary["first_logged_loss"], summary["first_logged_step"] = first["loss"], first["step"]
     return state, summary
+
+
+def writer_records(workdir: str) -> list[dict]:
+    from simclr_jax.metrics import METRICS_FILE, read_records
+
+    return read_records(os.path.join(workdir, METRICS_FILE))
+
+
+def knn_at_init(config, ds) -> float:
+    """The frozen kNN (every train label, k=200, T=0.1) of the same model at step 0: what
+    pretraining has to beat."""
+    import numpy as np
+
+    from simclr_jax import evaluate, pretrain
+
+    _, state = pretrain.step_and_initial_state(config, 1, 1)
+    encoder = {"params": state.params["encoder"], "batch_stats": state.batch_stats["encoder"]}
+    every = np.arange(len(ds.train))
+    train_x, test_x = evaluate.frozen_features(config, ds, every, encoder)
+    return evaluate.knn_accuracy(
+        train_x, ds.train_labels, test_x, ds.test_labels, ds.num_classes, 200, 0.1
+    )
 
 
 def frozen_all_labels(config, ds, state) -> dict:
@@ -234,7 +258,10 @@ def main(argv=None) -> dict:
         "first_compile_s": compile_s,
         "pretrain_wall_s": pretrain_s,
         "final_loss": summary["loss"],
+        "first_logged_loss": summary["first_logged_loss"],  # the mean of the first log interval
+        "first_logged_step": summary["first_logged_step"],
         **frozen_all_labels(config, ds, state),
+        "knn_acc_at_init": knn_at_init(config, ds),
         "total_wall_s": time.perf_counter() - t_start,
         "workdir": workdir,
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
