@@ -26,6 +26,11 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # every RNG key (init, data order, augmentation) is folded from this
+    # What the settings were chosen on (the report prints it): 'validation' only where they were
+    # chosen with data.validation_fraction > 0, never looking at test numbers.
+    c.settings_chosen_on = (
+        "nothing here: the official recipe (google-research/simclr README and paper), not tuned"
+    )
     c.precision = "float32"  # 'float32' or 'bfloat16' (convs/matmuls in bf16; params, BN, loss f32)
     c.restore = ""  # checkpoint dir to restore the encoder from in --mode=downstream ('' = workdir)
     c.overwrite = False  # allow a workdir that holds a run of a different config to be replaced
@@ -60,6 +65,9 @@ def _data() -> ml_collections.ConfigDict:
     d.mean = ()
     d.std = ()
     d.max_train_examples = 0  # 0 = all; a smaller number subsamples (quick tests)
+    # > 0: this class-balanced fraction of the train split (fixed, whatever the seed) is held out
+    # and every evaluation scores it instead of the test split: the split to choose settings on.
+    d.validation_fraction = 0.0
     return d
 
 

@@ -64,6 +64,11 @@ def _check_data(d: ml_collections.ConfigDict) -> None:
     _check(d.cache_gb >= 0, "data.cache_gb", "must be >= 0 (0 = always stream)")
     _check(d.read_threads >= 0, "data.read_threads", "must be >= 0 (0 = one per core)")
     _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]")
+    _check(
+        0 <= d.get("validation_fraction", 0.0) < 1,
+        "data.validation_fraction",
+        "must be in [0, 1) (0 = score the test split; e.g. 0.2 to choose settings on validation)",
+    )
 
 
 def _check_model(config: ml_collections.ConfigDict) -> None:

@@ -126,6 +126,8 @@ def load(data_cfg) -> Dataset:
     n = data_cfg.max_train_examples
     if n:
         pretrain, train = (sources.Take(s, n) if n < len(s) else s for s in (pretrain, train))
+    if data_cfg.get("validation_fraction", 0.0):
+        pretrain, train, test = _carve_validation(data_cfg, pretrain, train)
     for role, split in (("train", train), ("test", test)):
         if (split.labels < 0).any():
             raise DataError(
@@ -140,6 +142,42 @@ def load(data_cfg) -> Dataset:
         return cached.setdefault(id(src), sources.cached(src, limit))
 
     return Dataset(data_cfg.name, cache(pretrain), cache(train), cache(test), num_classes)
+
+
+VALIDATION_SEED = 0  # the validation split is the same whatever config.seed is
+
+
+def validation_ids(labels: np.ndarray, fraction: float) -> np.ndarray:
+    """Indices of a class-balanced `fraction` of `labels` (at least one a class), sorted; fixed
+    (VALIDATION_SEED), so every seed and run of a config holds out the same images."""
+    rng = np.random.default_rng(VALIDATION_SEED)
+    held = [
+        rng.choice(members, size=max(1, int(round(fraction * len(members)))), replace=False)
+        for members in (np.flatnonzero(labels == c) for c in np.unique(labels))
+    ]
+    return np.sort(np.concatenate(held))
+
+
+def _carve_validation(data_cfg, pretrain, train) -> tuple:
+    """(pretrain, train, validation): data.validation_fraction of the labelled train split held
+    out as the split every evaluation scores (in place of the test split, which is then not
+    read), and kept out of the train split and of pretraining when pretraining reads it too."""
+    same = str(data_cfg.pretrain_split).replace(" ", "") == str(data_cfg.train_split).replace(
+        " ", ""
+    )
+    names = _split_names(data_cfg)
+    if not same and set(names["train"]) & set(names["pretrain"]):
+        raise ConfigError(
+            f"config.data.validation_fraction={data_cfg.validation_fraction} holds images out of "
+            f"the train split {data_cfg.train_split!r}, which pretraining reads as part of "
+            f"{data_cfg.pretrain_split!r}: set config.data.pretrain_split to the train split "
+            f"itself or to splits without it (e.g. 'unlabelled')."
+        )
+    held = validation_ids(train.labels, data_cfg.validation_fraction)
+    keep = np.setdiff1d(np.arange(len(train)), held)
+    validation = sources.Subset(train, held, f"{train.name}[validation]")
+    kept = sources.Subset(train, keep, f"{train.name}[-validation]")
+    return (kept if same else pretrain), kept, validation
 
 
 def _split_names(data_cfg) -> dict[str, list[str]]:

@@ -211,11 +211,14 @@ def run(config, ds, workdir: str, writer, source: str) -> dict:
         len(ds.train_labels),
         dc.label_fraction,
     )
-    encoders = {"simclr": encoder, "random": random_encoder(config)}
+    initial = random_encoder(config)
+    # The random-init baseline's BN statistics are the labelled images', not the init's 0 / 1.
+    random = evaluate.estimate_batch_stats(config, ds.train, subset, initial)
+    encoders = {"simclr": encoder, "random": random}
     frozen = frozen_evaluations(config, ds, writer, subset, encoders, encoder_step)
     starts = {
         FINETUNE: (encoder, {"dir": source, "step": encoder_step}),
-        SCRATCH: (encoders["random"], {"init": "the pretraining's initial weights"}),
+        SCRATCH: (initial, {"init": "the pretraining's initial weights"}),
     }
     walls = compare(config, ds, workdir, writer, subset, starts)
     summary = {"encoder_step": encoder_step, "num_labelled": len(subset)}

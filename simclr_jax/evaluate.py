@@ -56,6 +56,34 @@ def frozen_features(config, ds, subset: np.ndarray, encoder: dict) -> tuple[np.n
     return train_x, test_x
 
 
+def estimate_batch_stats(config, source, ids: np.ndarray, encoder: dict, chunk: int = 512) -> dict:
+    """`encoder`'s BN running statistics estimated on the images `ids` of `source`, as anyone
+    using a network's random features would (precise BN): each chunk goes through f in training
+    mode, each BN layer's chunk mean and variance are recovered from its running-statistics
+    update, and the chunks' statistics are averaged, weighted by size. Returns `encoder` with
+    those batch_stats (its params unchanged). On one device, the same on every host."""
+    model = models.build_model(config.model, dtype=compute_dtype(config))
+    spec, m = augment.spec_from_config(config), models.BN_MOMENTUM
+    zero = jax.tree.map(jnp.zeros_like, encoder["batch_stats"])
+    variables = {"params": {"encoder": encoder["params"]}, "batch_stats": {"encoder": zero}}
+
+    @jax.jit
+    def chunk_stats(images):
+        x = augment.downstream_batch(None, 0, images, None, False, spec.image_size)
+        _, new = model.apply(
+            variables, data.normalize(x, spec), True, method="encode", mutable=["batch_stats"]
+        )  # from zero: new = (1 - m) * the chunk's statistic
+        return jax.tree.map(lambda s: s / (1.0 - m), new["batch_stats"]["encoder"])
+
+    total, ids = None, np.asarray(ids)
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        weight = float(len(part))
+        stats = jax.tree.map(lambda s: s * weight, chunk_stats(source.read(part)))  # noqa: B023
+        total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    return {**encoder, "batch_stats": jax.tree.map(lambda s: s / len(ids), total)}
+
+
 # ----------------------------------------------------------------------------- kNN
 
 
@@ -165,28 +193,64 @@ def _cross_validate(xs, ys, fold: np.ndarray, l2_grid, folds: int, num_classes: 
     return losses.mean(0)
 
 
+# How a probe's features are fed to it: standardised with the training features' per-dimension
+# mean and std, or as they are. Cross-validation picks one (standardising pixel borders that are
+# nearly constant blows up their noise; scikit-learn's default leaves features as they are).
+PREPROCESSING = ("standardized", "raw")
+MAX_WIDEN = 4  # times the penalty grid may grow by 10x past an edge the pick landed on
+
+
+def _preprocess(train_x: np.ndarray, test_x: np.ndarray, how: str):
+    if how == "raw":
+        return jnp.asarray(train_x, jnp.float32), jnp.asarray(test_x, jnp.float32)
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    return (
+        jnp.asarray((train_x - mean) / std, jnp.float32),
+        jnp.asarray((test_x - mean) / std, jnp.float32),
+    )
+
+
 def linear_probe(
     train_x, train_y, test_x, test_y, num_classes, *, l2_grid, folds, iters, seed
 ) -> dict:
-    """Logistic regression on frozen features, its L2 penalty chosen on the training set alone.
+    """Logistic regression on frozen features, its preprocessing and L2 penalty chosen on the
+    training set alone.
 
-    Features are standardised with the train features' per-dimension mean and std. The penalty
-    is the one of `l2_grid` with the lowest held-out cross-entropy in `folds`-fold stratified
-    cross-validation on the training set (no choice when the grid has one value or folds < 2);
-    the probe is then refitted on the whole training set. Every fit is full-batch L-BFGS,
-    `iters` iterations from zero (`_fit_probe`). Returns {'train_loss', 'train_acc',
-    'test_loss', 'test_acc', 'l2', 'cv_loss'} (cv_loss: held-out loss per penalty, or None).
+    Both preprocessings (PREPROCESSING) and every penalty of `l2_grid` are scored by held-out
+    cross-entropy in `folds`-fold stratified cross-validation on the training set; the best pair
+    wins. When the winning penalty sits at an edge of the grid, the grid is widened by 10x past
+    that edge (at most MAX_WIDEN times) and scored again, so the pick is bracketed. With one
+    penalty or folds < 2 nothing is chosen: standardised features, the grid's first penalty. The
+    probe is then refitted on the whole training set. Every fit is full-batch L-BFGS, `iters`
+    iterations from zero (`_fit_probe`). Returns {'train_loss', 'train_acc', 'test_loss',
+    'test_acc', 'l2', 'preprocessing', 'l2_grid' (as widened), 'cv_loss' (held-out loss per
+    penalty of l2_grid for the chosen preprocessing, or None), 'widened' (bool)}.
     """
     train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    xs = jnp.asarray((train_x - mean) / std, jnp.float32)  # (n, F)
-    xt = jnp.asarray((test_x - mean) / std, jnp.float32)  # (m, F)
     ys, yt = jnp.asarray(train_y, jnp.int32), jnp.asarray(test_y, jnp.int32)
-    grid, cv_loss = [float(v) for v in l2_grid], None
+    inputs = {how: _preprocess(train_x, test_x, how) for how in PREPROCESSING}
+    grid, scores, widened = sorted(float(v) for v in l2_grid), {}, False
+    how, l2 = PREPROCESSING[0], grid[0]
     if len(grid) > 1 and folds > 1:
         fold = _stratified_folds(np.asarray(train_y), folds, seed)
-        cv_loss = [float(v) for v in _cross_validate(xs, ys, fold, grid, folds, num_classes, iters)]
-    l2 = grid[int(np.argmin(cv_loss))] if cv_loss else grid[0]
+        room = {"low": MAX_WIDEN, "high": MAX_WIDEN}
+        while True:
+            for h in PREPROCESSING:
+                todo = [v for v in grid if (h, v) not in scores]
+                if todo:
+                    cv = _cross_validate(inputs[h][0], ys, fold, todo, folds, num_classes, iters)
+                    scores.update({(h, v): float(c) for v, c in zip(todo, cv, strict=True)})
+            how, l2 = min(((h, v) for h in PREPROCESSING for v in grid), key=scores.__getitem__)
+            edge = "low" if l2 == grid[0] else "high" if l2 == grid[-1] else None
+            if edge is None or not room[edge]:
+                break
+            room[edge] -= 1
+            if edge == "low":
+                grid.insert(0, grid[0] / 10)
+            else:
+                grid.append(grid[-1] * 10)
+            widened = True
+    xs, xt = inputs[how]
     params = _fit(xs, ys, jnp.ones(len(train_y)), l2, num_classes=num_classes, iters=iters)
 
     def acc(x, y):
@@ -198,7 +262,10 @@ def linear_probe(
         "test_loss": float(jnp.mean(_probe_loss(params, xt, yt))),
         "test_acc": acc(xt, yt),
         "l2": l2,
-        "cv_loss": cv_loss,
+        "preprocessing": how,
+        "l2_grid": grid,
+        "cv_loss": [scores[(how, v)] for v in grid] if scores else None,
+        "widened": widened,
     }
 
 

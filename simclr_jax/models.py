@@ -160,13 +160,16 @@ class ResNet(nn.Module):
         return nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
 
 
+BN_MOMENTUM = 0.9  # running statistic = m * running + (1 - m) * batch's
+
+
 def _batch_norm(train: bool, axis_name: str | None, dtype: Any) -> Callable[..., nn.Module]:
     """BN as in the Flax ImageNet example; with `axis_name` the statistics are global over
     the pmapped devices. Params and running statistics stay float32."""
     return functools.partial(
         nn.BatchNorm,
         use_running_average=not train,
-        momentum=0.9,
+        momentum=BN_MOMENTUM,
         epsilon=1e-5,
         axis_name=axis_name,
         dtype=dtype,

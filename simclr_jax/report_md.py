@@ -18,8 +18,16 @@ PICTURES = (
 ROWS = (
     ("linear_pixels", "Raw pixels: logistic regression", False),
     ("knn_pixels", "Raw pixels: kNN", False),
-    ("linear_random", "Random-init encoder, frozen: logistic regression", False),
-    ("knn_random", "Random-init encoder, frozen: kNN", False),
+    (
+        "linear_random",
+        "Random-init encoder, frozen (BN statistics of the labelled images): logistic regression",
+        False,
+    ),
+    (
+        "knn_random",
+        "Random-init encoder, frozen (BN statistics of the labelled images): kNN",
+        False,
+    ),
     ("linear", "SimCLR encoder, frozen: logistic regression", True),
     ("knn", "SimCLR encoder, frozen: kNN", True),
 )
@@ -61,18 +69,35 @@ def _header(rep: dict) -> list[str]:
     cfg, n = rep["config"], rep["num_labelled"]
     model, pre = cfg["model"], rep["pretrain"]
     steps = f"{pre['steps']} steps" if pre["steps"] is not None else "another workdir's run"
+    held = cfg["data"].get("validation_fraction") or 0.0
+    scored = (
+        f"{rep['num_test']} **validation** images (data.validation_fraction={held:g} of the "
+        f"train split, held out of pretraining and of the labelled images; the test split is not "
+        f"read)"
+        if held
+        else f"{rep['num_test']} test images"
+    )
+    chosen = cfg.get("settings_chosen_on") or "not recorded in this config"
+    procedure = (
+        "the logistic regressions pick their preprocessing (standardised or raw) and L2 penalty "
+        "by cross-validation on the labelled images, kNN's k and temperature are fixed in the "
+        "config, the classifiers are scored at their last epoch"
+    )
+    if chosen.startswith("validation"):
+        nothing = f"Nothing is chosen on the test set: {procedure}."
+    else:
+        nothing = f"The evaluations choose nothing on the test set ({procedure})."
     return [
         f"# SimCLR on {cfg['data']['name']}: the learned representation against its baselines",
         "",
         f"Every row uses the same **{n if n is not None else '?'} labelled training images** "
         f"(label fraction {rep['label_fraction']:g}, class-balanced, seed {cfg['seed']}; subset "
-        f"`{rep['subset']}`) and is scored on the same {rep['num_test']} test images. Encoder: "
+        f"`{rep['subset']}`) and is scored on the same {scored}. Encoder: "
         f"{model['name']} (width {model['width']:g}, {cfg['data']['image_size']} px), "
         f"SimCLR-pretrained without labels ({steps}; restored from step {rep['encoder_step']} of "
-        f"the run in {rep['encoder_source']}). Nothing is chosen on the test set: the logistic "
-        f"regressions pick their L2 penalty by cross-validation on the labelled images, kNN's k "
-        f"and temperature are fixed in the config, the classifiers are scored at their last "
-        f"epoch. Wall times include compilation.",
+        f"the run in {rep['encoder_source']}). {nothing} Wall times include compilation.",
+        "",
+        f"Settings chosen on: {chosen}.",
         "",
     ]
 
@@ -89,6 +114,8 @@ def _table(rep: dict) -> list[str]:
         r = rep[key] or {}
         if key.startswith("knn"):
             what += f" (k={r.get('k', cfg['knn_k'])}, T={cfg['knn_temperature']:g})"
+        elif r.get("preprocessing"):
+            what += f" ({r['preprocessing']}, L2 {r['l2']:g})"
         cell = f"**{_pct(r.get('test_acc'))}**" if ours else _pct(r.get("test_acc"))
         lines.append(
             f"| {what} | {n} | {cell} | {_num(r.get('test_loss'))} | {_secs(r.get('wall_s'))} |"
@@ -154,12 +181,14 @@ def _protocol(rep: dict) -> list[str]:
         f"the data order, augmentations, head init and schedule; only the encoder's initial "
         f"weights differ: scratch starts from the weights SimCLR pretraining started from. A run "
         f"is 'not converged' when its train or test accuracy rose by more than 1 point over its "
-        f"last 20% of epochs. Frozen features: BN in inference mode, standardised for the "
-        f"logistic regression (L-BFGS, L2 penalty from {list(dc['linear_l2_grid'])} by "
-        f"{dc['linear_folds']}-fold cross-validation on the labelled images); kNN: cosine "
+        f"last 20% of epochs. Frozen features: BN in inference mode; the logistic regression "
+        f"(L-BFGS) takes standardised or raw features and its L2 penalty from "
+        f"{list(dc['linear_l2_grid'])} (widened 10x past an edge the pick lands on) by "
+        f"{dc['linear_folds']}-fold cross-validation on the labelled images; kNN: cosine "
         f"similarity, votes weighted by exp(similarity / T). Raw pixels: the images at the "
         f"encoder's input size in [0, 1], flattened. Random-init encoder: the pretraining's "
-        f"initial weights.",
+        f"initial weights, with BN statistics estimated on the labelled images (its residual "
+        f"branches end in a BN whose scale starts at zero, as in training).",
         "",
     ]
 

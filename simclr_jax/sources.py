@@ -12,7 +12,8 @@ an order or touches a device: `stream.py` asks for the rows of each step.
   on each read;
 * `PackedSource`: one split of such a folder packed into array_record (`pack.py`), decoded on
   each read;
-* `Concat` (several splits as one, e.g. STL-10's train+unlabelled) and `Take` (the first n).
+* `Concat` (several splits as one, e.g. STL-10's train+unlabelled), `Take` (the first n) and
+  `Subset` (given examples: a validation split carved from train).
 """
 
 import dataclasses
@@ -194,6 +195,30 @@ class Take:
     def identity(self) -> dict:
         inner = self.source.identity()
         return {**inner, "num_examples": self.n, "of": inner["num_examples"]}
+
+
+class Subset:
+    """The examples `ids` of a source, in that order (a validation split carved from train)."""
+
+    def __init__(self, source, ids: np.ndarray, name: str):
+        self.source, self.ids, self.name = source, np.asarray(ids, np.int64), name
+        self.canvas, self.labels = source.canvas, source.labels[self.ids]
+        self.classes = getattr(source, "classes", ())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read(self, ids) -> np.ndarray:
+        return self.source.read(self.ids[np.asarray(ids)])
+
+    def identity(self) -> dict:
+        inner = self.source.identity()
+        digest = hashlib.sha1(inner["fingerprint"].encode() + self.ids.tobytes())
+        return {
+            "source": self.name,
+            "num_examples": len(self),
+            "fingerprint": digest.hexdigest()[:16],
+        }
 
 
 def read_all(source, chunk: int = 2048) -> np.ndarray:

@@ -11,9 +11,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from simclr_jax import (
+    augment,
     classifier,
     data,
     downstream,
+    evaluate,
     models,
     optim,
     parallel,
@@ -61,6 +63,56 @@ def test_labelled_subset_is_class_balanced_and_deterministic():
     tiny = data.labelled_subset(labels, 0.001, 10, seed=3)  # at least one image a class
     assert np.bincount(labels[tiny], minlength=10).tolist() == [1] * 10
     np.testing.assert_array_equal(data.labelled_subset(labels, 1.0, 10, 0), np.arange(len(labels)))
+
+
+def test_a_validation_split_is_held_out_of_train_and_pretraining():
+    c = _config(**{"data.validation_fraction": 0.2}).data
+    ds = data.load(c)
+    held, kept = ds.test, ds.train  # the validation split stands where the test split was
+    assert held.name.endswith("[validation]") and ds.pretrain is kept
+    whole = data.load(_config().data).train  # the same train split, nothing held out
+    ids = data.validation_ids(whole.labels, 0.2)
+    rest = np.setdiff1d(np.arange(len(whole)), ids)  # disjoint: kept out of train and pretraining
+    assert len(held) == len(ids) and len(kept) == len(rest) == 1437 - len(ids)
+    np.testing.assert_array_equal(sources.read_all(held), whole.read(ids))
+    np.testing.assert_array_equal(sources.read_all(kept), whole.read(rest))
+    np.testing.assert_array_equal(held.labels, whole.labels[ids])
+    counts = np.bincount(held.labels, minlength=10)
+    assert abs(len(ids) - 0.2 * 1437) <= 10 and counts.min() >= 0.8 * counts.max() - 2
+    assert data.identity(ds)["test"] != data.identity(data.load(_config().data))["test"]
+    c.pretrain_split = "train+test"  # pretraining would read the held-out images: refused
+    with pytest.raises(data.ConfigError, match="validation_fraction"):
+        data.load(c)
+
+
+def test_random_init_bn_statistics_are_the_labelled_images():
+    """The random-init baseline's BN statistics, estimated on images, make the frozen (inference
+    mode) features exactly the training-mode features of those images."""
+    c = _config(**{"data.mean": (0.3,) * 3, "data.std": (0.3,) * 3})
+    ds = data.load(c.data)
+    initial = downstream.random_encoder(c)
+    ids = np.arange(64)
+    est = evaluate.estimate_batch_stats(c, ds.train, ids, initial, chunk=64)
+    chunked = evaluate.estimate_batch_stats(c, ds.train, ids, initial, chunk=16)
+    model = models.build_model(c.model)
+    x = data.normalize(
+        augment.downstream_batch(None, 0, ds.train.read(ids), None, False, c.data.image_size),
+        augment.spec_from_config(c),
+    )
+
+    def variables(enc):
+        return {
+            "params": {"encoder": enc["params"]},
+            "batch_stats": {"encoder": enc["batch_stats"]},
+        }
+
+    frozen = model.apply(variables(est), x, False, method="encode")
+    trained, _ = model.apply(variables(initial), x, True, method="encode", mutable=["batch_stats"])
+    np.testing.assert_allclose(frozen, trained, rtol=1e-4, atol=1e-4)
+    init_mean = jax.tree.leaves(initial["batch_stats"])[0]
+    assert float(np.abs(jax.tree.leaves(est["batch_stats"])[0] - init_mean).max()) > 1e-3
+    for a, b in zip(jax.tree.leaves(est), jax.tree.leaves(chunked), strict=True):
+        assert np.all(np.isfinite(b)) and a.shape == b.shape  # chunk statistics averaged
 
 
 def test_epoch_indices_repeat_a_subset_smaller_than_a_batch():
