@@ -369,7 +369,8 @@ def _tfds_splits(data_cfg) -> tuple[dict, int]:
             found = tfds.data_source(
                 name, split=split, data_dir=where, download=False, decoders=decoders
             )
-            # Reads every record once (its labels): a damaged file shows here, before any work.
+            # Reads every record once (its labels; later starts read them from the label
+            # cache, kept while the files' sizes and mtimes hold): damage shows here.
             return sources.TfdsSource(found, name, split, str(builder.version), canvas)
         except Exception as err:
             raise DataError(

@@ -65,12 +65,7 @@ class TfdsSource:
     def __init__(self, data_source, name: str, split: str, version: str, canvas: int):
         self._source, self.name, self.canvas = data_source, f"tfds:{name}/{split}", canvas
         self._version = version
-        n = len(data_source)
-        labels = []
-        for start in range(0, n, 4096):  # an unlabelled split (STL-10's) has -1 or no label
-            rows = data_source.__getitems__(list(range(start, min(n, start + 4096))))
-            labels += [int(r.get("label", -1)) for r in rows]
-        self.labels = np.asarray(labels, np.int32)
+        self.labels = _tfds_labels(data_source, f"{name}-{version}-{split}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -86,6 +81,54 @@ class TfdsSource:
             "num_examples": len(self),
             "fingerprint": hashlib.sha1(text + self.labels.tobytes()).hexdigest()[:16],
         }
+
+
+# Labels of tfds splits, read once (every record of a split) and kept here, keyed by the split's
+# files (path, size, mtime): ImageNet's 1.28M records are not read again at each start.
+LABEL_CACHE = os.path.join("~", ".cache", "simclr-jax", "labels")
+
+
+def _tfds_labels(data_source, what: str, cache_dir: str = LABEL_CACHE) -> np.ndarray:
+    """(N,) int32 labels of a tfds data source (-1 where a split is unlabelled), from the label
+    cache when it holds this split's files, else read from every record and cached."""
+    path = _label_cache_path(data_source, what, os.path.expanduser(cache_dir))
+    n = len(data_source)
+    if path and os.path.isfile(path):
+        try:
+            labels = np.load(path)
+            if labels.shape == (n,):
+                return labels.astype(np.int32)
+        except (OSError, ValueError):
+            pass  # a torn file: read again
+    labels = np.empty(n, np.int32)
+    for start in range(0, n, 4096):  # an unlabelled split (STL-10's) has -1 or no label
+        rows = data_source.__getitems__(list(range(start, min(n, start + 4096))))
+        labels[start : start + len(rows)] = [int(r.get("label", -1)) for r in rows]
+    if path:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, labels)
+            os.replace(tmp, path)
+        except OSError:  # a read-only home: the labels are read at each start instead
+            pass
+    return labels
+
+
+def _label_cache_path(data_source, what: str, cache_dir: str) -> str | None:
+    """The cache file of a split: named after it, keyed by its files' paths, sizes and mtimes;
+    None when the files cannot be listed (then nothing is cached)."""
+    try:
+        files = data_source.dataset_info.splits[data_source.split].filepaths
+        stats = [(os.path.abspath(os.fspath(f)), os.stat(os.fspath(f))) for f in files]
+    except Exception:  # a mock, a remote path, a tfds without filepaths: read every time
+        return None
+    if not stats:
+        return None
+    key = "\n".join(f"{p}:{st.st_size}:{st.st_mtime_ns}" for p, st in stats)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in what)
+    return os.path.join(cache_dir, f"{safe}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
 
 
 class FolderSource:

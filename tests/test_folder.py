@@ -198,3 +198,35 @@ def test_stl10_pretrains_on_its_unlabelled_split(tmp_path, monkeypatch):
     )
     with pytest.raises(data.DataError, match="train_split='unlabelled'.* is unlabelled"):
         data.load(c)
+
+
+def test_tfds_labels_are_read_once_then_from_the_cache_until_the_files_change(tmp_path):
+    """A split's labels come from every record the first time, then from the label cache; a
+    rewritten file (another size or mtime) is read again."""
+    import types
+
+    shard = tmp_path / "toy-train.array_record-00000-of-00001"
+    shard.write_bytes(b"x" * 10)
+    reads = []
+
+    class Toy:  # what TfdsSource asks of tfds.data_source
+        split = "train"
+        dataset_info = types.SimpleNamespace(
+            splits={"train": types.SimpleNamespace(filepaths=[str(shard)])}
+        )
+
+        def __len__(self):
+            return 5
+
+        def __getitems__(self, keys):
+            reads.extend(keys)
+            return [{"label": k % 3, "image": b""} for k in keys]
+
+    cache = str(tmp_path / "cache")
+    first = sources._tfds_labels(Toy(), "toy-1.0.0-train", cache)
+    assert first.tolist() == [0, 1, 2, 0, 1] and len(reads) == 5
+    second = sources._tfds_labels(Toy(), "toy-1.0.0-train", cache)
+    assert second.tolist() == first.tolist() and len(reads) == 5  # nothing read again
+    shard.write_bytes(b"y" * 11)  # the split's file changed
+    sources._tfds_labels(Toy(), "toy-1.0.0-train", cache)
+    assert len(reads) == 10
