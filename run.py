@@ -111,7 +111,10 @@ def main(argv):
     signal.signal(signal.SIGTERM, _raise_terminated)  # the step loop saves a checkpoint first
     from simclr_jax import xla_env
 
-    xla_env.prefer_eigen_convolutions()  # XLA:CPU only; before jax starts (see xla_env)
+    # XLA:CPU only; before jax starts. On jaxlib >= 0.12 these are oneDNN's, whose programs jax
+    # cannot write to its cache: its "Error writing persistent compilation cache entry" warnings
+    # are left on, as they say what happens (xla_env's docstring; SIMCLR_JAX_CPU_CONVS=default).
+    xla_env.cpu_convolutions()
     xla_env.use_compilation_cache()  # a rerun loads its compiled programs (~/.cache/simclr-jax)
     from simclr_jax import console, pipeline  # after flag parsing: jax starts here, not before
     from simclr_jax.errors import UserError

@@ -1,11 +1,25 @@
-"""XLA settings that must be made before jax starts (imports nothing from jax): Eigen's
-convolutions on XLA:CPU, and jax's persistent compilation cache.
+"""XLA settings that must be made before jax starts (imports nothing from jax): the library behind
+XLA:CPU's convolutions, and jax's persistent compilation cache.
 
-XLA:CPU hands convolutions to YNNPACK, whose filter gradient is much slower than Eigen's on the
-ResNets here (benchmarks/README.md has the measurements). `prefer_eigen_convolutions` asks for
-Eigen's, for this process and the processes it starts, unless XLA_FLAGS already chooses. The flag
-is only read by the CPU compiler (harmless with a GPU or TPU) and only set for the jaxlib versions
-known to have it: XLA aborts on an unknown flag.
+`cpu_convolutions` picks, for this process and the processes it starts, the convolutions for the
+installed jaxlib, unless XLA_FLAGS already chooses:
+
+* jaxlib 0.10: Eigen's (EIGEN_CONVS). XLA:CPU hands convolutions to YNNPACK, whose filter
+  gradient is much slower than Eigen's on the ResNets here (benchmarks/README.md has the
+  measurements).
+* jaxlib >= 0.12: oneDNN's (ONEDNN_CONVS): the convolutions become `__onednn$convolution` custom
+  calls in the compiled program (tests/test_onednn.py checks that, and that a pretraining step
+  gives jaxlib's default numbers within float32 rounding). Their speed is not measured yet, and
+  jaxlib 0.12.0 cannot write a program holding such a call to the persistent compilation cache
+  (jax warns "Error writing persistent compilation cache entry ... std::bad_alloc"): the
+  programs holding convolutions (10 in a tiny digits run: the steps, the feature extraction)
+  compile again in every run.
+* other versions: jaxlib's default.
+
+SIMCLR_JAX_CPU_CONVS overrides the choice: `default` (or `ynn`, its old name) keeps jaxlib's
+default, `eigen` / `onednn` ask for that one only where the jaxlib is known to have its flags.
+The flags are only read by the CPU compiler (harmless with a GPU or TPU) and only set for the
+jaxlib versions known to have them: XLA aborts on an unknown flag.
 """
 
 import os
@@ -15,6 +29,13 @@ from importlib import metadata
 EIGEN_CONVS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
 # jaxlib versions whose XLA has the flag (0.10.x measured); extend when a newer one is checked.
 EIGEN_CONVS_JAXLIB = ((0, 10), (0, 10))
+# The custom-call flag is the one that brings oneDNN's convolutions (and the cache's warning
+# above); the first alone leaves the convolutions as they are.
+ONEDNN_CONVS = "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true"
+# From this jaxlib on (0.12.0 checked); older ones are left as they are.
+ONEDNN_CONVS_JAXLIB = (0, 12)
+# SIMCLR_JAX_CPU_CONVS's values; '' (unset) is the choice above.
+CPU_CONVS = ("", "onednn", "eigen", "default", "ynn")
 
 
 def jaxlib_version() -> tuple[int, int]:
@@ -25,19 +46,41 @@ def jaxlib_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def prefer_eigen_convolutions(environ=os.environ) -> bool:
-    """Adds EIGEN_CONVS to environ['XLA_FLAGS'] where it applies; True if it is set there now.
-    SIMCLR_JAX_CPU_CONVS=ynn keeps jaxlib's default."""
+def _chosen_in(flags: str) -> str:
+    """The convolutions that XLA_FLAGS already asks for ('' for jaxlib's default)."""
+    if EIGEN_CONVS in flags:
+        return "eigen"
+    return "onednn" if "--xla_cpu_use_onednn=true" in flags else ""
+
+
+def cpu_convolutions(environ=os.environ) -> str:
+    """Adds the flags of this jaxlib's XLA:CPU convolutions (module docstring) to
+    environ['XLA_FLAGS'], unless those already set a YNNPACK fusion type or a oneDNN flag;
+    returns the convolutions in use: 'onednn', 'eigen', or '' (jaxlib's default)."""
     flags = environ.get("XLA_FLAGS", "")
-    if "ynn_fusion_type" in flags:
-        return EIGEN_CONVS in flags
+    if "ynn_fusion_type" in flags or "onednn" in flags:
+        return _chosen_in(flags)
+    wanted = environ.get("SIMCLR_JAX_CPU_CONVS", "")
+    if wanted not in CPU_CONVS:
+        raise ValueError(
+            f"SIMCLR_JAX_CPU_CONVS={wanted}: expected one of {', '.join(CPU_CONVS[1:])} (or unset)"
+        )
+    version = jaxlib_version()
     low, high = EIGEN_CONVS_JAXLIB
-    if environ.get("SIMCLR_JAX_CPU_CONVS", "eigen") == "ynn" or not (
-        low <= jaxlib_version() <= high
-    ):
-        return False
-    environ["XLA_FLAGS"] = f"{flags} {EIGEN_CONVS}".strip()
-    return True
+    if wanted in ("", "onednn") and version >= ONEDNN_CONVS_JAXLIB:
+        chosen, new = "onednn", ONEDNN_CONVS
+    elif wanted in ("", "eigen") and low <= version <= high:
+        chosen, new = "eigen", EIGEN_CONVS
+    else:
+        return ""
+    environ["XLA_FLAGS"] = f"{flags} {new}".strip()
+    return chosen
+
+
+def prefer_eigen_convolutions(environ=os.environ) -> bool:
+    """`cpu_convolutions` (oneDNN's flags included where those are the choice); True if Eigen's
+    are in use: the question the benchmarks ask."""
+    return cpu_convolutions(environ) == "eigen"
 
 
 # jax's persistent compilation cache: a rerun loads its programs instead of compiling them again.
