@@ -9,6 +9,14 @@ label; the evaluation uses a 5% class-balanced labelled subset (72 images, 7-8 a
 frozen encoder's linear probe and kNN against raw pixels and the random-init encoder, and the
 same classifier fine-tuned from the SimCLR encoder and trained from scratch, for 10 epochs and
 for 200. What it measured is in README.md ("Results").
+
+Settings chosen on validation data, never on test numbers (`python
+benchmarks/choose_demo_settings.py`; results in benchmarks/results/digits_settings/): with 20% of
+the train split held out (`--config.data.validation_fraction=0.2`) and seeds 0 and 1, 160
+pretraining epochs beat 96 and 48 on the frozen probes' validation accuracy (linear + kNN mean
+93.6% against 91.8% and 86.1%), and a classifier learning rate of 0.01 beat 0.003, 0.03 and 0.1
+for the fine-tuned classifier. 160 is the largest number of epochs tried, to keep the demo to a
+few minutes on 2 cores: the pick sits at that edge, and more epochs may well do better.
 """
 
 from configs import cifar_simclr
@@ -23,18 +31,22 @@ def get_config():
     c.augment.flip_prob = 0.0  # a mirrored 2, 3, 4, 5, 7 or 9 is no digit
     c.augment.crop_scale_min = 0.3  # 8x8 sources carry little detail; keep crops informative
     c.pretrain.batch_size = 256
-    c.pretrain.epochs = 96  # 480 steps of 256 images
+    c.pretrain.epochs = 160  # 800 steps of 256 images (chosen on validation: see the docstring)
     c.pretrain.learning_rate = 2.0
     c.pretrain.warmup_epochs = 10.0
     c.pretrain.log_every = 20
     c.pretrain.checkpoint_every = 120
-    c.pretrain.knn_every = 24
+    c.pretrain.knn_every = 40
     c.downstream.label_fraction = 0.05  # 72 labelled images (7-8 a class)
     # 3 steps an epoch on 72 images; 24 images per BatchNorm batch (at 8 the statistics are
     # too noisy: fine-tuning then wrecks the pretrained features before it improves them).
     c.downstream.batch_size = 24
-    c.downstream.learning_rate = 0.03  # as is (no batch scaling)
+    c.downstream.learning_rate = 0.01  # as is (no batch scaling); chosen on validation
     c.downstream.lr_scaling = "none"
     c.downstream.long_epochs = 200  # scratch still climbs after 100
     c.downstream.knn_k = 20
+    c.settings_chosen_on = (
+        "validation (pretraining epochs and the classifiers' learning rate; 20% of the train "
+        "split held out, seeds 0 and 1: benchmarks/results/digits_settings/choices.md)"
+    )
     return c
