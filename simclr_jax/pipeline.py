@@ -204,7 +204,10 @@ def undone_unless_work(workdir: str, created: str | None):
     existed = created is None
     before = os.listdir(workdir) if existed else None
     config_path = os.path.join(workdir, CONFIG_FILE)
-    old_config = open(config_path, "rb").read() if existed and os.path.exists(config_path) else None
+    old_config = None
+    if existed and os.path.exists(config_path):
+        with open(config_path, "rb") as f:
+            old_config = f.read()
     tb = os.path.join(workdir, "tensorboard")
     old_tb = os.listdir(tb) if existed and os.path.isdir(tb) else []
     work = _work(workdir)

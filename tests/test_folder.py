@@ -66,7 +66,7 @@ def test_a_folder_of_mixed_files_pretrains_evaluates_and_reports(folder, tmp_pat
     config = json.load(open(os.path.join(workdir, "config.json")))
     ident = config["data"]["identity"]
     assert ident["pretrain"]["num_examples"] == n_pretrain
-    assert ident["train"]["source"].endswith(os.path.join("images0", "train"))
+    assert ident["train"]["source"] == "folder:" + os.path.join(root, "train")
 
 
 def test_resuming_on_other_data_stops_with_a_clear_message(tmp_path):
