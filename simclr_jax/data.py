@@ -162,10 +162,8 @@ def _carve_validation(data_cfg, pretrain, train) -> tuple:
     """(pretrain, train, validation): data.validation_fraction of the labelled train split held
     out as the split every evaluation scores (in place of the test split, which is then not
     read), and kept out of the train split and of pretraining when pretraining reads it too."""
-    same = str(data_cfg.pretrain_split).replace(" ", "") == str(data_cfg.train_split).replace(
-        " ", ""
-    )
     names = _split_names(data_cfg)
+    same = names["pretrain"] == names["train"]
     if not same and set(names["train"]) & set(names["pretrain"]):
         raise ConfigError(
             f"config.data.validation_fraction={data_cfg.validation_fraction} holds images out of "

@@ -228,7 +228,13 @@ def linear_probe(
     """
     train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
     ys, yt = jnp.asarray(train_y, jnp.int32), jnp.asarray(test_y, jnp.int32)
-    inputs = {how: _preprocess(train_x, test_x, how) for how in PREPROCESSING}
+    inputs = {}  # each preprocessing's (train, test) arrays, made when first asked for
+
+    def prepared(how: str):
+        if how not in inputs:
+            inputs[how] = _preprocess(train_x, test_x, how)
+        return inputs[how]
+
     grid, scores, widened = sorted(float(v) for v in l2_grid), {}, False
     how, l2 = PREPROCESSING[0], grid[0]
     if len(grid) > 1 and folds > 1:
@@ -238,7 +244,7 @@ def linear_probe(
             for h in PREPROCESSING:
                 todo = [v for v in grid if (h, v) not in scores]
                 if todo:
-                    cv = _cross_validate(inputs[h][0], ys, fold, todo, folds, num_classes, iters)
+                    cv = _cross_validate(prepared(h)[0], ys, fold, todo, folds, num_classes, iters)
                     scores.update({(h, v): float(c) for v, c in zip(todo, cv, strict=True)})
             how, l2 = min(((h, v) for h in PREPROCESSING for v in grid), key=scores.__getitem__)
             edge = "low" if l2 == grid[0] else "high" if l2 == grid[-1] else None
@@ -250,7 +256,7 @@ def linear_probe(
             else:
                 grid.append(grid[-1] * 10)
             widened = True
-    xs, xt = inputs[how]
+    xs, xt = prepared(how)
     params = _fit(xs, ys, jnp.ones(len(train_y)), l2, num_classes=num_classes, iters=iters)
 
     def acc(x, y):

@@ -171,10 +171,15 @@ def run(
         log.info("%s: compiling the first step (tens of seconds) ...", spec.phase)
     bar = progress_bar(spec.total_steps, start_step, spec.phase)
 
-    def log_record(extra: dict) -> None:
-        nonlocal rows, pending, t_log, record
+    def drain() -> None:
+        """The pending steps' metrics to the host (a NaN raises Divergence here)."""
+        nonlocal rows, pending
         rows += _fetch(pending, step - len(pending), spec.phase)
         pending = []
+
+    def log_record(extra: dict) -> None:
+        nonlocal rows, t_log, record
+        drain()
         if not rows:
             return
         now = time.perf_counter()
@@ -196,8 +201,7 @@ def run(
                 last or stop or (spec.checkpoint_every and step % spec.checkpoint_every == 0)
             )
             if want_ckpt:  # checked for a NaN first: a diverged state is never saved
-                rows += _fetch(pending, step - len(pending), spec.phase)
-                pending = []
+                drain()
                 save(step, state)
             extra = {}
             if epoch_end and on_epoch_end:
