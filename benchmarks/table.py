@@ -23,6 +23,7 @@ def settings(result: dict) -> str:
     convs = "eigen" if xla_env.EIGEN_CONVS in flags else "default"
     if "xla_cpu_use_onednn=true" in flags.lower():
         convs = "onednn"
+    convs = result.get("cpu_convs", convs)  # recorded from issue #18 on
     tunables = result.get("glibc_tunables", "")
     malloc = next((name for name, t in MALLOC.items() if t and t in tunables), "default")
     return f"{result['device_count']} | {result.get('conv_impl', 'xla')} | {convs} | {malloc}"

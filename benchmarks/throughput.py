@@ -18,7 +18,7 @@ over all of them; measured between the parts, so that load on a shared machine h
 Writes benchmarks/results/<device>-<n>dev-<model>[-w<width>]-b<batch>-<precision>[-<tag>].json
 and prints a short table. On CPU, --devices sets XLA_FLAGS=--xla_force_host_platform_device_count
 before jax starts (one device per core runs the cores' convolutions side by side), XLA:CPU's
-convolutions are Eigen's rather than YNNPACK's (--cpu-convs), and glibc's
+convolutions are the ones run.py picks for the installed jaxlib (--cpu-convs), and glibc's
 malloc is told to back large buffers with transparent huge pages (--malloc, GLIBC_TUNABLES, by
 re-executing this script): XLA:CPU allocates its temporaries afresh every step and faults them in
 again (535,000 4 KiB pages a step at batch 128).
@@ -65,14 +65,38 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
         choices=tuple(MALLOC),
         help="glibc malloc: hugepages (THP for large blocks), retain (keep freed memory), default",
     )
-    p.add_argument(
-        "--cpu-convs",
-        default="eigen",
-        choices=("eigen", "ynn"),
-        help="XLA:CPU convolution library (eigen: adds " + xla_env.EIGEN_CONVS + ", as run.py)",
-    )
+    add_cpu_convs_option(p)
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS")
     return p
+
+
+# --cpu-convs: 'auto' is run.py's choice for the installed jaxlib (xla_env.cpu_convolutions:
+# oneDNN's on jaxlib >= 0.12, Eigen's on 0.10); the others are SIMCLR_JAX_CPU_CONVS's values.
+CPU_CONVS = ("auto", "onednn", "eigen", "default", "ynn")
+
+
+def add_cpu_convs_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cpu-convs",
+        default="auto",
+        choices=CPU_CONVS,
+        help="XLA:CPU convolutions: auto (run.py's choice for this jaxlib), onednn, eigen, "
+        "default (jaxlib's own; ynn is its old name); one not available on this jaxlib is an error",
+    )
+
+
+def set_cpu_convs(name: str, environ=os.environ) -> str:
+    """Sets SIMCLR_JAX_CPU_CONVS for `name` and XLA_FLAGS as run.py would (before jax starts);
+    the convolutions in use ('onednn', 'eigen' or 'default'). Asking for oneDNN or Eigen where
+    this jaxlib has no flag for them is a SystemExit, not a silent fall-back to the default."""
+    environ["SIMCLR_JAX_CPU_CONVS"] = "" if name == "auto" else name
+    chosen = xla_env.cpu_convolutions(environ) or "default"
+    if name in ("onednn", "eigen") and chosen != name:
+        raise SystemExit(
+            f"--cpu-convs {name}: not available on jaxlib {xla_env.jaxlib_version()} "
+            f"(this one gives {chosen}); use --cpu-convs default or auto"
+        )
+    return chosen
 
 
 def parse_args(argv=None):
@@ -101,9 +125,7 @@ def prepare_process(args) -> None:
         flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", flags)
         flags += f" --xla_force_host_platform_device_count={args.devices}"
     os.environ["XLA_FLAGS"] = f"{flags} {args.xla_flags}".strip()
-    # As run.py: Eigen's convolutions on XLA:CPU (simclr_jax/xla_env.py), unless --cpu-convs ynn.
-    os.environ["SIMCLR_JAX_CPU_CONVS"] = args.cpu_convs
-    xla_env.prefer_eigen_convolutions()
+    args.cpu_convs_in_use = set_cpu_convs(args.cpu_convs)  # as run.py unless told otherwise
 
 
 def timed(fn, steps: int) -> list[float]:
@@ -328,6 +350,7 @@ def main(argv=None):
         "global_batch": args.batch,
         "precision": args.precision,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_convs": args.cpu_convs_in_use,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "jax": jax.__version__,
         "steps": args.steps,

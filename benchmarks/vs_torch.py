@@ -35,8 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import throughput  # noqa: E402  (imports no jax: prepare_process must run before jax starts)
 
-from simclr_jax import xla_env  # noqa: E402  (imports no jax)
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -51,7 +49,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--peak-size", type=int, default=2048, help="side of the peak matmul")
     p.add_argument("--malloc", default="hugepages", choices=tuple(throughput.MALLOC))
-    p.add_argument("--cpu-convs", default="eigen", choices=("eigen", "ynn"))
+    throughput.add_cpu_convs_option(p)
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     p.add_argument("--out", default=throughput.RESULTS, help="directory of the JSON result")
@@ -243,7 +241,8 @@ def describe(args, jax, torch, peak, peak_flops: float, torch_peaks: list) -> di
         "torch_matmul_gflop_per_s": [p / 1e9 for p in torch_peaks],
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "max_rss_gib": throughput.max_rss_gib(),
-        "eigen_convs": xla_env.EIGEN_CONVS in os.environ.get("XLA_FLAGS", ""),
+        "eigen_convs": args.cpu_convs_in_use == "eigen",
+        "cpu_convs": args.cpu_convs_in_use,
     }
 
 

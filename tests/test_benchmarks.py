@@ -209,3 +209,42 @@ def test_torch_step_trains():
 
     losses = torch_reference.self_check(width=0.125, batch=16, steps=4)
     assert len(losses) == 4
+
+
+def test_conv_layers_ab_writes_its_json_and_tables(tmp_path):
+    """The per-convolution A/B: two arms in alternating processes, per layer the rounds' median;
+    its layer list is ResNet-18's convolutions at that width (the model's own kernel shapes)."""
+    import conv_layers
+    import jax
+
+    from simclr_jax import models
+    from tests.helpers import tiny_config
+
+    config = tiny_config(**{"model.name": "resnet18", "model.width": 0.125})
+    model = models.build_model(config.model)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)), True))
+    kernels = {
+        tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(shapes["params"]["encoder"])[0]
+        if jax.tree_util.keystr(path).endswith("['kernel']")
+    }
+    assert {(k, k, ci, co) for _, ci, co, k, _, _ in conv_layers.scaled(0.125)} == kernels
+
+    stdout = _run(
+        "conv_layers.py",
+        *("--batch", "2", "--widths", "0.125", "--arms", "auto,default", "--rounds", "1"),
+        *("--repeats", "1", "--tag", "t", "--out", str(tmp_path)),
+    )
+    (path,) = tmp_path.glob("*.json")
+    assert path.name == "cpu-conv-layers-b2-t.json"
+    result = json.loads(path.read_text())
+    assert list(result["arms"]) == ["auto", "default"]
+    rows = result["arms"]["default"]["rows"]
+    assert result["kind"] == "conv_layers" and result["rounds"] == 1 and len(rows) == 11
+    assert sum(r["count"] for r in rows) == 20  # ResNet-18: 17 3x3 convolutions and 3 shortcuts
+    for r in rows:
+        assert set(r["ms"]) == set(conv_layers.DIRECTIONS) - (
+            {"input grad"} if "3->" in r["layer"] else set()
+        )
+        assert all(ms > 0 for ms in r["ms"].values()) and len(r["samples"]["forward"]) == 1
+    assert "| 0.125 | filter grad | " in stdout and "| 0.125 | 3x3 3->8 /1 @32 (x1) | " in stdout
