@@ -1,24 +1,48 @@
 """A speed trick for XLA:CPU, injected into the ResNet as its convolution (`conv_module`), outside
-the architecture: the filter gradient of narrow convolutions computed as GEMMs.
+the architecture: the filter gradient of chosen convolutions computed as GEMMs.
 
 XLA differentiates a convolution with respect to its filter as another convolution, whose
 operands it first transposes to [C, H, W, N] and [H, W, N, C]; XLA:CPU fuses the recomputation of
 BatchNorm, ReLU and the residual adds into those transposes, and for a few channels over many
 pixels they dominate the step (benchmarks/README.md: at width 0.25, 1.4 s of a 2.0 s ResNet-18
-step). Here the forward and the input gradient stay XLA's convolutions and the filter gradient is
-a GEMM over shifted copies of the NHWC input: no batch-axis transposes. It wins where the
-convolution has at most NARROW output channels, and loses on wide ones (measured per width, same
-file), so `conv_module` picks it per layer on the CPU only. Parameters are nn.Conv's either way.
+step on jaxlib 0.10). Here the forward and the input gradient stay XLA's convolutions and the
+filter gradient is a GEMM over shifted copies of the NHWC input: no batch-axis transposes.
+
+Which convolutions win depends on XLA:CPU's own filter gradient, which changed between jaxlib
+versions (benchmarks/README.md, "GEMM filter gradient on jax 0.12"):
+
+* jaxlib < 0.12 (`narrow`): the GEMM for convolutions of at most NARROW output channels (those
+  whose transposes dominate); on wide ones Eigen's filter gradient is faster.
+* jaxlib >= 0.12 (`narrow+large`): the same, and also every 1x1 convolution, those with at most
+  NARROW input channels (but the stem's images), and 3x3 (or larger) ones with at least
+  LARGE_MIN output channels, LARGE_MIN_IN input channels and LARGE_MIN_OUTPUTS output values
+  per image, where XLA's filter gradient is now 2-3x slower than the GEMM (the whole ResNet-18
+  step at width 1: 25.5 -> 15.1 s). On narrow layers the GEMM still wins inside the network
+  (BN, ReLU and the residual adds fuse into XLA's transposes: 1.10x on the width-0.25 step for
+  the narrow inputs), though not when such a convolution is timed alone.
+
+`conv_module` applies the installed jaxlib's rule on the CPU only (GPU and TPU keep nn.Conv);
+SIMCLR_JAX_GEMM_FILTER_GRAD=narrow|narrow+large|none overrides it (for A/B runs). Parameters are
+nn.Conv's either way, and so are the gradients, up to float32 rounding.
 """
 
 import functools
+import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-NARROW = 32  # output channels up to which the GEMM filter gradient is used on CPU
+from simclr_jax import xla_env
+
+NARROW = 32  # output channels up to which the GEMM filter gradient is used (both rules)
+LARGE_MIN = 64  # `narrow+large`: output channels from which a 3x3 convolution uses it too ...
+LARGE_MIN_IN = 8  # ... with this many input channels (the stem's 3 or 1 never) ...
+LARGE_MIN_OUTPUTS = 16384  # ... and output values per image (Ho * Wo * Cout)
+RULES = ("narrow", "narrow+large", "none")
+RULE_ENV = "SIMCLR_JAX_GEMM_FILTER_GRAD"
+LARGE_JAXLIB = (0, 12)  # `narrow+large` from this jaxlib on (0.12.0 measured)
 
 
 def _nhwc(lhs_shape, rhs_shape) -> lax.ConvDimensionNumbers:
@@ -95,13 +119,30 @@ def _gemm_conv_bwd(strides, padding, res, g):
 _gemm_conv.defvjp(_gemm_conv_fwd, _gemm_conv_bwd)
 
 
-def narrow_gemm_conv(
+def uses_gemm(rule: str, lhs_shape, rhs_shape, strides, padding) -> bool:
+    """Whether `rule` (RULES) gives an NHWC x HWIO convolution the GEMM filter gradient."""
+    kh, kw, cin, cout = rhs_shape
+    if rule == "none":
+        return False
+    if cout <= NARROW:
+        return True
+    if rule == "narrow":
+        return False
+    if kh == kw == 1 or LARGE_MIN_IN <= cin <= NARROW:  # narrow+large: 1x1s and narrow inputs
+        return True
+    (pt, pb), (pl, pr) = padding
+    ho = (lhs_shape[1] + pt + pb - kh) // strides[0] + 1
+    wo = (lhs_shape[2] + pl + pr - kw) // strides[1] + 1
+    return cout >= LARGE_MIN and cin >= LARGE_MIN_IN and ho * wo * cout >= LARGE_MIN_OUTPUTS
+
+
+def gemm_grad_conv(
     lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-    dimension_numbers=None, feature_group_count=1, precision=None, **unused,
+    dimension_numbers=None, feature_group_count=1, precision=None, rule="narrow", **unused,
 ):  # fmt: skip
-    """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: XLA's own for
-    convolutions with more than NARROW output channels (or anything but a plain NHWC/HWIO 2-D
-    convolution), else the same forward and input gradient with the GEMM filter gradient."""
+    """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: the same forward and
+    input gradient, with the GEMM filter gradient where `rule` says so (`uses_gemm`); XLA's own
+    convolution for the rest and for anything but a plain NHWC/HWIO 2-D convolution."""
     dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
     plain = (
         not dilated
@@ -109,20 +150,37 @@ def narrow_gemm_conv(
         and lhs.ndim == 4
         and lax.ConvDimensionNumbers(*dimension_numbers) == _nhwc(lhs.shape, rhs.shape)
     )
-    if not plain or rhs.shape[-1] > NARROW:
-        return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, precision=precision,
-        )  # fmt: skip
-    if isinstance(padding, str):
-        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _gemm_conv(lhs, rhs, tuple(int(s) for s in window_strides), padding)
+    if plain:
+        strides = tuple(int(s) for s in window_strides)
+        if isinstance(padding, str):
+            padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+        if uses_gemm(rule, lhs.shape, rhs.shape, strides, padding):
+            return _gemm_conv(lhs, rhs, strides, padding)
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, precision=precision,
+    )  # fmt: skip
 
 
-def conv_module(backend: str | None = None):
+def default_rule(environ=os.environ) -> str:
+    """RULE_ENV if set, else the installed jaxlib's rule (module docstring)."""
+    wanted = environ.get(RULE_ENV, "")
+    if wanted:
+        if wanted not in RULES:
+            raise ValueError(f"{RULE_ENV}={wanted}: expected one of {', '.join(RULES)} (or unset)")
+        return wanted
+    return "narrow+large" if xla_env.jaxlib_version() >= LARGE_JAXLIB else "narrow"
+
+
+def conv_module(backend: str | None = None, rule: str | None = None):
     """The convolution to inject into the ResNet (`models.build_model(..., conv=...)`): on CPU,
-    nn.Conv with `narrow_gemm_conv`; elsewhere (GPU, TPU) plain nn.Conv."""
-    if (backend or jax.default_backend()) == "cpu":
-        return functools.partial(nn.Conv, conv_general_dilated=narrow_gemm_conv)
-    return nn.Conv
+    nn.Conv with `gemm_grad_conv` under `rule` (default: `default_rule()`); elsewhere (GPU, TPU)
+    plain nn.Conv."""
+    if (backend or jax.default_backend()) != "cpu":
+        return nn.Conv
+    rule = rule or default_rule()
+    if rule == "none":
+        return nn.Conv
+    conv = functools.partial(gemm_grad_conv, rule=rule)
+    return functools.partial(nn.Conv, conv_general_dilated=conv)

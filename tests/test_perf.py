@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import os
 import re
+import sys
 import types
 
 import flax.linen as nn
@@ -38,6 +39,7 @@ from simclr_jax import (
     xla_env,
 )
 from simclr_jax.metrics import MetricWriter
+from tests.helpers import REPO
 
 IMAGE_SIZE = 16
 COMPILE_EVENTS = (
@@ -203,19 +205,21 @@ def test_loop_fetches_metrics_only_at_log_steps(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "kernel, stride, padding, cin, cout, hw",
+    "kernel, stride, padding, cin, cout, hw, rule",
     [
-        (3, 1, ((1, 1), (1, 1)), 5, 7, (10, 12)),  # BasicBlock conv (row-shift GEMM)
-        (3, 1, ((1, 1), (1, 1)), 5, 7, (4, 6)),  # ... on a small map (im2col)
-        (3, 2, ((1, 1), (1, 1)), 4, 6, (10, 12)),  # strided BasicBlock conv
-        (1, 1, ((0, 0), (0, 0)), 6, 5, (10, 12)),  # Bottleneck 1x1
-        (1, 2, "SAME", 4, 8, (10, 12)),  # projection shortcut
-        (7, 2, ((3, 3), (3, 3)), 3, 4, (10, 12)),  # ImageNet stem
-        (3, 1, ((0, 2), (2, 0)), 3, 2, (10, 12)),  # asymmetric padding
-        (3, 1, ((1, 1), (1, 1)), 4, 40, (6, 6)),  # wider than cpu_conv.NARROW: XLA's own
+        (3, 1, ((1, 1), (1, 1)), 5, 7, (10, 12), "narrow"),  # BasicBlock conv (row-shift GEMM)
+        (3, 1, ((1, 1), (1, 1)), 5, 7, (4, 6), "narrow"),  # ... on a small map (im2col)
+        (3, 2, ((1, 1), (1, 1)), 4, 6, (10, 12), "narrow"),  # strided BasicBlock conv
+        (1, 1, ((0, 0), (0, 0)), 6, 5, (10, 12), "narrow"),  # Bottleneck 1x1
+        (1, 2, "SAME", 4, 8, (10, 12), "narrow"),  # projection shortcut
+        (7, 2, ((3, 3), (3, 3)), 3, 4, (10, 12), "narrow"),  # ImageNet stem
+        (3, 1, ((0, 2), (2, 0)), 3, 2, (10, 12), "narrow"),  # asymmetric padding
+        (3, 1, ((1, 1), (1, 1)), 4, 40, (6, 6), "narrow"),  # wider than cpu_conv.NARROW: XLA's own
+        (3, 1, ((1, 1), (1, 1)), 8, 64, (16, 16), "narrow+large"),  # the jaxlib 0.12 rule's GEMM
+        (3, 2, ((1, 1), (1, 1)), 8, 64, (16, 16), "narrow+large"),  # ... too few outputs: XLA's own
     ],
 )
-def test_narrow_gemm_conv_matches_xla(kernel, stride, padding, cin, cout, hw):
+def test_gemm_grad_conv_matches_xla(kernel, stride, padding, cin, cout, hw, rule):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(3, *hw, cin)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)), jnp.float32)
@@ -224,8 +228,8 @@ def test_narrow_gemm_conv_matches_xla(kernel, stride, padding, cin, cout, hw):
     xla = lambda x, k: jax.lax.conv_general_dilated(
         x, k, (stride,) * 2, padding, dimension_numbers=dn
     )
-    gemm = lambda x, k: cpu_conv.narrow_gemm_conv(
-        x, k, (stride,) * 2, padding, dimension_numbers=numbers
+    gemm = lambda x, k: cpu_conv.gemm_grad_conv(
+        x, k, (stride,) * 2, padding, dimension_numbers=numbers, rule=rule
     )
     y = xla(x, k)
     g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
@@ -275,3 +279,53 @@ def test_run_py_uses_a_persistent_compilation_cache_unless_told_otherwise():
     assert xla_env.use_compilation_cache(mine) == "/somewhere"
     off = {"JAX_COMPILATION_CACHE_DIR": ""}
     assert xla_env.use_compilation_cache(off) == ""
+
+
+def test_gemm_filter_grad_rules_per_layer_and_jaxlib(monkeypatch):
+    """Which ResNet-18 convolutions (CIFAR stem, 32 px) get the GEMM filter gradient under each
+    rule (cpu_conv's docstring; the measurements in benchmarks/README.md), and which rule a
+    jaxlib gets, SIMCLR_JAX_GEMM_FILTER_GRAD overriding it."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import conv_layers
+
+    def picked(rule, width):
+        out = set()
+        for side, cin, cout, k, s, _ in conv_layers.scaled(width):
+            pad = ((k // 2, k // 2),) * 2
+            if cpu_conv.uses_gemm(rule, (1, side, side, cin), (k, k, cin, cout), (s, s), pad):
+                out.add(f"{k}x{k} {cin}->{cout} /{s} @{side}")
+        return out
+
+    shortcuts = {"1x1 64->128 /2 @32", "1x1 128->256 /2 @16", "1x1 256->512 /2 @8"}
+    assert picked("narrow+large", 1.0) == shortcuts | {
+        "3x3 64->64 /1 @32",
+        "3x3 64->128 /2 @32",
+        "3x3 128->128 /1 @16",
+        "3x3 128->256 /2 @16",
+        "3x3 256->256 /1 @8",
+    }  # not the stem (3 input channels), nor the 4x4 maps of the last stage
+    narrow = {
+        "3x3 3->16 /1 @32",
+        "3x3 16->16 /1 @32",
+        "3x3 16->32 /2 @32",
+        "3x3 32->32 /1 @16",
+        "1x1 16->32 /2 @32",
+    }
+    assert picked("narrow", 0.25) == narrow
+    assert picked("narrow+large", 0.25) == narrow | {
+        "3x3 32->64 /2 @16",  # 32 input channels
+        "1x1 32->64 /2 @16",
+        "1x1 64->128 /2 @8",
+    }
+    assert picked("narrow", 1.0) == set()
+    assert picked("none", 0.25) == set()
+
+    monkeypatch.delenv(cpu_conv.RULE_ENV, raising=False)
+    for version, rule in (((0, 7), "narrow"), ((0, 10), "narrow"), ((0, 12), "narrow+large")):
+        monkeypatch.setattr(xla_env, "jaxlib_version", lambda v=version: v)
+        assert cpu_conv.default_rule() == rule
+    monkeypatch.setenv(cpu_conv.RULE_ENV, "none")
+    assert cpu_conv.default_rule() == "none" and cpu_conv.conv_module("cpu") is nn.Conv
+    monkeypatch.setenv(cpu_conv.RULE_ENV, "gemm")
+    with pytest.raises(ValueError, match="SIMCLR_JAX_GEMM_FILTER_GRAD=gemm: expected one of"):
+        cpu_conv.default_rule()
