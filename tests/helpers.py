@@ -81,3 +81,19 @@ def max_param_diff(a, b) -> tuple[float, str]:
         d = float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
         worst = max(worst, (d, jax.tree_util.keystr(path)))
     return worst
+
+
+def checkpoint_tree(path: str):
+    """The pytree saved under `path` (a step's `state` item), as NumPy arrays: read with
+    restore_type np.ndarray, which needs no sharding (restoring as jax arrays without a target
+    makes orbax warn 'Sharding info not provided when restoring' for every leaf)."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    structure = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
+    return ocp.PyTreeCheckpointer().restore(
+        path, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+    )

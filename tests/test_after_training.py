@@ -7,7 +7,6 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
@@ -15,7 +14,7 @@ import simclr_jax
 from simclr_jax import augment, data, encoder, models, pictures, plots, report, sources
 from simclr_jax.errors import CheckpointError
 from simclr_jax.train_state import DATA_KEY, compute_dtype, restore_encoder, seed_key
-from tests.helpers import TINY_FLAGS, run_cli
+from tests.helpers import TINY_FLAGS, checkpoint_tree, run_cli
 
 STEPS = 16  # two epochs of 256 images at batch 32: the kNN monitor runs twice
 
@@ -40,7 +39,7 @@ def run(tmp_path_factory):
 
 def _checkpoint_tree(workdir, step=STEPS):
     path = os.path.join(workdir, "checkpoints", "pretrain", str(step), "state")
-    return ocp.PyTreeCheckpointer().restore(path)
+    return checkpoint_tree(path)
 
 
 def _pixels(path) -> np.ndarray:

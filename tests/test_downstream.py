@@ -7,7 +7,6 @@ import os
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 from simclr_jax import (
@@ -27,7 +26,7 @@ from simclr_jax import (
 )
 from simclr_jax.errors import CheckpointError
 from simclr_jax.metrics import MetricWriter
-from tests.helpers import tiny_config
+from tests.helpers import checkpoint_tree, tiny_config
 
 
 def _config(**overrides):
@@ -347,9 +346,7 @@ def test_end_to_end_then_downstream_only_then_a_mismatched_model(tmp_path):
 
     # The encoder restored into the classifier is the pretraining checkpoint's, bitwise.
     encoder, step = train_state.restore_encoder(config, pipeline.pretrain_dir(workdir))
-    saved = ocp.PyTreeCheckpointer().restore(
-        os.path.join(pipeline.pretrain_dir(workdir), "4", "state")
-    )
+    saved = checkpoint_tree(os.path.join(pipeline.pretrain_dir(workdir), "4", "state"))
     classifier_model = models.build_model(config.model, num_classes=10)
     state = train_state.create_state(
         classifier_model, optax.sgd(0.1), jax.random.key(0), 32, encoder

@@ -11,10 +11,9 @@ import sys
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from tests.helpers import REPO, TINY_FLAGS, run_cli
+from tests.helpers import REPO, TINY_FLAGS, checkpoint_tree, run_cli
 
 STEPS = 8
 FLAGS = [*TINY_FLAGS, "--mode=pretrain", "--config.pretrain.log_every=1"]
@@ -22,7 +21,7 @@ FLAGS = [*TINY_FLAGS, "--mode=pretrain", "--config.pretrain.log_every=1"]
 
 def _params(workdir, step):
     path = os.path.join(workdir, "checkpoints", "pretrain", str(step), "state")
-    return ocp.PyTreeCheckpointer().restore(path)
+    return checkpoint_tree(path)
 
 
 def _records(workdir):
