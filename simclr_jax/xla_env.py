@@ -7,13 +7,16 @@ installed jaxlib, unless XLA_FLAGS already chooses:
 * jaxlib 0.10: Eigen's (EIGEN_CONVS). XLA:CPU hands convolutions to YNNPACK, whose filter
   gradient is much slower than Eigen's on the ResNets here (benchmarks/README.md has the
   measurements).
-* jaxlib >= 0.12: oneDNN's (ONEDNN_CONVS): the convolutions become `__onednn$convolution` custom
-  calls in the compiled program (tests/test_onednn.py checks that, and that a pretraining step
-  gives jaxlib's default numbers within float32 rounding). Their speed is not measured yet, and
-  jaxlib 0.12.0 cannot write a program holding such a call to the persistent compilation cache
-  (jax warns "Error writing persistent compilation cache entry ... std::bad_alloc"): the
-  programs holding convolutions (10 in a tiny digits run: the steps, the feature extraction)
-  compile again in every run.
+* jaxlib >= 0.12: oneDNN's (ONEDNN_CONVS): XLA rewrites the forward and input gradient of narrow
+  convolutions (up to 16 channels here) into `__onednn$convolution` custom calls; wider ones and
+  every filter gradient stay as they were (benchmarks/conv_layers.py). The ResNet-18 pretraining
+  step gets 1.14x faster at width 0.125 and 1.08x at 0.25, and stays as fast at 0.5 and 1.0
+  (benchmarks/README.md, "oneDNN convolutions and the GEMM filter gradient on jax 0.12");
+  tests/test_onednn.py checks the custom call and that a step gives jaxlib's default numbers
+  within float32 rounding. Its cost: jaxlib 0.12.0 cannot write a program holding such a call
+  to the persistent compilation cache (jax warns "Error writing persistent compilation cache
+  entry ... std::bad_alloc"), so those programs (in the demo: the pretraining step and the BN
+  statistics pass) compile again in every run; the demo's wall time comes out even.
 * other versions: jaxlib's default.
 
 SIMCLR_JAX_CPU_CONVS overrides the choice: `default` (or `ynn`, its old name) keeps jaxlib's
