@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
 
     from simclr_jax import xla_env
 
-    xla_env.prefer_eigen_convolutions()  # as run.py
+    xla_env.cpu_convolutions()  # as run.py
     xla_env.use_compilation_cache()  # run.py's settings, in --cache
     from simclr_jax import pipeline
 

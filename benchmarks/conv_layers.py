@@ -34,11 +34,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import throughput  # noqa: E402  (imports no jax: the flags go in before jax starts)
+
+from simclr_jax import xla_env  # noqa: E402  (imports no jax)
 
 # (input side, in channels, out channels, kernel, stride, occurrences) of ResNet-18, CIFAR stem,
 # at width 1; channels other than the images' 3 scale with the width (base 64 -> int(64 * w)).
@@ -56,7 +57,6 @@ LAYERS = [
     (8, 256, 512, 1, 2, 1),
 ]
 DIRECTIONS = ("forward", "input grad", "filter grad", "gemm grad")
-ONEDNN_CONV = "__onednn$convolution"
 
 
 def parse_args(argv=None):
@@ -103,14 +103,9 @@ def measure(args) -> dict:
 
     def bench(f, *a):
         compiled = jax.jit(f).lower(*a).compile()
-        for _ in range(2):
-            jax.block_until_ready(compiled(*a))
-        times = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            jax.block_until_ready(compiled(*a))
-            times.append(time.perf_counter() - t)
-        return statistics.median(times) * 1e3, ONEDNN_CONV in compiled.as_text()
+        throughput.timed(lambda: compiled(*a), 2)  # warm-up
+        times = throughput.timed(lambda: compiled(*a), args.repeats)
+        return statistics.median(times) * 1e3, xla_env.ONEDNN_CONV in compiled.as_text()
 
     def layer(side, cin, cout, k, s):
         pad = ((k // 2, k // 2),) * 2

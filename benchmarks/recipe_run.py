@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(workdir, "xla_cache"))
     from simclr_jax import xla_env
 
-    xla_env.prefer_eigen_convolutions()  # as run.py (XLA:CPU only)
+    xla_env.cpu_convolutions()  # as run.py (XLA:CPU only)
     xla_env.use_compilation_cache()
     import jax
 

@@ -241,7 +241,6 @@ def describe(args, jax, torch, peak, peak_flops: float, torch_peaks: list) -> di
         "torch_matmul_gflop_per_s": [p / 1e9 for p in torch_peaks],
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "max_rss_gib": throughput.max_rss_gib(),
-        "eigen_convs": args.cpu_convs_in_use == "eigen",
         "cpu_convs": args.cpu_convs_in_use,
     }
 

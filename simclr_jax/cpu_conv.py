@@ -9,7 +9,7 @@ step on jaxlib 0.10). Here the forward and the input gradient stay XLA's convolu
 filter gradient is a GEMM over shifted copies of the NHWC input: no batch-axis transposes.
 
 Which convolutions win depends on XLA:CPU's own filter gradient, which changed between jaxlib
-versions (benchmarks/README.md, "GEMM filter gradient on jax 0.12"):
+versions (benchmarks/README.md, "oneDNN convolutions and the GEMM filter gradient on jax 0.12"):
 
 * jaxlib < 0.12 (`narrow`): the GEMM for convolutions of at most NARROW output channels (those
   whose transposes dominate); on wide ones Eigen's filter gradient is faster.
@@ -17,7 +17,7 @@ versions (benchmarks/README.md, "GEMM filter gradient on jax 0.12"):
   NARROW input channels (but the stem's images), and 3x3 (or larger) ones with at least
   LARGE_MIN output channels, LARGE_MIN_IN input channels and LARGE_MIN_OUTPUTS output values
   per image, where XLA's filter gradient is now 2-3x slower than the GEMM (the whole ResNet-18
-  step at width 1: 25.5 -> 15.1 s). On narrow layers the GEMM still wins inside the network
+  step at width 1: 25.5 -> 15.0 s). On narrow layers the GEMM still wins inside the network
   (BN, ReLU and the residual adds fuse into XLA's transposes: 1.10x on the width-0.25 step for
   the narrow inputs), though not when such a convolution is timed alone.
 

@@ -37,6 +37,7 @@ EIGEN_CONVS_JAXLIB = ((0, 10), (0, 10))
 ONEDNN_CONVS = "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true"
 # From this jaxlib on (0.12.0 checked); older ones are left as they are.
 ONEDNN_CONVS_JAXLIB = (0, 12)
+ONEDNN_CONV = "__onednn$convolution"  # the custom call's target in a compiled program's HLO
 # SIMCLR_JAX_CPU_CONVS's values; '' (unset) is the choice above.
 CPU_CONVS = ("", "onednn", "eigen", "default", "ynn")
 
@@ -78,12 +79,6 @@ def cpu_convolutions(environ=os.environ) -> str:
         return ""
     environ["XLA_FLAGS"] = f"{flags} {new}".strip()
     return chosen
-
-
-def prefer_eigen_convolutions(environ=os.environ) -> bool:
-    """`cpu_convolutions` (oneDNN's flags included where those are the choice); True if Eigen's
-    are in use: the question the benchmarks ask."""
-    return cpu_convolutions(environ) == "eigen"
 
 
 # jax's persistent compilation cache: a rerun loads its programs instead of compiling them again.

@@ -31,7 +31,7 @@ def main():
 
     from simclr_jax import xla_env
 
-    xla_env.prefer_eigen_convolutions()  # as run.py does, before jax starts
+    xla_env.cpu_convolutions()  # as run.py does, before jax starts
     xla_env.use_compilation_cache()
     from simclr_jax import loop
 

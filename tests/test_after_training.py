@@ -37,11 +37,6 @@ def run(tmp_path_factory):
     return {"workdir": workdir, "out": out, "config": config, "ds": data.load(config.data)}
 
 
-def _checkpoint_tree(workdir, step=STEPS):
-    path = os.path.join(workdir, "checkpoints", "pretrain", str(step), "state")
-    return checkpoint_tree(path)
-
-
 def _pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
@@ -70,7 +65,7 @@ def test_load_encoder_matches_the_models_own_encode(run):
     np.testing.assert_allclose(enc(images, batch_size=7), want_h, rtol=1e-5, atol=1e-6)
 
     # z, with g from the same checkpoint.
-    tree = _checkpoint_tree(workdir)
+    tree = checkpoint_tree(workdir, STEPS)
     full = {"params": tree["params"], "batch_stats": tree["batch_stats"]}
     want_h2, want_z = model.apply(full, x, train=False)
     h2, z = enc(images, projection=True)
@@ -84,7 +79,7 @@ def test_the_portable_export_is_the_final_state(run):
     workdir = run["workdir"]
     path = os.path.join(workdir, encoder.EXPORT_FILE)
     exported = simclr_jax.load_encoder(path)
-    tree = _checkpoint_tree(workdir)
+    tree = checkpoint_tree(workdir, STEPS)
     assert exported.step is None and exported.source == path
     jax.tree.map(np.testing.assert_array_equal, exported.variables, {
         "params": tree["params"], "batch_stats": tree["batch_stats"]

@@ -346,7 +346,7 @@ def test_end_to_end_then_downstream_only_then_a_mismatched_model(tmp_path):
 
     # The encoder restored into the classifier is the pretraining checkpoint's, bitwise.
     encoder, step = train_state.restore_encoder(config, pipeline.pretrain_dir(workdir))
-    saved = checkpoint_tree(os.path.join(pipeline.pretrain_dir(workdir), "4", "state"))
+    saved = checkpoint_tree(workdir, 4)
     classifier_model = models.build_model(config.model, num_classes=10)
     state = train_state.create_state(
         classifier_model, optax.sgd(0.1), jax.random.key(0), 32, encoder

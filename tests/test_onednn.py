@@ -24,7 +24,6 @@ needs_onednn = pytest.mark.skipif(
     xla_env.jaxlib_version() < xla_env.ONEDNN_CONVS_JAXLIB or jax.default_backend() != "cpu",
     reason="oneDNN convolutions are chosen on XLA:CPU from jaxlib 0.12 on",
 )
-ONEDNN_CONV = "__onednn$convolution"
 
 
 def one_step(out: str) -> None:
@@ -56,8 +55,8 @@ def one_step(out: str) -> None:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     leaves = {f"leaf{i}": np.asarray(a) for i, (_, a) in enumerate(flat)}
     info = {
-        "conv_onednn": ONEDNN_CONV in conv_hlo,
-        "step_onednn_convs": compiled.as_text().count(ONEDNN_CONV),
+        "conv_onednn": xla_env.ONEDNN_CONV in conv_hlo,
+        "step_onednn_convs": compiled.as_text().count(xla_env.ONEDNN_CONV),
         "flags": os.environ.get("XLA_FLAGS", ""),
         "paths": [jax.tree_util.keystr(p) for p, _ in flat],
     }
@@ -108,7 +107,6 @@ def test_cpu_convolutions_per_jaxlib_and_switch(monkeypatch, version, wanted, ch
     assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {flags}".strip()
     assert xla_env.cpu_convolutions(env) == chosen  # idempotent
     assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {flags}".strip()
-    assert xla_env.prefer_eigen_convolutions(dict(env)) == (chosen == "eigen")
 
 
 def test_cpu_convolutions_leave_a_choice_in_xla_flags_and_refuse_unknown_values(monkeypatch):

@@ -175,16 +175,16 @@ def test_eigen_convolutions_are_asked_for_only_where_they_apply():
     known = (
         xla_env.EIGEN_CONVS_JAXLIB[0] <= xla_env.jaxlib_version() <= xla_env.EIGEN_CONVS_JAXLIB[1]
     )
-    assert xla_env.prefer_eigen_convolutions(env) == known
+    assert (xla_env.cpu_convolutions(env) == "eigen") == known
     assert env["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=2")
     assert (flag in env["XLA_FLAGS"]) == known
-    assert xla_env.prefer_eigen_convolutions(env) == known  # idempotent
+    assert (xla_env.cpu_convolutions(env) == "eigen") == known  # idempotent
     assert env["XLA_FLAGS"].count("ynn_fusion_type") == int(known)
     chosen = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}  # the user's choice
-    assert not xla_env.prefer_eigen_convolutions(chosen)
+    assert xla_env.cpu_convolutions(chosen) == ""
     assert chosen["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
     opted_out = {"SIMCLR_JAX_CPU_CONVS": "ynn"}
-    assert not xla_env.prefer_eigen_convolutions(opted_out) and "XLA_FLAGS" not in opted_out
+    assert xla_env.cpu_convolutions(opted_out) == "" and "XLA_FLAGS" not in opted_out
 
 
 # ----------------------------------------------------------------------------- the loop

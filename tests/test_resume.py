@@ -19,11 +19,6 @@ STEPS = 8
 FLAGS = [*TINY_FLAGS, "--mode=pretrain", "--config.pretrain.log_every=1"]
 
 
-def _params(workdir, step):
-    path = os.path.join(workdir, "checkpoints", "pretrain", str(step), "state")
-    return checkpoint_tree(path)
-
-
 def _records(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -102,7 +97,7 @@ def test_sigkill_at_several_points_resumes_bitwise(reference, tmp_path):
     final = _popen(workdir)
     assert final.wait(timeout=300) == 0, final.stderr.read()[-3000:]
 
-    _assert_same_tree(_params(workdir, STEPS), _params(reference, STEPS))
+    _assert_same_tree(checkpoint_tree(workdir, STEPS), checkpoint_tree(reference, STEPS))
     got, want = _records(workdir), _records(reference)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
@@ -119,7 +114,7 @@ def test_damaged_latest_checkpoint_is_skipped(reference, tmp_path):
     out = run_cli([*FLAGS, "--workdir", workdir, f"--config.pretrain.num_steps={STEPS}"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"Checkpoint step {STEPS} in" in out.stderr and "unreadable" in out.stderr
-    _assert_same_tree(_params(workdir, STEPS), _params(reference, STEPS))
+    _assert_same_tree(checkpoint_tree(workdir, STEPS), checkpoint_tree(reference, STEPS))
     assert [r["step"] for r in _records(workdir)] == list(range(1, STEPS + 1))
 
 
@@ -213,7 +208,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_bitwise(reference, tmp
 
     final = _popen(workdir)
     assert final.wait(timeout=300) == 0, final.stderr.read()[-3000:]
-    _assert_same_tree(_params(workdir, STEPS), _params(reference, STEPS))
+    _assert_same_tree(checkpoint_tree(workdir, STEPS), checkpoint_tree(reference, STEPS))
     got, want = _records(workdir), _records(reference)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
@@ -281,7 +276,7 @@ def test_a_run_written_before_conv_impl_was_removed_restores(tmp_path):
     encoder, step = train_state.restore_encoder(
         tiny_config(**legacy), pipeline.pretrain_dir(workdir)
     )
-    saved = _params(workdir, 2)
+    saved = checkpoint_tree(workdir, 2)
     assert step == 2
     _assert_same_tree(encoder["params"], saved["params"]["encoder"])
     _assert_same_tree(encoder["batch_stats"], saved["batch_stats"]["encoder"])

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, TINY_FLAGS, run_cli
-from tests.test_resume import _assert_same_tree, _params
+from tests.helpers import REPO, TINY_FLAGS, checkpoint_tree, run_cli
+from tests.test_resume import _assert_same_tree
 
 # digits shrunk: 256 images, batch 32 = 8 steps an epoch; 2 epochs with a kNN check after each;
 # a short downstream stage (11 labels: one classifier step an epoch, 3 epochs).
@@ -101,5 +101,5 @@ def test_a_signal_saves_that_step_stops_the_run_and_the_rerun_is_bitwise(
 
     rerun = run_cli([*FLAGS, "--workdir", workdir])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    _assert_same_tree(_params(workdir, STEPS), _params(reference, STEPS))
+    _assert_same_tree(checkpoint_tree(workdir, STEPS), checkpoint_tree(reference, STEPS))
     assert _numbers(workdir) == _numbers(reference)
