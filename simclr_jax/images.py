@@ -300,8 +300,17 @@ def verify(
     all: DataError, as training on what is left would quietly be training on another dataset.
     """
     root = os.path.abspath(os.path.expanduser(root))
-    where = os.path.join(root, split.split)
     reasons = _bad_reasons([os.path.join(root, f) for f in split.files], canvas, num_threads)
+    return drop_unreadable(root, split, reasons, max_bad_fraction)
+
+
+def drop_unreadable(
+    root: str, split: FolderSplit, reasons: list[str | None], max_bad_fraction: float
+) -> tuple[FolderSplit, list[str]]:
+    """`verify`'s verdict once each file of `split` was decoded: `reasons` holds, per file, None
+    (it decodes) or why it does not. Returns the split without the bad files and their names;
+    warns once, or raises DataError, as `verify` says."""
+    where = os.path.join(root, split.split)
     bad = [i for i, reason in enumerate(reasons) if reason is not None]
     if not bad:
         return split, []

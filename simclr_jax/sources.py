@@ -10,8 +10,8 @@ an order or touches a device: `stream.py` asks for the rows of each step.
   no TensorFlow), decoded on each read;
 * `FolderSource`: image files in torchvision's ImageFolder layout (`images.scan_split`), decoded
   on each read;
-* `PackedSource`: one split of such a folder packed into array_record (`pack.py`), decoded on
-  each read;
+* `PackedSource`: one split of such a folder (or of a tfds dataset) packed into array_record
+  (`pack.py`), decoded on each read;
 * `Concat` (several splits as one, e.g. STL-10's train+unlabelled), `Take` (the first n) and
   `Subset` (given examples: a validation split carved from train).
 """
@@ -56,23 +56,41 @@ class ArraySource:
         }
 
 
-class TfdsSource:
-    """One split of a prepared tfds dataset, read through `tfds.data_source` with the images left
-    encoded (`SkipDecoding`): labels come without decoding a pixel, and each read decodes its
-    images with `images.decode`, the folder's decoder (PNG is lossless: CIFAR-10's pixels are
-    the ones tfds itself decodes)."""
+class _Encoded:
+    """What a source of encoded images in a random-access data source (`_source`: tfds' or
+    array_record's, `__getitems__` thread-safe) shares: each read decodes its records' images
+    with `images.decode`, the folder's decoder, at `canvas`."""
 
-    def __init__(self, data_source, name: str, split: str, version: str, canvas: int):
-        self._source, self.name, self.canvas = data_source, f"tfds:{name}/{split}", canvas
-        self._version = version
-        self.labels = _tfds_labels(data_source, f"{name}-{version}-{split}")
+    _source = None  # the data source of records
+    labels: np.ndarray
+    canvas: int
+
+    @staticmethod
+    def _image(record) -> bytes:
+        """A record's encoded image (a pack's record is the image itself)."""
+        return record
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def read(self, ids) -> np.ndarray:
         rows = self._source.__getitems__([int(i) for i in np.asarray(ids)])
-        return _stack([image_files.decode(r["image"], self.canvas) for r in rows], self.canvas)
+        return _stack([image_files.decode(self._image(r), self.canvas) for r in rows], self.canvas)
+
+
+class TfdsSource(_Encoded):
+    """One split of a prepared tfds dataset, read through `tfds.data_source` with the images left
+    encoded (`SkipDecoding`): labels come without decoding a pixel, and each read decodes its
+    images (PNG is lossless: CIFAR-10's pixels are the ones tfds itself decodes)."""
+
+    def __init__(self, data_source, name: str, split: str, version: str, canvas: int):
+        self._source, self.name, self.canvas = data_source, f"tfds:{name}/{split}", canvas
+        self._version = version
+        self.labels = _tfds_labels(data_source, f"{name}-{version}-{split}")
+
+    @staticmethod
+    def _image(record) -> bytes:
+        return record["image"]
 
     def identity(self) -> dict:
         text = f"{self.name}:{self._version}:{len(self)}".encode()
@@ -156,7 +174,7 @@ class FolderSource:
         }
 
 
-class PackedSource:
+class PackedSource(_Encoded):
     """One split of a packed image folder (`pack.py`): canvas-sized encoded images in one
     array_record file, read at random through array_record's data source (thread-safe)."""
 
@@ -174,15 +192,10 @@ class PackedSource:
                 f"records, {len(self.labels)} labels, {entry['num_examples']} in "
                 f"{pack.PACK_META}): pack the folder again into a new folder."
             )
-        text = f"{entry['fingerprint']}:{meta['canvas']}:{meta['encoding']}".encode()
-        self._fingerprint = hashlib.sha1(text).hexdigest()[:16]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def read(self, ids) -> np.ndarray:
-        rows = self._source.__getitems__([int(i) for i in np.asarray(ids)])
-        return _stack([image_files.decode(r, self.canvas) for r in rows], self.canvas)
+        text = f"{entry['fingerprint']}:{meta['canvas']}:{meta['encoding']}"
+        if "quality" in meta:  # a JPEG pack's quality (packs made before --quality: 95, unsaid)
+            text += f":q{meta['quality']}"
+        self._fingerprint = hashlib.sha1(text.encode()).hexdigest()[:16]
 
     def identity(self) -> dict:
         return {"source": self.name, "num_examples": len(self), "fingerprint": self._fingerprint}
