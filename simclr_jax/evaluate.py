@@ -111,6 +111,16 @@ def knn_accuracy(
     chunk: int = 1024,
 ) -> float:
     """Accuracy of the temperature-weighted kNN vote with cosine similarity (k capped at N)."""
+    preds = knn_predictions(
+        train_feats, train_labels, test_feats, num_classes, k, temperature, chunk
+    )
+    return float(np.mean(preds == np.asarray(test_labels)))
+
+
+def knn_predictions(
+    train_feats, train_labels, test_feats, num_classes: int, k: int, temperature: float, chunk=1024
+) -> np.ndarray:
+    """(t,) the kNN vote's class per test example (`knn_accuracy`'s, for paired comparisons)."""
     train = l2_normalize(jnp.asarray(train_feats))
     test = l2_normalize(jnp.asarray(test_feats))
     labels = jnp.asarray(train_labels)
@@ -119,7 +129,7 @@ def knn_accuracy(
         _knn_chunk(test[i : i + chunk], train, labels, k, temperature, num_classes)
         for i in range(0, test.shape[0], chunk)
     ]
-    return float(np.mean(np.concatenate(preds) == np.asarray(test_labels)))
+    return np.concatenate(preds)
 
 
 def knn_eval(
@@ -211,7 +221,7 @@ def _preprocess(train_x: np.ndarray, test_x: np.ndarray, how: str):
 
 
 def linear_probe(
-    train_x, train_y, test_x, test_y, num_classes, *, l2_grid, folds, iters, seed
+    train_x, train_y, test_x, test_y, num_classes, *, l2_grid, folds, iters, seed, predict=False
 ) -> dict:
     """Logistic regression on frozen features, its preprocessing and L2 penalty chosen on the
     training set alone.
@@ -224,7 +234,8 @@ def linear_probe(
     probe is then refitted on the whole training set. Every fit is full-batch L-BFGS, `iters`
     iterations from zero (`_fit_probe`). Returns {'train_loss', 'train_acc', 'test_loss',
     'test_acc', 'l2', 'preprocessing', 'l2_grid' (as widened), 'cv_loss' (held-out loss per
-    penalty of l2_grid for the chosen preprocessing, or None), 'widened' (bool)}.
+    penalty of l2_grid for the chosen preprocessing, or None), 'widened' (bool)}, and with
+    `predict` 'test_pred' ((t,) the class per test example, for paired comparisons).
     """
     train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
     ys, yt = jnp.asarray(train_y, jnp.int32), jnp.asarray(test_y, jnp.int32)
@@ -262,7 +273,10 @@ def linear_probe(
     def acc(x, y):
         return float(jnp.mean(jnp.argmax(x @ params["w"] + params["b"], -1) == y))
 
+    logits = xt @ params["w"] + params["b"]  # (t, classes)
+    pred = {"test_pred": np.asarray(jnp.argmax(logits, -1))} if predict else {}
     return {
+        **pred,
         "train_loss": float(jnp.mean(_probe_loss(params, xs, ys))),
         "train_acc": acc(xs, ys),
         "test_loss": float(jnp.mean(_probe_loss(params, xt, yt))),
@@ -275,7 +289,9 @@ def linear_probe(
     }
 
 
-def configured_linear_probe(config, train_x, train_y, test_x, test_y, num_classes) -> dict:
+def configured_linear_probe(
+    config, train_x, train_y, test_x, test_y, num_classes, predict: bool = False
+) -> dict:
     """`linear_probe` with the config's settings (downstream.linear_*, the seed's folds)."""
     dc = config.downstream
     return linear_probe(
@@ -288,4 +304,5 @@ def configured_linear_probe(config, train_x, train_y, test_x, test_y, num_classe
         folds=dc.linear_folds,
         iters=dc.linear_iters,
         seed=config.seed,
+        predict=predict,
     )

@@ -249,11 +249,11 @@ def pack_tfds(
         raise DataError(f"Dataset {name!r} has features {list(features)}; packing needs 'image'.")
     canvas = canvas or features["image"].shape[0] or 0  # 0 (no side of its own): an error
     _check_args(out, canvas, encoding, quality)
-    splits = splits or sorted(builder.info.splits)
-    if unknown := sorted(set(splits) - set(builder.info.splits)):
-        raise DataError(
-            f"{name!r} has no split {unknown[0]!r}: it has {sorted(builder.info.splits)}."
-        )
+    known = sorted(builder.info.splits)  # may be empty (a mock): then --splits names them
+    if unknown := sorted(set(splits or ()) - set(known or splits)):
+        raise DataError(f"{name!r} has no split {unknown[0]!r}: it has {known}.")
+    if not (splits := splits or known):
+        raise DataError(f"{name!r} lists no splits: name them with --splits (e.g. train,test).")
     classes = list(features["label"].names) if "label" in features else []
     os.makedirs(out, exist_ok=True)
     meta = _new_meta(f"--tfds {name} --data-dir {where}", canvas, encoding, quality)

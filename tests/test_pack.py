@@ -1,7 +1,9 @@
 """A folder packed into array_record (`python -m simclr_jax.pack`): the same images, labels and
 run as the folder it came from (PNG is lossless), JPEG within its error; the corrupt files
-skipped and named; bad input a one-line error that overwrites nothing."""
+skipped and named; bad input a one-line error that overwrites nothing. A tfds dataset packed
+(`--tfds`): its own pixels and labels back, read as a folder run reads a pack."""
 
+import io
 import json
 import os
 import subprocess
@@ -9,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import cifar_simclr
 from simclr_jax import data, pack, sources
@@ -107,3 +110,66 @@ def test_bad_input_is_a_one_line_error_that_overwrites_nothing(packed, tmp_path,
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def mock_cifar(monkeypatch, tmp_path):
+    """tfds' mock CIFAR-10 (12 images a split, from its code), readable without TensorFlow."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def png(self, array):  # smooth pictures (4x4 enlarged): photo-like for JPEG, unlike noise
+        small = Image.fromarray(np.asarray(array, np.uint8)).resize((4, 4), Image.NEAREST)
+        buf = io.BytesIO()
+        small.resize(np.shape(array)[1::-1], Image.BICUBIC).save(buf, format="PNG")
+        return buf.getvalue()
+
+    monkeypatch.setattr(tfds.features.Image, "encode_example", png)
+    from tensorflow_datasets.core.data_sources import array_record
+
+    one_by_one = lambda self, keys: [self[k] for k in keys]  # noqa: E731 (as in test_folder)
+    monkeypatch.setattr(array_record.ArrayRecordDataSource, "__getitems__", one_by_one)
+    monkeypatch.setattr(data, "_prepared_builder", lambda name, where: tfds.builder(name))
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        yield str(tmp_path / "tfds")
+
+
+def _tfds_cfg(name, data_dir):
+    c = cifar_simclr.get_config().data
+    c.name, c.data_dir, c.pretrain_split = name, data_dir, "train"
+    return c
+
+
+@pytest.mark.parametrize("encoding", ["png", "jpeg"])
+def test_a_tfds_pack_gives_back_its_labels_and_pixels(mock_cifar, tmp_path, encoding):
+    out = str(tmp_path / "pack")
+    how = ["--encoding", "jpeg", "--quality", "90"] if encoding == "jpeg" else []
+    args = ["--tfds", "cifar10", "--data-dir", mock_cifar, out, "--splits", "train,test", *how]
+    assert pack.main(args) == 0
+    meta = pack.read_meta(out)
+    assert meta["canvas"] == 32 and meta.get("quality") == (90 if encoding == "jpeg" else None)
+    raw, packed = data.load(_tfds_cfg("cifar10", mock_cifar)), data.load(_tfds_cfg("folder", out))
+    assert packed.num_classes == raw.num_classes == 10
+    assert len(meta["splits"]["train"]["classes"]) == 10  # the label feature's names
+    for role in ("train", "test"):
+        a, b = getattr(raw, role), getattr(packed, role)
+        assert len(b) == 12 and b.identity()["source"].startswith("pack:")
+        np.testing.assert_array_equal(a.labels, b.labels)
+        want, got = sources.read_all(a), sources.read_all(b)
+        assert want.std() > 10  # pictures, not a constant that any encoding keeps
+        if encoding == "png":
+            np.testing.assert_array_equal(want, got)
+        else:
+            err = np.abs(want.astype(np.float64) - got)
+            assert 0 < err.mean() < 2.0 and err.max() < 40, (err.mean(), err.max())
+
+
+def test_a_bad_tfds_pack_is_a_one_line_error_that_makes_nothing(mock_cifar, tmp_path, capsys):
+    out = tmp_path / "p"
+    args = ["--tfds", "cifar10", "--data-dir", mock_cifar, str(out), "--splits", "train"]
+    assert pack.main([*args, "--encoding", "jpeg", "--quality", "101"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --quality 101: give a JPEG quality from 1 to 100 (e.g. 95)."]
+    assert not out.exists()
+    with pytest.raises(SystemExit):  # a folder and --tfds: argparse's usage error
+        pack.main(["--tfds", "cifar10", str(tmp_path / "dir"), str(out)])
+    assert "give DIR OUT, or --tfds NAME --data-dir DIR OUT" in capsys.readouterr().err
