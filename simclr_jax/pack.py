@@ -2,7 +2,7 @@
 canvas-sized images: faster to stream, and a dataset that travels without tensorflow-datasets.
 
     python -m simclr_jax.pack DIR OUT --canvas 256          # then --config.data.data_dir=OUT
-    python -m simclr_jax.pack --tfds cifar10 --data-dir TFDS_DIR OUT --encoding jpeg --quality 97
+    python -m simclr_jax.pack --tfds cifar10 --data-dir TFDS_DIR OUT --encoding jpeg --quality 98
 
 DIR is the ImageFolder layout a run reads (`images.LAYOUT`); OUT gets, per split, SPLIT.array_record
 (one record per readable image, in the folder's order: decoded, made RGB and resized to the canvas
@@ -17,8 +17,8 @@ in their order and with their labels and class names.
 
 The default encoding, PNG, is lossless: a packed split gives the same pixels, so the same run, as
 its folder at the same canvas. `--encoding jpeg` (4:4:4, `--quality`, default 95) makes smaller
-files that decode faster, and changes pixels by JPEG's error (all of CIFAR-10 at q97: 53 MiB,
-0.56 grey levels off on average; benchmarks/README.md, "Carrying all of CIFAR-10 to the device").
+files that decode faster, and changes pixels by JPEG's error (all of CIFAR-10 at q98: 55 MiB,
+0.45 grey levels off on average; benchmarks/README.md, "Carrying all of CIFAR-10 to the device").
 Each image is decoded once. Unreadable files are skipped and named, as a run over the folder
 skips them (`images.verify`, `--max-bad-fraction`); in a tfds dataset one is an error.
 """
