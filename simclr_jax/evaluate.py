@@ -11,7 +11,7 @@ import optax
 from jax import lax
 from jax.experimental import multihost_utils
 
-from simclr_jax import augment, data, models, parallel, stream
+from simclr_jax import augment, data, models, parallel, stops, stream
 from simclr_jax.train_state import LINEAR_KEY, compute_dtype
 
 
@@ -31,6 +31,7 @@ def extract_features(feature_fn, variables, reader, num_examples: int, data_cfg)
     (num_examples, F) float32. `variables` are replicated (leading local-device axis)."""
     out = []
     for ids, batch in stream.eval_chunks(reader, num_examples, data_cfg):
+        stops.check()  # a signal stops here (stops.py), between chunks
         feats = feature_fn(variables, batch["images"])  # (local_devices, per_device, F)
         feats = multihost_utils.process_allgather(feats, tiled=True)  # (devices, per_device, F)
         out.append(np.asarray(feats).reshape(-1, feats.shape[-1])[: len(ids)])
@@ -77,6 +78,7 @@ def estimate_batch_stats(config, source, ids: np.ndarray, encoder: dict, chunk: 
 
     total, ids = None, np.asarray(ids)
     for start in range(0, len(ids), chunk):
+        stops.check()
         part = ids[start : start + chunk]
         weight = float(len(part))
         stats = jax.tree.map(lambda s: s * weight, chunk_stats(source.read(part)))  # noqa: B023
@@ -115,10 +117,10 @@ def knn_accuracy(
     test = l2_normalize(jnp.asarray(test_feats))
     labels = jnp.asarray(train_labels)
     k = min(k, train.shape[0])
-    preds = [
-        _knn_chunk(test[i : i + chunk], train, labels, k, temperature, num_classes)
-        for i in range(0, test.shape[0], chunk)
-    ]
+    preds = []
+    for i in range(0, test.shape[0], chunk):
+        stops.check()
+        preds.append(_knn_chunk(test[i : i + chunk], train, labels, k, temperature, num_classes))
     return float(np.mean(np.concatenate(preds) == np.asarray(test_labels)))
 
 
@@ -188,6 +190,7 @@ def _cross_validate(xs, ys, fold: np.ndarray, l2_grid, folds: int, num_classes: 
     for f in range(folds):
         train, held = jnp.asarray(fold != f, jnp.float32), jnp.asarray(fold == f, jnp.float32)
         for j, l2 in enumerate(l2_grid):
+            stops.check()  # between fits: a signal never lands inside numpy's setitem
             params = _fit(xs, ys, train, l2, num_classes=num_classes, iters=iters)
             losses[f, j] = jnp.sum(held * _probe_loss(params, xs, ys)) / jnp.sum(held)
     return losses.mean(0)
@@ -257,6 +260,7 @@ def linear_probe(
                 grid.append(grid[-1] * 10)
             widened = True
     xs, xt = prepared(how)
+    stops.check()
     params = _fit(xs, ys, jnp.ones(len(train_y)), l2, num_classes=num_classes, iters=iters)
 
     def acc(x, y):

@@ -14,7 +14,17 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from simclr_jax import checkpoint, data, encoder, parallel, pictures, pretrain, report, sources
+from simclr_jax import (
+    checkpoint,
+    data,
+    encoder,
+    parallel,
+    pictures,
+    pretrain,
+    report,
+    sources,
+    stops,
+)
 from simclr_jax import config as config_lib
 from simclr_jax.errors import CheckpointError, WorkdirError
 from simclr_jax.lock import LOCK_FILE, WorkdirLock
@@ -257,7 +267,8 @@ def _downstream_stage(config, ds, workdir: str, writer, source: str) -> dict:
     from simclr_jax import downstream  # noqa: PLC0415 (the heavier stage, only when used)
 
     summary = downstream.run(config, ds, workdir, writer, source)
-    pictures.write_neighbours(config, ds, workdir, source, primary=writer.enabled)
+    with stops.doing("downstream: the nearest-neighbours picture"):
+        pictures.write_neighbours(config, ds, workdir, source, primary=writer.enabled)
     if writer.enabled:
         rep = report.write(workdir)
         summary.update(report.summary(rep), wall_s=rep["wall_s"])
@@ -283,7 +294,15 @@ def run(config, workdir: str, mode: str = "all") -> dict:
     source = encoder_source(config, workdir) if mode == "downstream" else None
     if source is not None:
         check_encoder_source(config, source)
-    ds = _load_data(config)
+    with stops.recording():  # a signal is acted on at the next stop point (stops.py)
+        ds = _load_data(config)
+        stops.check("loading the data")
+        return _run_stages(config, ds, workdir, mode, source)
+
+
+def _run_stages(config, ds, workdir: str, mode: str, source: str | None) -> dict:
+    """The stages of `mode` in `workdir`, under its lock; a stop during the pictures or the report
+    ends the run once they are written (130 / 143)."""
     config = data.with_stats(config, ds)  # the input normalisation, written to config.json
     created = _first_missing(workdir)  # what a failure before any work removes again
     _check_writable(workdir)  # creates it: the lock lives there
@@ -299,4 +318,8 @@ def run(config, workdir: str, mode: str = "all") -> dict:
                 summary["downstream"] = _downstream_stage(config, ds, workdir, writer, source)
         finally:
             writer.close()
+    if stops.requested():  # arrived after the last stop point: all is written
+        raise stops.Interrupted(
+            f"the run: {stops.describe(stops.requested())}; its work is written.", stops.requested()
+        )
     return summary
