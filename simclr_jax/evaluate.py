@@ -213,6 +213,29 @@ def _preprocess(train_x: np.ndarray, test_x: np.ndarray, how: str):
     )
 
 
+def _choose_penalty(score, grid: list[float], scores: dict) -> tuple[str, float, bool]:
+    """(preprocessing, penalty, widened): the pair of PREPROCESSING x `grid` with the lowest
+    held-out loss, `score(how, penalties)` scoring those not in `scores` yet. A pick at an edge of
+    the grid widens it by 10x past that edge (at most MAX_WIDEN times an edge) and scores again.
+    `grid` and `scores` are updated in place."""
+    room, widened = {"low": MAX_WIDEN, "high": MAX_WIDEN}, False
+    while True:
+        for h in PREPROCESSING:
+            todo = [v for v in grid if (h, v) not in scores]
+            if todo:
+                scores.update({(h, v): float(c) for v, c in zip(todo, score(h, todo), strict=True)})
+        how, l2 = min(((h, v) for h in PREPROCESSING for v in grid), key=scores.__getitem__)
+        edge = "low" if l2 == grid[0] else "high" if l2 == grid[-1] else None
+        if edge is None or not room[edge]:
+            return how, l2, widened
+        room[edge] -= 1
+        if edge == "low":
+            grid.insert(0, grid[0] / 10)
+        else:
+            grid.append(grid[-1] * 10)
+        widened = True
+
+
 def linear_probe(
     train_x, train_y, test_x, test_y, num_classes, *, l2_grid, folds, iters, seed
 ) -> dict:
@@ -238,27 +261,15 @@ def linear_probe(
             inputs[how] = _preprocess(train_x, test_x, how)
         return inputs[how]
 
-    grid, scores, widened = sorted(float(v) for v in l2_grid), {}, False
-    how, l2 = PREPROCESSING[0], grid[0]
+    grid, scores = sorted(float(v) for v in l2_grid), {}
+    how, l2, widened = PREPROCESSING[0], grid[0], False
     if len(grid) > 1 and folds > 1:
         fold = _stratified_folds(np.asarray(train_y), folds, seed)
-        room = {"low": MAX_WIDEN, "high": MAX_WIDEN}
-        while True:
-            for h in PREPROCESSING:
-                todo = [v for v in grid if (h, v) not in scores]
-                if todo:
-                    cv = _cross_validate(prepared(h)[0], ys, fold, todo, folds, num_classes, iters)
-                    scores.update({(h, v): float(c) for v, c in zip(todo, cv, strict=True)})
-            how, l2 = min(((h, v) for h in PREPROCESSING for v in grid), key=scores.__getitem__)
-            edge = "low" if l2 == grid[0] else "high" if l2 == grid[-1] else None
-            if edge is None or not room[edge]:
-                break
-            room[edge] -= 1
-            if edge == "low":
-                grid.insert(0, grid[0] / 10)
-            else:
-                grid.append(grid[-1] * 10)
-            widened = True
+
+        def score(h: str, todo: list[float]) -> np.ndarray:
+            return _cross_validate(prepared(h)[0], ys, fold, todo, folds, num_classes, iters)
+
+        how, l2, widened = _choose_penalty(score, grid, scores)
     xs, xt = prepared(how)
     stops.check()
     params = _fit(xs, ys, jnp.ones(len(train_y)), l2, num_classes=num_classes, iters=iters)
