@@ -2,7 +2,7 @@
 
     python -m simclr_jax.pack DIR OUT --canvas 256          # then --config.data.data_dir=OUT
 
-DIR is the ImageFolder layout a run reads (`images.LAYOUT`); OUT gets, per split, SPLIT.array_record
+DIR is the ImageFolder layout a run reads (`folders.LAYOUT`); OUT gets, per split, SPLIT.array_record
 (one record per readable image, in the folder's order: decoded, made RGB and resized to the canvas
 exactly as a run would, then encoded) and SPLIT.labels.npy, and last `PACK_META` (the canvas, the
 encoding, each split's classes, size, and the fingerprint of the files it came from). A run points
@@ -13,7 +13,7 @@ of a small image instead of a full-size photograph (benchmarks/README.md, "Input
 The default encoding, PNG, is lossless: a packed split gives the same pixels, so the same run, as
 its folder at the same canvas. `--encoding jpeg` (quality 95) makes smaller files that decode
 faster, and changes pixels by JPEG's error. Unreadable files are skipped and named, as a run over
-the folder skips them (`images.verify`, `--max-bad-fraction`).
+the folder skips them (`folders.verify`, `--max-bad-fraction`).
 """
 
 import argparse
@@ -27,6 +27,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from simclr_jax import folders
 from simclr_jax import images as image_files
 from simclr_jax.errors import DataError
 
@@ -94,8 +95,8 @@ def pack_split(
     temporary name, then renamed); returns the split's entry of PACK_META."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    found = image_files.scan_split(root, split)
-    found, skipped = image_files.verify(root, found, canvas, max_bad_fraction, num_threads)
+    found = folders.scan_split(root, split)
+    found, skipped = folders.verify(root, found, canvas, max_bad_fraction, num_threads)
     target, tmp = record_path(out, split), record_path(out, split) + ".partial"
     writer = ArrayRecordWriter(tmp, "group_size:1")  # one record per chunk: random access
 
@@ -140,16 +141,16 @@ def pack(
         raise DataError(f"--canvas {canvas}: give the side in pixels a run will read (e.g. 256).")
     if not os.path.isdir(root):
         raise DataError(
-            f"{root} is not a folder: give an image folder laid out as {image_files.LAYOUT}."
+            f"{root} is not a folder: give an image folder laid out as {folders.LAYOUT}."
         )
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise DataError(f"{out} already exists and is not an empty folder: give a new OUT folder.")
     if splits is None:
         splits = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
         if not splits:
-            raise DataError(f"{root} has no split folders: lay it out as {image_files.LAYOUT}.")
+            raise DataError(f"{root} has no split folders: lay it out as {folders.LAYOUT}.")
     for split in splits:  # every layout error before any work
-        image_files.scan_split(root, split)
+        folders.scan_split(root, split)
     os.makedirs(out, exist_ok=True)
     meta = {
         "kind": KIND,
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m simclr_jax.pack", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("dir", help=f"the image folder ({image_files.LAYOUT})")
+    parser.add_argument("dir", help=f"the image folder ({folders.LAYOUT})")
     parser.add_argument("out", help="a new folder for the pack (then --config.data.data_dir=OUT)")
     parser.add_argument(
         "--canvas", type=int, required=True, help="side in pixels (config.data.canvas)"

@@ -1,7 +1,7 @@
 """The named splits of each kind of dataset, opened as random-access sources (`sources.py`).
 
 Three kinds: the embedded scikit-learn handwritten digits (no network, no files), an image folder
-in torchvision's ImageFolder layout (`images.py`) or its pack (`pack.py`), and any prepared tfds
+in torchvision's ImageFolder layout (`folders.py`) or its pack (`pack.py`), and any prepared tfds
 image set, read through `tfds.data_source` (array_record; no TensorFlow needed to read). A split
 name may join several with '+' ('train+unlabelled'). What a run does with them (the roles, the
 validation split, caching, statistics) is `data.py`'s.
@@ -14,8 +14,7 @@ import shlex
 
 import numpy as np
 
-from simclr_jax import images as image_files
-from simclr_jax import pack, sources
+from simclr_jax import folders, pack, sources
 from simclr_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -103,12 +102,12 @@ def load_digits(image_size: int = 32) -> tuple:
 
 
 def _folder_splits(data_cfg) -> tuple[dict, int]:
-    """An image folder in the ImageFolder layout (images.LAYOUT): each named split scanned and
-    decoded once (images.verify drops, and names, the files that will not decode)."""
+    """An image folder in the ImageFolder layout (folders.LAYOUT): each named split scanned and
+    decoded once (folders.verify drops, and names, the files that will not decode)."""
     if not data_cfg.data_dir:
         raise DataError(
             f"config.data.name=folder needs config.data.data_dir=DIR, a folder laid out as "
-            f"{image_files.LAYOUT}."
+            f"{folders.LAYOUT}."
         )
     root = os.path.abspath(os.path.expanduser(data_cfg.data_dir))
     if pack.is_pack(root):
@@ -116,8 +115,8 @@ def _folder_splits(data_cfg) -> tuple[dict, int]:
     canvas = canvas_size(data_cfg)
 
     def open_split(name):
-        split = image_files.scan_split(root, name)
-        split, _ = image_files.verify(
+        split = folders.scan_split(root, name)
+        split, _ = folders.verify(
             root, split, canvas, data_cfg.max_bad_fraction, data_cfg.read_threads
         )
         return sources.FolderSource(root, split, canvas)
