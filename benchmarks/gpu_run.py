@@ -265,7 +265,13 @@ def collect_recipe(args, run: Run, workdir: str) -> None:
         if os.path.exists(src):
             shutil.copy(src, os.path.join(args.out, name))
     try:
-        curve = curve_points(entry.get("result") or {}, workdir)
+        records = pretrain_records(workdir)
+        if records and not os.path.exists(os.path.join(args.out, "pretrain.png")):
+            from simclr_jax import plots  # the recipe stopped before drawing it
+
+            title = f"SimCLR pretraining (stopped: {entry.get('status')})"
+            plots.pretrain_curves(records, os.path.join(args.out, "pretrain.png"), title)
+        curve = curve_points(entry.get("result") or {}, records)
         entry["knn_curve_points"] = curve
         if curve["monitor"] or curve["final"]:
             draw_curve(curve, os.path.join(args.out, CURVE_PNG), entry.get("result") or {})
@@ -283,21 +289,26 @@ def redraw(directory: str) -> dict:
     return result
 
 
-def curve_points(recipe: dict, workdir: str) -> dict:
+def pretrain_records(workdir: str) -> list[dict]:
+    """The pretraining records of the recipe's metrics.jsonl (none if it has none)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if r.get("phase") == "pretrain"]
+
+
+def curve_points(recipe: dict, records: list[dict]) -> dict:
     """{'monitor': [[epoch, knn acc]...], 'init': acc at epoch 0, 'final': [epoch, knn, linear]}
-    from the recipe's JSON, or from metrics.jsonl when the recipe did not get that far."""
+    from the recipe's JSON, or from its pretraining records when it did not get that far."""
     monitor = recipe.get("knn_curve")
     if monitor is None:
-        path = os.path.join(workdir, "metrics.jsonl")
-        records = []
-        if os.path.exists(path):
-            with open(path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
         spe = recipe.get("steps_per_epoch")
         monitor = [
             [r["step"] // spe if spe else r["step"], r["knn_acc"]]
             for r in records
-            if r.get("phase") == "pretrain" and "knn_acc" in r
+            if "knn_acc" in r
         ]
     final = None
     if recipe.get("knn_acc") is not None:

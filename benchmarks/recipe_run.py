@@ -336,9 +336,12 @@ def main(argv=None) -> dict:
     epochs = args.epochs or max(1, int(args.minutes * 60 * ips / len(ds.pretrain)))
     set_epochs(epochs)
     config.pretrain.knn_every, config.pretrain.checkpoint_every = args.knn_every, 0
-    result.update(epochs=epochs, timed_images_per_s=ips, first_compile_s=compile_s)
+    spe = pretrain.steps_per_epoch(len(ds.pretrain), config.pretrain.batch_size)
+    result.update(epochs=epochs, steps_per_epoch=spe, timed_images_per_s=ips)
+    result["first_compile_s"] = compile_s
     result.update(knn_every=args.knn_every, warmup_epochs=config.pretrain.warmup_epochs)
     parts.mark(f"{ips:.0f} images/s after a {compile_s:.0f} s compile: {epochs} epochs")
+    write(result, args)  # a pretraining that is stopped still leaves its plan
     t0 = time.perf_counter()
     try:
         state, summary = pretrain_for(config, ds, workdir)  # nothing after it runs without it
@@ -347,10 +350,8 @@ def main(argv=None) -> dict:
         result["total_wall_s"] = time.perf_counter() - t_start
         write(result, args)
         raise
-    spe = pretrain.steps_per_epoch(len(ds.pretrain), config.pretrain.batch_size)
     result.update(
         steps=summary["step"],
-        steps_per_epoch=spe,
         images_per_s=summary["images_per_s"],
         pretrain_wall_s=time.perf_counter() - t0,
         final_loss=summary["loss"],

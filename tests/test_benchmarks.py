@@ -281,6 +281,38 @@ def test_gpu_run_records_a_failed_a_stopped_and_a_skipped_part(tmp_path):
     assert saved["headline"]["status"]["failed"] == "failed (exit 3)"
 
 
+def test_gpu_run_keeps_the_curve_of_a_recipe_stopped_in_pretraining(tmp_path):
+    """A recipe stopped before its JSON had a curve: the kNN points (in epochs) and pretrain.png
+    come from its metrics.jsonl, which goes back too."""
+    import gpu_run
+
+    workdir = tmp_path / "recipe"
+    workdir.mkdir()
+    records = [
+        {"step": s, "phase": "pretrain", "loss": 5 - s / 100, "learning_rate": 0.5}
+        for s in (10, 20, 30, 40)
+    ]
+    records[1]["knn_acc"], records[3]["knn_acc"] = 0.3, 0.5
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = gpu_run.parse_args(["--out", str(tmp_path / "out"), "--scratch", str(tmp_path)])
+    run = gpu_run.Run(args)
+    stopped = {"steps_per_epoch": 10, "epochs": 100, "errors": {"pretrain": "Interrupted"}}
+    run.result["parts"]["recipe"] = {"status": "timed out after 300 s", "result": stopped}
+    gpu_run.collect_recipe(args, run, str(workdir))
+    entry = json.loads((tmp_path / "out" / "gpu_run.json").read_text())["parts"]["recipe"]
+    assert entry["knn_curve_points"] == {
+        "monitor": [[2, 0.3], [4, 0.5]],
+        "init": None,
+        "final": None,
+    }
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "gpu_run.json",
+        "metrics.jsonl",
+        "pretrain.png",
+        "knn_curve.png",
+    }
+
+
 def test_torch_nt_xent_is_the_project_loss():
     torch = pytest.importorskip("torch")
     import jax.numpy as jnp
