@@ -264,28 +264,36 @@ def collect_recipe(args, run: Run, workdir: str) -> None:
         src = os.path.join(workdir, name)
         if os.path.exists(src):
             shutil.copy(src, os.path.join(args.out, name))
-    try:
-        records = pretrain_records(workdir)
+    records = pretrain_records(workdir)
+    curve = entry["knn_curve_points"] = curve_points(entry.get("result") or {}, records)
+    try:  # the figures need matplotlib, which the device's image may lack: then drawn here
         if records and not os.path.exists(os.path.join(args.out, "pretrain.png")):
-            from simclr_jax import plots  # the recipe stopped before drawing it
-
-            title = f"SimCLR pretraining (stopped: {entry.get('status')})"
-            plots.pretrain_curves(records, os.path.join(args.out, "pretrain.png"), title)
-        curve = curve_points(entry.get("result") or {}, records)
-        entry["knn_curve_points"] = curve
+            draw_pretrain(records, os.path.join(args.out, "pretrain.png"), entry.get("status"))
         if curve["monitor"] or curve["final"]:
             draw_curve(curve, os.path.join(args.out, CURVE_PNG), entry.get("result") or {})
-    except Exception as err:  # noqa: BLE001 (the figure is not worth the run)
-        entry["curve_error"] = f"{type(err).__name__}: {err}"
+    except Exception as err:  # noqa: BLE001 (the figures are not worth the run)
+        entry["figure_error"] = f"{type(err).__name__}: {err}"
     run.save()
 
 
+def draw_pretrain(records: list[dict], path: str, status) -> None:
+    """pretrain.png (loss, learning rate, kNN monitor against the step) from the records, where
+    the recipe did not draw it (stopped, or no matplotlib where it ran)."""
+    from simclr_jax import plots
+
+    plots.pretrain_curves(records, path, f"SimCLR pretraining (the recipe: {status})", 0.1)
+
+
 def redraw(directory: str) -> dict:
+    """knn_curve.png, and pretrain.png if missing, in a returned $OUT folder (DIR)."""
     with open(os.path.join(directory, RESULT)) as f:
         result = json.load(f)
     recipe = result["parts"]["recipe"]
     draw_curve(recipe["knn_curve_points"], os.path.join(directory, CURVE_PNG), recipe["result"])
-    print(f"wrote {os.path.join(directory, CURVE_PNG)}")
+    records = pretrain_records(directory)
+    if records and not os.path.exists(os.path.join(directory, "pretrain.png")):
+        draw_pretrain(records, os.path.join(directory, "pretrain.png"), recipe.get("status"))
+    print(f"drew the figures in {directory}")
     return result
 
 

@@ -311,6 +311,12 @@ def test_gpu_run_keeps_the_curve_of_a_recipe_stopped_in_pretraining(tmp_path):
         "pretrain.png",
         "knn_curve.png",
     }
+    for png in ("pretrain.png", "knn_curve.png"):  # as a device without matplotlib returns
+        (tmp_path / "out" / png).unlink()
+    gpu_run.main(["--draw", str(tmp_path / "out")])  # drawn here afterwards
+    assert (tmp_path / "out" / "pretrain.png").exists() and (
+        tmp_path / "out" / "knn_curve.png"
+    ).exists()
 
 
 def test_torch_nt_xent_is_the_project_loss():
