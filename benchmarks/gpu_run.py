@@ -10,8 +10,9 @@ Parts (--parts; each one's failure or time-out is recorded and the next part run
               the kNN monitor every --knn-every epochs, then the frozen linear probe and kNN on
               every train label and the test split, the same model's kNN at its initialisation,
               and fine-tune vs scratch for --downstream-epochs on every train label;
-  throughput  benchmarks/throughput.py, bf16 then float32: the pretrain step's images/s and MFU
-              against the matmul peak of a --peak-size square matmul measured in the same run;
+  throughput  benchmarks/throughput.py, bf16 then float32 (--throughput-precisions): the pretrain
+              step's images/s and MFU against the matmul peak of a --peak-size square matmul in
+              that dtype, measured in the same run;
   torch       benchmarks/vs_torch.py: the project's bf16 step and torch_reference's step on
               --torch-device (bf16 autocast, channels_last, torch.compile), interleaved; if that
               fails and time is left, once more without torch.compile (recorded as such).
@@ -23,7 +24,9 @@ workers with it). Every part prints into this process's stdout (gpu_run.sh tees 
 
 Writes to --out: gpu_run.json (the parts' own JSONs, each part's status, exit code and wall
 time, and a `headline` of the numbers the README table needs), knn_curve.png (kNN accuracy
-against the epoch, from the recipe's monitor), and the recipe's pretrain.png and metrics.jsonl.
+against the epoch, from the recipe's monitor), and the recipe's pretrain.png and metrics.jsonl;
+where the figures could not be drawn (no matplotlib), `--draw DIR` draws them later from DIR.
+Exit code 0 when every part ran ok, 3 when some did not (each one's status is in the JSON).
 """
 
 import argparse
