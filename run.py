@@ -26,7 +26,7 @@ _MODE = flags.DEFINE_enum("mode", "all", ["pretrain", "downstream", "all"], "Sta
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM outside the step loop (which turns it into a checkpoint first): stop as Ctrl-C."""
+    """SIGTERM before pipeline.run records signals (stops.py), before any work: stop as Ctrl-C."""
 
     signum = signal.SIGTERM
 
@@ -108,7 +108,7 @@ def main(argv):
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/jax chatter at INFO
     logging.getLogger("simclr_jax").setLevel(logging.INFO)
-    signal.signal(signal.SIGTERM, _raise_terminated)  # the step loop saves a checkpoint first
+    signal.signal(signal.SIGTERM, _raise_terminated)  # until pipeline.run records it (stops.py)
     from simclr_jax import xla_env
 
     # XLA:CPU only; before jax starts. On jaxlib >= 0.12 these are oneDNN's, whose programs jax

@@ -75,14 +75,14 @@ def _rate(read, n: int, repeats: int, batch: int = 64) -> float:
 def part_decode(args) -> list[dict]:
     from array_record.python import array_record_data_source, array_record_module
 
-    from simclr_jax import images, pack, sources
+    from simclr_jax import folders, images, pack, sources
 
     rows, tmp = [], tempfile.mkdtemp(prefix="input_bench_")
     for canvas, (w, h) in SOURCE_SIDE.items():
         n = args.decode_images
         root = os.path.join(tmp, f"jpeg{canvas}")
         write_jpeg_folder(root, n, (w, h), classes=1)
-        split = images.scan_split(root, "train")
+        split = folders.scan_split(root, "train")
         folder = sources.FolderSource(root, split, canvas)
         rows.append(
             {

@@ -4,18 +4,24 @@ write the results to benchmarks/results/<device>-<dataset>-<model>-<precision>-r
 
   # one H100 / H200 (bf16, the recipe's ResNet-18 and batch 512), under 9 minutes in all:
   python benchmarks/recipe_run.py --data-dir /path/to/tensorflow_datasets --minutes 5
+  # all of CIFAR-10 from a pack, kNN curve, fine-tune vs scratch (gpu_run.sh's part 1):
+  python benchmarks/recipe_run.py --set data.name=folder --data-dir .devdata/cifar10_pack \
+      --minutes 3 --knn-every 25 --downstream-epochs 10
   # a CPU smoke run of the same path (what tests/test_benchmarks.py runs):
   python benchmarks/recipe_run.py --config configs/digits_simclr.py --minutes 0.05 \
       --set model.name=tiny --set pretrain.batch_size=64 --precision float32
 
 Steps: (1) load the data and its channel statistics; (2) time a few pretraining steps after
 compiling, fed as the run feeds them (`pretrain.batches`; images/s); (3) epochs = budget *
-images/s / pretraining images (at least 1), warm-up a tenth of them; (4) pretrain
-(`pretrain.run` on the loaded data; the persistent compilation cache makes its compile a cache
-hit); (5) features of every train and test image, the linear probe (L-BFGS, penalty by
-cross-validation) and the weighted kNN; (6) the JSON.
+images/s / pretraining images (at least 1; or --epochs), warm-up a tenth of them; (4) pretrain
+(`pretrain.run` on the loaded data, the kNN monitor every --knn-every epochs); (5) features of
+every train and test image, the linear probe (L-BFGS, penalty by cross-validation) and the
+weighted kNN, then the same kNN of the model at step 0; (6) with --downstream-epochs, fine-tune
+vs scratch on every train label. The JSON is written before (2) and again after every part;
+a part after (4) that fails is recorded under 'errors' and the next one runs.
 
-The data: a prepared tfds copy (`--data-dir`), or an .npz made by `--pack` on a machine that
+The data: a prepared tfds copy (`--data-dir`), a pack (`python -m simclr_jax.pack`, read with
+`--set data.name=folder --data-dir PACK`), or an .npz made by `--pack` on a machine that
 has one (uint8 arrays train_images, train_labels, test_images, test_labels of the labelled
 train and test splits, read back as `sources.ArraySource`s; `--pack-train N` and `--pack-test M`
 keep the first N train and M test images, for a machine that can only be sent a smaller file: the
@@ -30,6 +36,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -45,9 +52,18 @@ def parse_args(argv=None):
     p.add_argument("--pack-train", type=int, default=0, help="with --pack: first N train images")
     p.add_argument("--pack-test", type=int, default=0, help="with --pack: first N test images")
     p.add_argument("--minutes", type=float, default=5.0, help="pretraining time budget")
+    p.add_argument("--epochs", type=int, default=0, help="pretrain this many epochs (0: budget)")
     p.add_argument("--precision", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--set", action="append", default=[], help="config override key=value")
     p.add_argument("--timing-steps", type=int, default=5, help="steps timed for images/s")
+    p.add_argument("--knn-every", type=int, default=0, help="kNN monitor every N epochs (0: off)")
+    p.add_argument(
+        "--downstream-epochs",
+        type=int,
+        default=0,
+        help="then fine-tune vs scratch for N epochs on every train label (0: not run)",
+    )
+    p.add_argument("--out-name", default="", help="the JSON's file name (default: by device)")
     p.add_argument("--workdir", default="", help="default: a fresh temporary directory")
     p.add_argument("--out", default=throughput.RESULTS, help="directory of the JSON result")
     return p.parse_args(argv)
@@ -113,17 +129,19 @@ def pack(config, args) -> None:
     print(f"wrote {args.pack} ({size:.1f} MiB, {n} train images, {m} test images)")
 
 
-def images_per_second(config, ds, steps: int) -> tuple[float, float]:
+def images_per_second(config, ds, steps: int, epochs: int = 0) -> tuple[float, float]:
     """(images/s of the pretraining step after compiling, compile seconds): the run's step fed
-    as the run feeds it, `pretrain.batches` streaming ds.pretrain's rows to the devices."""
+    as the run feeds it, `pretrain.batches` streaming ds.pretrain's rows to the devices. With
+    `epochs` (the run's, known already) it is the run's very program, which the run then loads
+    from the compilation cache."""
     import jax
 
     from simclr_jax import parallel, pretrain
 
     pc = config.pretrain
     spe = pretrain.steps_per_epoch(len(ds.pretrain), pc.batch_size)
-    # The run's own step but for its schedule's length (not known yet): one compile more.
-    p_step, state = pretrain.step_and_initial_state(config, spe, 100 * spe)
+    # Without `epochs`, the run's own step but for its schedule's length: one compile more.
+    p_step, state = pretrain.step_and_initial_state(config, spe, (epochs or 100) * spe)
     state = parallel.replicate(state)
     inputs = pretrain.batches(config, ds.pretrain, 0, steps + 1)
     t0 = time.perf_counter()
@@ -210,6 +228,81 @@ def frozen_all_labels(config, ds, state) -> dict:
     }
 
 
+def fine_tune_vs_scratch(config, ds, state, workdir: str, epochs: int) -> dict:
+    """downstream.compare for `epochs` (the short budget only) on the labelled subset
+    (downstream.label_fraction, 1.0 = every train label): the classifier fine-tuned from the
+    pretrained f against the same classifier from the weights pretraining started from. Returns
+    each run's final test accuracy and loss, its per-epoch test accuracies and wall seconds."""
+    from simclr_jax import config as config_lib
+    from simclr_jax import data, downstream, pipeline
+    from simclr_jax.metrics import MetricWriter
+
+    dc = config.downstream
+    dc.epochs, dc.long_epochs = epochs, 0
+    dc.checkpoint_every = 10**9  # each run's last step only (not one per test evaluation)
+    config_lib.validate(config, "downstream")
+    subset = data.labelled_subset(ds.train_labels, dc.label_fraction, ds.num_classes, config.seed)
+    encoder = {"params": state.params["encoder"], "batch_stats": state.batch_stats["encoder"]}
+    step = int(state.step)
+    starts = {
+        downstream.FINETUNE: (encoder, {"dir": pipeline.pretrain_dir(workdir), "step": step}),
+        downstream.SCRATCH: (
+            downstream.random_encoder(config),
+            {"init": "the pretraining's initial weights"},
+        ),
+    }
+    writer = MetricWriter(workdir)
+    try:
+        walls = downstream.compare(config, ds, workdir, writer, subset, starts)
+    finally:
+        writer.close()
+    out = {"epochs": epochs, "num_labelled": len(subset), "batch_size": dc.batch_size}
+    records = writer_records(workdir)
+    for run in (downstream.FINETUNE, downstream.SCRATCH):
+        evals = [r for r in records if r["phase"] == run and r.get("test_acc") is not None]
+        out[run] = {
+            "test_acc": evals[-1]["test_acc"],
+            "test_loss": evals[-1]["test_loss"],
+            "test_acc_by_epoch": [[r["epoch"], r["test_acc"]] for r in evals],
+            "wall_s": walls[run],
+        }
+    return out
+
+
+def knn_curve(workdir: str, steps_per_epoch: int) -> list[list]:
+    """[epoch, kNN test accuracy] of the kNN monitor's records (pretrain.knn_every)."""
+    records = [r for r in writer_records(workdir) if r["phase"] == "pretrain"]
+    return [[r["step"] // steps_per_epoch, r["knn_acc"]] for r in records if "knn_acc" in r]
+
+
+class Parts:
+    """The run's parts after pretraining, each allowed to fail: its error is recorded in the
+    result (`errors`), the traceback printed, and the next part runs; the JSON is written again
+    after every part, so what was measured survives a later failure or a kill."""
+
+    def __init__(self, result: dict, args, t_start: float):
+        self.result, self.args, self.t_start = result, args, t_start
+        self.path = write(result, args)
+
+    def mark(self, text: str) -> None:
+        print(f"[recipe +{time.perf_counter() - self.t_start:.0f}s] {text}", flush=True)
+
+    def run(self, name: str, fn, *fn_args):
+        self.mark(f"{name} ...")
+        t0 = time.perf_counter()
+        try:
+            out = fn(*fn_args)
+        except Exception as err:  # noqa: BLE001 (recorded; the next part still runs)
+            traceback.print_exc()
+            self.result.setdefault("errors", {})[name] = f"{type(err).__name__}: {err}"
+            out = None
+        self.result.setdefault("part_wall_s", {})[name] = time.perf_counter() - t0
+        self.result["total_wall_s"] = time.perf_counter() - self.t_start
+        self.path = write(self.result, self.args)
+        self.mark(f"{name} done")
+        return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="simclr_recipe_")
@@ -220,7 +313,7 @@ def main(argv=None) -> dict:
     xla_env.use_compilation_cache()
     import jax
 
-    from simclr_jax import data
+    from simclr_jax import data, pretrain
 
     t_start = time.perf_counter()
     config = load_config(args)
@@ -228,53 +321,102 @@ def main(argv=None) -> dict:
         return pack(config, args)
     ds = load_data(config, args)
     config = data.with_stats(config, ds)
-    ips, compile_s = images_per_second(config, ds, args.timing_steps)
-    epochs = max(1, int(args.minutes * 60 * ips / len(ds.pretrain)))
-    config.pretrain.epochs, config.pretrain.num_steps = epochs, 0
-    config.pretrain.warmup_epochs = max(1.0, round(0.1 * epochs))
-    config.pretrain.knn_every, config.pretrain.checkpoint_every = 0, 0
-    print(f"{ips:.0f} images/s after a {compile_s:.0f} s compile: {epochs} epochs", flush=True)
+    result = describe(config, ds, args, jax, workdir)
+    result["data_load_s"] = time.perf_counter() - t_start
+    parts = Parts(result, args, t_start)
+    parts.mark(f"data loaded: {len(ds.pretrain)} pretraining images")
+
+    def set_epochs(epochs: int) -> None:
+        config.pretrain.epochs, config.pretrain.num_steps = epochs, 0
+        config.pretrain.warmup_epochs = max(1.0, round(0.1 * epochs))
+
+    if args.epochs:
+        set_epochs(args.epochs)
+    ips, compile_s = images_per_second(config, ds, args.timing_steps, args.epochs)
+    epochs = args.epochs or max(1, int(args.minutes * 60 * ips / len(ds.pretrain)))
+    set_epochs(epochs)
+    config.pretrain.knn_every, config.pretrain.checkpoint_every = args.knn_every, 0
+    spe = pretrain.steps_per_epoch(len(ds.pretrain), config.pretrain.batch_size)
+    result.update(epochs=epochs, steps_per_epoch=spe, timed_images_per_s=ips)
+    result["first_compile_s"] = compile_s
+    result.update(knn_every=args.knn_every, warmup_epochs=config.pretrain.warmup_epochs)
+    parts.mark(f"{ips:.0f} images/s after a {compile_s:.0f} s compile: {epochs} epochs")
+    write(result, args)  # a pretraining that is stopped still leaves its plan
     t0 = time.perf_counter()
-    state, summary = pretrain_for(config, ds, workdir)
-    pretrain_s = time.perf_counter() - t0
-    result = {
+    try:
+        state, summary = pretrain_for(config, ds, workdir)  # nothing after it runs without it
+    except BaseException as err:  # a stop (SIGTERM: loop.Interrupted) too; recorded, then raised
+        result.setdefault("errors", {})["pretrain"] = f"{type(err).__name__}: {err}"
+        result["total_wall_s"] = time.perf_counter() - t_start
+        write(result, args)
+        raise
+    result.update(
+        steps=summary["step"],
+        images_per_s=summary["images_per_s"],
+        pretrain_wall_s=time.perf_counter() - t0,
+        final_loss=summary["loss"],
+        first_logged_loss=summary["first_logged_loss"],  # the mean of the first log interval
+        first_logged_step=summary["first_logged_step"],
+        knn_curve=knn_curve(workdir, spe),  # [epoch, acc] of the monitor (k=200, T=0.1)
+    )
+    parts.mark(f"pretrained {epochs} epochs in {result['pretrain_wall_s']:.0f} s")
+    frozen = parts.run("frozen_all_labels", frozen_all_labels, config, ds, state)
+    result.update(frozen or {})
+    result["knn_acc_at_init"] = parts.run("knn_at_init", knn_at_init, config, ds)
+    parts.run("pictures", pretrain_picture, config, workdir, ds.num_classes)
+    if args.downstream_epochs:
+        result["fine_tune_vs_scratch"] = parts.run(
+            "fine_tune_vs_scratch",
+            fine_tune_vs_scratch,
+            config,
+            ds,
+            state,
+            workdir,
+            args.downstream_epochs,
+        )
+    result["total_wall_s"] = time.perf_counter() - t_start
+    write(result, args)
+    print(
+        json.dumps({k: result.get(k) for k in ("epochs", "images_per_s", "knn_acc", "linear_acc")})
+    )
+    return result
+
+
+def describe(config, ds, args, jax, workdir: str) -> dict:
+    """What the run is: device, data, model and settings (written before any part runs)."""
+    return {
         "device": jax.devices()[0].device_kind,
         "device_count": jax.device_count(),
         "jax": jax.__version__,
         "dataset": config.data.name,
+        "data_dir": config.data.data_dir,
         "train_images": len(ds.train),  # counts: the labelled train and test splits
         "test_images": len(ds.test),
         "pretrain_images": len(ds.pretrain),
+        "pretrain_source": type(ds.pretrain).__name__,  # an ArraySource: read into memory once
         "model": config.model.name,
         "width": config.model.width,
         "image_size": config.data.image_size,
         "precision": config.precision,
         "global_batch": config.pretrain.batch_size,
         "budget_minutes": args.minutes,
-        "epochs": epochs,
-        "steps": summary["step"],
-        "timed_images_per_s": ips,
-        "images_per_s": summary["images_per_s"],
-        "first_compile_s": compile_s,
-        "pretrain_wall_s": pretrain_s,
-        "final_loss": summary["loss"],
-        "first_logged_loss": summary["first_logged_loss"],  # the mean of the first log interval
-        "first_logged_step": summary["first_logged_step"],
-        **frozen_all_labels(config, ds, state),
-        "knn_acc_at_init": knn_at_init(config, ds),
-        "total_wall_s": time.perf_counter() - t_start,
         "workdir": workdir,
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
     }
-    write(result, args.out)
-    return result
 
 
-def write(result: dict, out: str) -> str:
+def pretrain_picture(config, workdir: str, num_classes: int) -> str:
+    """pretrain.png in the workdir (loss, learning rate, kNN monitor against the step)."""
+    from simclr_jax import pictures
+
+    pictures.write_pretrain_curves(config, workdir, num_classes)
+    return os.path.join(workdir, "pretrain.png")
+
+
+def write(result: dict, args) -> str:
     kind = "".join(c if c.isalnum() else "-" for c in result["device"].lower()).strip("-")
     name = f"{kind}-{result['dataset']}-{result['model']}-{result['precision']}-recipe.json"
-    print(json.dumps({k: result[k] for k in ("epochs", "images_per_s", "knn_acc", "linear_acc")}))
-    return throughput.save_json(result, out, name)
+    return throughput.save_json(result, args.out, args.out_name or name)
 
 
 if __name__ == "__main__":

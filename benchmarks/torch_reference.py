@@ -1,7 +1,9 @@
 """A plain PyTorch SimCLR training step, the speed reference of benchmarks/vs_torch.py (issue #13).
 
 It is the project's pretrain step (simclr_jax.pretrain.pretrain_step with configs/cifar_simclr.py)
-written the way a PyTorch user would, eager, on the CPU:
+written the way a PyTorch user would: eager on the CPU, and on a GPU tuned as such a user tunes it
+(`make_step(..., device='cuda', autocast=torch.bfloat16, compile=True)`: channels_last, bf16
+autocast, torch.compile, cuDNN's autotuner):
 
 * ResNet-18 with the CIFAR stem (3x3 conv stride 1, no max-pool), BasicBlocks, base channels
   int(64 * width), BN after every conv (flax momentum 0.9 = torch momentum 0.1, eps 1e-5), the
@@ -163,7 +165,7 @@ class LARS(torch.optim.Optimizer):
         u_norm = torch.stack(torch._foreach_norm(u))
         ratio = group["tc"] * p_norm / u_norm
         ratio = torch.where((p_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
-        torch._foreach_mul_(u, ratio.tolist())
+        torch._foreach_mul_(u, list(ratio.unbind()))  # on the device: no host sync mid-step
         return u
 
 
@@ -201,31 +203,51 @@ def _crop_flip(x, g):
 
 def make_step(width: float, batch: int, head_layers: int = 3, **kw):
     """A callable that runs one LARS step of SimCLR on the next pre-made batch of views (cycling
-    over kw n_batches, default 2) and returns the loss L (a float: the step has finished).
+    over kw n_batches, default 2): `step()` returns the loss L as a float (the step has finished),
+    `step(sync=False)` the loss tensor, without waiting for the device.
 
     kw: proj_dim (128), bn_output (True), temperature (0.5), lr (the config's 1.0 x batch / 256,
     constant: the JAX step's warm-up + cosine schedule changes no work), weight_decay (1e-4),
-    momentum (0.9), n_batches, seed (0), memory_format (torch.channels_last). The thread count is
-    the caller's (torch.set_num_threads).
+    momentum (0.9), n_batches, seed (0), memory_format (torch.channels_last), and how a PyTorch
+    user tunes the step for an accelerator: device ('cpu'; 'cuda' also turns on cuDNN's autotuner
+    and TF32 matmuls), autocast (None, or a dtype such as torch.bfloat16: the network's forward
+    under torch.autocast, the loss in float32 as the project's), compile (False; True:
+    torch.compile of the forward and the loss, kw compile_mode and compile_backend). The thread
+    count is the caller's (torch.set_num_threads).
     """
     torch.manual_seed(kw.get("seed", 0))
+    device = torch.device(kw.get("device", "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
     fmt = kw.get("memory_format", torch.channels_last)
     model = SimCLRModel(width, head_layers, kw.get("proj_dim", 128), kw.get("bn_output", True))
-    model = model.to(memory_format=fmt).train()
+    model = model.to(device=device, memory_format=fmt).train()
     lr = kw.get("lr", 1.0 * batch / 256)
     opt = LARS(model.parameters(), lr, kw.get("weight_decay", 1e-4), kw.get("momentum", 0.9))
-    data = make_views(batch, kw.get("n_batches", 2), seed=kw.get("seed", 0), memory_format=fmt)
+    views = make_views(batch, kw.get("n_batches", 2), seed=kw.get("seed", 0), memory_format=fmt)
+    data = [v.to(device) for v in views]  # keeps the memory format
     temperature, counter = kw.get("temperature", 0.5), itertools.count()
+    autocast = kw.get("autocast")
 
-    def step() -> float:
-        z1, z2 = model(data[next(counter) % len(data)]).chunk(2)
-        loss = nt_xent(z1, z2, temperature)
+    def forward_loss(x):
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            z = model(x)  # (2N, D)
+        z1, z2 = z.float().chunk(2)
+        return nt_xent(z1, z2, temperature)
+
+    if kw.get("compile", False):
+        backend = kw.get("compile_backend", "inductor")  # 'aot_eager': traced, not generated
+        forward_loss = torch.compile(forward_loss, mode=kw.get("compile_mode"), backend=backend)
+
+    def step(sync: bool = True):
+        loss = forward_loss(data[next(counter) % len(data)])
         opt.zero_grad(set_to_none=True)
         (OBJECTIVE_SCALE * loss).backward()
         opt.step()
-        return loss.item()
+        return loss.item() if sync else loss
 
-    step.model = model
+    step.model, step.device = model, device
     return step
 
 

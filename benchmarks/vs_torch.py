@@ -2,21 +2,25 @@
 
 For each --widths value (ResNet-18, CIFAR stem, channel multiplier) it builds
 
-  project  the float32 pretrain step exactly as pretrain.run builds it
+  project  the pretrain step (--precision, float32 by default) exactly as pretrain.run builds it
            (throughput.build_step('pretrain', ...), the CIFAR config via throughput.make_config:
            head_layers 3, LARS, NT-Xent at temperature 0.5; augmentation inside the step);
   PyTorch  benchmarks/torch_reference.make_step: the same network, head, loss and LARS, eager,
-           channels_last, views pre-made before timing;
+           channels_last, views pre-made before timing; on --torch-device, with the tuning a
+           PyTorch user adds on a GPU as options (--torch-autocast bfloat16, --torch-compile);
 
-compiles / warms both up, then runs them alternately, project step then PyTorch step, --steps
-times, so that both see the same load on a shared machine. Each call ends before the next begins
-(block_until_ready; a PyTorch CPU step is synchronous and ends with loss.item()), so the two
-libraries' thread pools never run at once. It reports the median of each, images/s, the ratio
-project / PyTorch, and each one's MFU: the FLOPs of the project's step (XLA's cost analysis, as
-throughput.py counts them) over the step time, over the matmul peak measured in the same run
+compiles / warms both up, then runs them alternately, --block project steps then --block PyTorch
+steps, until each has run --steps, so that both see the same load on a shared machine. Each block
+ends before the next begins (block_until_ready; loss.item() for PyTorch), so the two libraries
+never run at once; within a block a GPU's queue stays full (--block 1 on the CPU, where a step is
+synchronous anyway). It reports the median of each, images/s, the ratio project / PyTorch, and
+each one's MFU: the FLOPs of the project's step (XLA's cost analysis, as throughput.py counts
+them) over the step time, over the matmul peak in the compute dtype measured in the same run
 (throughput.Peak, before and after each width's timed steps).
 
   python benchmarks/vs_torch.py --widths 0.125,0.25,0.5,1.0 --batch 256 --steps 10 --devices 2
+  python benchmarks/vs_torch.py --widths 1.0 --batch 512 --precision bfloat16 --torch-device cuda \
+      --torch-autocast bfloat16 --torch-compile --steps 30 --block 10 --peak-size 16384  # one GPU
   python benchmarks/table.py benchmarks/results/cpu-vs-torch-*.json     # the markdown table
 
 Writes benchmarks/results/<device>-vs-torch-<n>dev-b<batch>[-<tag>].json with every sample.
@@ -47,6 +51,19 @@ def parse_args(argv=None):
     p.add_argument(
         "--memory-format", default="channels_last", choices=("channels_last", "contiguous")
     )
+    p.add_argument("--block", type=int, default=1, help="steps per timed block (ends synced)")
+    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--torch-device", default="cpu", help="cpu | cuda | auto (cuda if there is one)")
+    p.add_argument(
+        "--torch-autocast", default="none", choices=("none", "bfloat16"), help="forward's dtype"
+    )
+    p.add_argument("--torch-compile", action="store_true", help="torch.compile forward + loss")
+    p.add_argument("--torch-compile-mode", default=None, help="torch.compile's mode (default)")
+    p.add_argument(
+        "--torch-compile-backend",
+        default="inductor",
+        help="inductor; aot_eager traces only (tests)",
+    )
     p.add_argument("--peak-size", type=int, default=2048, help="side of the peak matmul")
     p.add_argument("--malloc", default="hugepages", choices=tuple(throughput.MALLOC))
     throughput.add_cpu_convs_option(p)
@@ -55,7 +72,17 @@ def parse_args(argv=None):
     p.add_argument("--out", default=throughput.RESULTS, help="directory of the JSON result")
     args = p.parse_args(argv)
     args.widths = [float(w) for w in args.widths.split(",") if w]
+    if args.steps % args.block:
+        p.error(f"--steps {args.steps} is not a multiple of --block {args.block}")
     return args
+
+
+def torch_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def cores() -> int:
@@ -63,13 +90,14 @@ def cores() -> int:
 
 
 def jax_side(args, width: float, data):
-    """(call, FLOPs per step over all devices, compile s, config): the project's pretrain step."""
+    """(call, FLOPs per step over all devices, compile s, config): the project's pretrain step;
+    call(n) runs n steps and waits for the last."""
     import jax
 
     from simclr_jax import train_state
 
     config = throughput.make_config(
-        SimpleNamespace(precision="float32", model="resnet18", width=width, batch=args.batch)
+        SimpleNamespace(precision=args.precision, model="resnet18", width=width, batch=args.batch)
     )
     p_step, state = throughput.build_step(
         "pretrain", config, train_state.seed_key(0, train_state.INIT_KEY)
@@ -79,8 +107,9 @@ def jax_side(args, width: float, data):
     flops = throughput.lowered_flops(p_step, (state, *step_args)) * jax.device_count()
     holder = {"state": state}
 
-    def call():
-        holder["state"], metrics = p_step(holder["state"], *step_args)
+    def call(n: int = 1):
+        for _ in range(n):
+            holder["state"], metrics = p_step(holder["state"], *step_args)
         return jax.block_until_ready(metrics)
 
     t0 = time.perf_counter()
@@ -90,7 +119,8 @@ def jax_side(args, width: float, data):
 
 def torch_side(args, width: float, config):
     """(call, first step s): torch_reference's step with the same head, loss and optimizer
-    settings as `config`."""
+    settings as `config`, on --torch-device, tuned as the options say; call(n) runs n steps and
+    returns the last one's loss (a float: the steps have finished)."""
     import torch
     import torch_reference
 
@@ -98,7 +128,7 @@ def torch_side(args, width: float, config):
     assert m.name == "resnet18" and m.stem == "cifar" and m.head_hidden_dim == 0
     assert pc.optimizer == "lars", pc.optimizer
     fmt = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
-    call = torch_reference.make_step(
+    step = torch_reference.make_step(
         width,
         args.batch,
         m.head_layers,
@@ -108,19 +138,36 @@ def torch_side(args, width: float, config):
         weight_decay=pc.weight_decay,
         momentum=pc.momentum,
         memory_format=fmt,
+        device=args.torch_device,
+        autocast=None if args.torch_autocast == "none" else getattr(torch, args.torch_autocast),
+        compile=args.torch_compile,
+        compile_mode=args.torch_compile_mode,
+        compile_backend=args.torch_compile_backend,
     )
+
+    def call(n: int = 1) -> float:
+        for _ in range(n - 1):
+            step(sync=False)
+        return step()
+
     t0 = time.perf_counter()
     call()
     return call, time.perf_counter() - t0
 
 
-def torch_matmul_flops(size: int, reps: int = 3) -> float:
-    """Best FLOP/s of a float32 size x size matmul in PyTorch (MKL): beside the XLA peak, to show
-    whether the two libraries' matmuls differ on this machine."""
+def torch_matmul_flops(size: int, reps: int = 3, device: str = "cpu", dtype=None) -> float:
+    """Best FLOP/s of a size x size matmul in PyTorch (MKL on the CPU, cuBLAS on a GPU; float32
+    unless `dtype`): beside the XLA peak, to show whether the two libraries' matmuls differ."""
     import torch
 
-    a = torch.ones(size, size)
-    best = min(_seconds(lambda: a @ a) for _ in range(reps + 1))
+    a = torch.ones(size, size, device=device, dtype=dtype or torch.float32)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def matmul():
+        a @ a
+        sync()
+
+    best = min(_seconds(matmul) for _ in range(reps + 1))
     return 2.0 * size**3 / best
 
 
@@ -130,14 +177,16 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(jax_call, torch_call, steps: int):
-    """Seconds of each step, project step then PyTorch step, `steps` times; PyTorch's losses."""
+def interleaved(jax_call, torch_call, steps: int, block: int = 1):
+    """Seconds per step of each, in alternating blocks of `block` steps (project block, then
+    PyTorch block; each block ends when its last step has finished), `steps` steps of each;
+    PyTorch's loss at the end of each block."""
     jax_s, torch_s, losses = [], [], []
-    for _ in range(steps):
-        jax_s.append(_seconds(jax_call))
+    for _ in range(steps // block):
+        jax_s.append(_seconds(lambda: jax_call(block)) / block)
         t0 = time.perf_counter()
-        losses.append(torch_call())
-        torch_s.append(time.perf_counter() - t0)
+        losses.append(torch_call(block))
+        torch_s.append((time.perf_counter() - t0) / block)
     return jax_s, torch_s, losses
 
 
@@ -154,6 +203,9 @@ def _side(seconds: list, batch: int, flops: float) -> dict:
 def run_width(args, width: float, data, peak, torch_peaks: list) -> dict:
     """Builds, warms up and times both steps at one width; returns its row (MFU added later)."""
     import jax
+    import torch
+
+    dtype = getattr(torch, args.precision)  # the peaks' dtype: the project's compute dtype
 
     jax_call, flops, compile_s, config = jax_side(args, width, data)
     torch_call, torch_first_s = torch_side(args, width, config)
@@ -161,11 +213,11 @@ def run_width(args, width: float, data, peak, torch_peaks: list) -> dict:
         jax_call()
         torch_call()
     peak.measure()
-    torch_peaks.append(torch_matmul_flops(args.peak_size))
+    torch_peaks.append(torch_matmul_flops(args.peak_size, device=args.torch_device, dtype=dtype))
     with jax.transfer_guard("disallow"):  # the project's batch lives on the devices
-        jax_s, torch_s, losses = interleaved(jax_call, torch_call, args.steps)
+        jax_s, torch_s, losses = interleaved(jax_call, torch_call, args.steps, args.block)
     peak.measure()
-    torch_peaks.append(torch_matmul_flops(args.peak_size))
+    torch_peaks.append(torch_matmul_flops(args.peak_size, device=args.torch_device, dtype=dtype))
     row = {
         "width": width,
         "gflop_per_step": flops / 1e9,
@@ -186,9 +238,13 @@ def run_width(args, width: float, data, peak, torch_peaks: list) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     throughput.prepare_process(args)  # XLA devices, Eigen convolutions, malloc: before jax
+    import torch
+
+    args.torch_device = torch_device(args.torch_device)
+    if args.torch_device != "cpu":  # both on one GPU: jax preallocates 75% of its memory
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
     import jax
     import jax.numpy as jnp
-    import torch
 
     torch.set_num_threads(args.torch_threads or cores())
     n_dev = jax.device_count()
@@ -198,9 +254,12 @@ def main(argv=None):
         SimpleNamespace(precision="float32", model="resnet18", width=1.0, batch=args.batch)
     )
     data = throughput.device_data(first, args.batch)  # a random uint8 batch, as throughput.py
-    peak = throughput.Peak(args.peak_size, jnp.float32)
+    peak = throughput.Peak(args.peak_size, getattr(jnp, args.precision))
     peak.measure()
-    torch_matmul_flops(args.peak_size)  # MKL's and OpenMP's first-call set-up, untimed
+    # MKL's / OpenMP's / cuBLAS's first-call set-up, untimed
+    torch_matmul_flops(
+        args.peak_size, device=args.torch_device, dtype=getattr(torch, args.precision)
+    )
     torch_peaks, rows = [], []
     for width in args.widths:
         rows.append(run_width(args, width, data, peak, torch_peaks))
@@ -224,14 +283,24 @@ def describe(args, jax, torch, peak, peak_flops: float, torch_peaks: list) -> di
         "device_count": jax.device_count(),
         "model": "resnet18",
         "global_batch": args.batch,
-        "precision": "float32",
+        "precision": args.precision,
         "steps": args.steps,
         "warmup": args.warmup,
-        "order": "interleaved: project step, PyTorch step, ...",
+        "block": args.block,
+        "order": f"interleaved: {args.block} project step(s), {args.block} PyTorch step(s), ...",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "jax": jax.__version__,
         "torch": torch.__version__,
+        "torch_device": args.torch_device,
+        "torch_device_name": (
+            torch.cuda.get_device_name() if args.torch_device == "cuda" else "cpu"
+        ),
+        "torch_autocast": args.torch_autocast,
+        "torch_compile": args.torch_compile,
+        "torch_compile_mode": args.torch_compile_mode,
+        "torch_compile_backend": args.torch_compile_backend if args.torch_compile else None,
+        "torch_cudnn": torch.backends.cudnn.version() if args.torch_device == "cuda" else None,
         "torch_threads": torch.get_num_threads(),
         "torch_memory_format": args.memory_format,
         "torch_mkldnn_enabled": torch.backends.mkldnn.enabled,

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from simclr_jax import augment, classifier, data, evaluate, loop, optim, parallel, stream
+from simclr_jax import augment, classifier, data, evaluate, loop, optim, parallel, stops, stream
 from simclr_jax.train_state import (
     CLASSIFIER_AUGMENT_KEY,
     CLASSIFIER_DATA_KEY,
@@ -129,10 +129,11 @@ def pixel_features(config, ds, subset: np.ndarray) -> tuple[np.ndarray, np.ndarr
     size = config.downstream.get("pixel_size") or config.data.image_size
 
     def flat(source, ids):
-        chunks = [
-            augment.downstream_batch(None, 0, source.read(ids[i : i + 1024]), None, False, size)
-            for i in range(0, len(ids), 1024)
-        ]
+        chunks = []
+        for i in range(0, len(ids), 1024):
+            stops.check()
+            images = source.read(ids[i : i + 1024])
+            chunks.append(augment.downstream_batch(None, 0, images, None, False, size))
         return np.concatenate([np.asarray(jax.device_get(c)).reshape(len(c), -1) for c in chunks])
 
     return flat(ds.train, np.asarray(subset)), flat(ds.test, np.arange(len(ds.test)))
@@ -150,16 +151,19 @@ def frozen_evaluations(config, ds, writer, subset, encoders: dict, encoder_step:
     out = {CHANCE: writer.write(0, CHANCE, {"test_acc": 1.0 / ds.num_classes, **common})}
     for source, linear_phase, knn_phase in FEATURES:
         t0 = time.perf_counter()
-        if source == "pixels":
-            train_x, test_x = pixel_features(config, ds, subset)
-        else:
-            train_x, test_x = evaluate.frozen_features(config, ds, subset, encoders[source])
+        with stops.doing(f"downstream: the {source} features"):  # a stop names what it stopped
+            if source == "pixels":
+                train_x, test_x = pixel_features(config, ds, subset)
+            else:
+                train_x, test_x = evaluate.frozen_features(config, ds, subset, encoders[source])
         sizes = {**common, "features_s": time.perf_counter() - t0, "features": source}
         if source == "simclr":
             sizes["encoder_step"] = encoder_step
         features = (train_x, train_y, test_x)
-        out[linear_phase] = _linear_record(config, ds, writer, features, linear_phase, sizes)
-        out[knn_phase] = _knn_record(config, ds, writer, features, knn_phase, sizes)
+        with stops.doing(f"downstream: {linear_phase} (linear probe)"):
+            out[linear_phase] = _linear_record(config, ds, writer, features, linear_phase, sizes)
+        with stops.doing(f"downstream: {knn_phase} (kNN)"):
+            out[knn_phase] = _knn_record(config, ds, writer, features, knn_phase, sizes)
     return out
 
 
@@ -213,7 +217,8 @@ def run(config, ds, workdir: str, writer, source: str) -> dict:
     )
     initial = random_encoder(config)
     # The random-init baseline's BN statistics are the labelled images', not the init's 0 / 1.
-    random = evaluate.estimate_batch_stats(config, ds.train, subset, initial)
+    with stops.doing("downstream: the random-init encoder's BN statistics"):
+        random = evaluate.estimate_batch_stats(config, ds.train, subset, initial)
     encoders = {"simclr": encoder, "random": random}
     frozen = frozen_evaluations(config, ds, writer, subset, encoders, encoder_step)
     starts = {

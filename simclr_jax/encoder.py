@@ -30,10 +30,10 @@ from simclr_jax import augment, data, models
 from simclr_jax.checkpoint import Checkpointer
 from simclr_jax.errors import CheckpointError
 from simclr_jax.train_state import abstract_pretrain_tree, checked_restore, compute_dtype
+from simclr_jax.workdirs import CONFIG_FILE
 
 EXPORT_FILE = "encoder.msgpack"  # in the workdir: {'params', 'batch_stats'} of f and g
 _INPUT_KEYS = ("image_size", "mean", "std")  # what `preprocess` reads of the spec
-CONFIG_FILE = "config.json"  # pipeline.CONFIG_FILE (pipeline imports this module)
 
 
 def preprocess(images, spec):

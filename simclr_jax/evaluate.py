@@ -11,7 +11,7 @@ import optax
 from jax import lax
 from jax.experimental import multihost_utils
 
-from simclr_jax import augment, data, models, parallel, stream
+from simclr_jax import augment, data, models, parallel, stops, stream
 from simclr_jax.train_state import LINEAR_KEY, compute_dtype
 
 
@@ -31,6 +31,7 @@ def extract_features(feature_fn, variables, reader, num_examples: int, data_cfg)
     (num_examples, F) float32. `variables` are replicated (leading local-device axis)."""
     out = []
     for ids, batch in stream.eval_chunks(reader, num_examples, data_cfg):
+        stops.check()  # a signal stops here (stops.py), between chunks
         feats = feature_fn(variables, batch["images"])  # (local_devices, per_device, F)
         feats = multihost_utils.process_allgather(feats, tiled=True)  # (devices, per_device, F)
         out.append(np.asarray(feats).reshape(-1, feats.shape[-1])[: len(ids)])
@@ -77,6 +78,7 @@ def estimate_batch_stats(config, source, ids: np.ndarray, encoder: dict, chunk: 
 
     total, ids = None, np.asarray(ids)
     for start in range(0, len(ids), chunk):
+        stops.check()
         part = ids[start : start + chunk]
         weight = float(len(part))
         stats = jax.tree.map(lambda s: s * weight, chunk_stats(source.read(part)))  # noqa: B023
@@ -125,10 +127,10 @@ def knn_predictions(
     test = l2_normalize(jnp.asarray(test_feats))
     labels = jnp.asarray(train_labels)
     k = min(k, train.shape[0])
-    preds = [
-        _knn_chunk(test[i : i + chunk], train, labels, k, temperature, num_classes)
-        for i in range(0, test.shape[0], chunk)
-    ]
+    preds = []
+    for i in range(0, test.shape[0], chunk):
+        stops.check()
+        preds.append(_knn_chunk(test[i : i + chunk], train, labels, k, temperature, num_classes))
     return np.concatenate(preds)
 
 
@@ -198,6 +200,7 @@ def _cross_validate(xs, ys, fold: np.ndarray, l2_grid, folds: int, num_classes: 
     for f in range(folds):
         train, held = jnp.asarray(fold != f, jnp.float32), jnp.asarray(fold == f, jnp.float32)
         for j, l2 in enumerate(l2_grid):
+            stops.check()  # between fits: a signal never lands inside numpy's setitem
             params = _fit(xs, ys, train, l2, num_classes=num_classes, iters=iters)
             losses[f, j] = jnp.sum(held * _probe_loss(params, xs, ys)) / jnp.sum(held)
     return losses.mean(0)
@@ -218,6 +221,29 @@ def _preprocess(train_x: np.ndarray, test_x: np.ndarray, how: str):
         jnp.asarray((train_x - mean) / std, jnp.float32),
         jnp.asarray((test_x - mean) / std, jnp.float32),
     )
+
+
+def _choose_penalty(score, grid: list[float], scores: dict) -> tuple[str, float, bool]:
+    """(preprocessing, penalty, widened): the pair of PREPROCESSING x `grid` with the lowest
+    held-out loss, `score(how, penalties)` scoring those not in `scores` yet. A pick at an edge of
+    the grid widens it by 10x past that edge (at most MAX_WIDEN times an edge) and scores again.
+    `grid` and `scores` are updated in place."""
+    room, widened = {"low": MAX_WIDEN, "high": MAX_WIDEN}, False
+    while True:
+        for h in PREPROCESSING:
+            todo = [v for v in grid if (h, v) not in scores]
+            if todo:
+                scores.update({(h, v): float(c) for v, c in zip(todo, score(h, todo), strict=True)})
+        how, l2 = min(((h, v) for h in PREPROCESSING for v in grid), key=scores.__getitem__)
+        edge = "low" if l2 == grid[0] else "high" if l2 == grid[-1] else None
+        if edge is None or not room[edge]:
+            return how, l2, widened
+        room[edge] -= 1
+        if edge == "low":
+            grid.insert(0, grid[0] / 10)
+        else:
+            grid.append(grid[-1] * 10)
+        widened = True
 
 
 def linear_probe(
@@ -246,28 +272,17 @@ def linear_probe(
             inputs[how] = _preprocess(train_x, test_x, how)
         return inputs[how]
 
-    grid, scores, widened = sorted(float(v) for v in l2_grid), {}, False
-    how, l2 = PREPROCESSING[0], grid[0]
+    grid, scores = sorted(float(v) for v in l2_grid), {}
+    how, l2, widened = PREPROCESSING[0], grid[0], False
     if len(grid) > 1 and folds > 1:
         fold = _stratified_folds(np.asarray(train_y), folds, seed)
-        room = {"low": MAX_WIDEN, "high": MAX_WIDEN}
-        while True:
-            for h in PREPROCESSING:
-                todo = [v for v in grid if (h, v) not in scores]
-                if todo:
-                    cv = _cross_validate(prepared(h)[0], ys, fold, todo, folds, num_classes, iters)
-                    scores.update({(h, v): float(c) for v, c in zip(todo, cv, strict=True)})
-            how, l2 = min(((h, v) for h in PREPROCESSING for v in grid), key=scores.__getitem__)
-            edge = "low" if l2 == grid[0] else "high" if l2 == grid[-1] else None
-            if edge is None or not room[edge]:
-                break
-            room[edge] -= 1
-            if edge == "low":
-                grid.insert(0, grid[0] / 10)
-            else:
-                grid.append(grid[-1] * 10)
-            widened = True
+
+        def score(h: str, todo: list[float]) -> np.ndarray:
+            return _cross_validate(prepared(h)[0], ys, fold, todo, folds, num_classes, iters)
+
+        how, l2, widened = _choose_penalty(score, grid, scores)
     xs, xt = prepared(how)
+    stops.check()
     params = _fit(xs, ys, jnp.ones(len(train_y)), l2, num_classes=num_classes, iters=iters)
 
     def acc(x, y):

@@ -13,7 +13,6 @@ import logging
 import math
 import signal
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,23 +21,16 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from simclr_jax import stops
 from simclr_jax.errors import Divergence
 from simclr_jax.metrics import MetricWriter, progress_bar
+from simclr_jax.stops import Interrupted  # noqa: F401  (raised here; callers catch it)
 
 log = logging.getLogger(__name__)
 
 # A record key: the epoch-end evaluation due at this step was skipped by a stop (`run` makes it up
 # when the run resumes from that step, then drops the key).
 SKIPPED = "evaluation_skipped"
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was written before this was
-    raised. `signum` is the signal (run.py exits with 128 + signum, as a shell reports it)."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT):
-        super().__init__(message)
-        self.signum = signum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,41 +52,32 @@ class LoopResult:
 
 
 class _StopFlag:
-    """Records SIGINT / SIGTERM instead of raising inside a (donating) step call.
+    """The step loop's view of the run's stop record (stops.py): a signal is recorded, never raised
+    inside a (donating) step call, and asked for after every step.
 
-    With several processes, SIGTERM stays with jax's preemption service (jax.distributed installs
-    its handler; on by default, `jax_enable_preemption_service`, a flag jax 0.7 does not have and
-    where the service is always on): a notice on any process reaches
-    all of them, and `reached_preemption_sync_point` is True at the same step everywhere, so they
-    save the same checkpoint together. It must be asked after every step, which `stop` is.
+    With several processes, SIGTERM stays with jax's preemption service: a notice on any process
+    reaches all of them, and `reached_preemption_sync_point` is True at the same step everywhere,
+    so they save the same checkpoint together. It must be asked after every step, which `stop` is.
     """
 
     def __init__(self):
-        self.signum = None
-        self._old = {}
-        service = getattr(jax.config, "jax_enable_preemption_service", True)
-        self._coordinated = jax.process_count() > 1 and service
+        self._coordinated = stops.coordinated()
+        self._recording = stops.recording()  # a no-op inside a run's own (pipeline.run)
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                if signum != signal.SIGTERM or not self._coordinated:
-                    self._old[signum] = signal.signal(signum, self._handle)
+        self._recording.__enter__()
         return self
-
-    def _handle(self, signum, frame):
-        self.signum = self.signum or signum
 
     def stop(self, step: int) -> int | None:
         """The signal to stop on after `step`, or None to go on. Called after every step."""
         if self._coordinated and multihost_utils.reached_preemption_sync_point(step):
             return signal.SIGTERM
-        return self.signum
+        return stops.requested()
 
     def late(self) -> int | None:
-        """A signal this process's handler recorded since the step's `stop` was asked (in a
-        multi-process run SIGTERM is the service's, and only SIGINT is recorded here)."""
-        return self.signum
+        """A signal recorded since the step's `stop` was asked (in a multi-process run SIGTERM is
+        the service's, and only SIGINT is recorded here)."""
+        return stops.requested()
 
     def message(self, phase: str, step: int, signum: int) -> str:
         if signum == signal.SIGINT:
@@ -104,8 +87,7 @@ class _StopFlag:
         return f"{phase}: terminated (SIGTERM) at step {step}; checkpoint saved."
 
     def __exit__(self, *exc):
-        for signum, old in self._old.items():
-            signal.signal(signum, old)
+        return self._recording.__exit__(*exc)
 
 
 def _fetch(pending: list, first_step: int, phase: str) -> list[dict]:
@@ -131,6 +113,25 @@ def _skipped_evaluation(writer: MetricWriter, spec: LoopSpec, start_step: int) -
     if jax.process_count() > 1:
         found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
     return found
+
+
+def _epoch_end(on_epoch_end: Callable, spec: LoopSpec, step: int, state, stop) -> dict:
+    """The epoch-end evaluation's scalars, or a mark that it was skipped (made up when the run
+    resumes from this step): skipped when a stop is under way, abandoned at the evaluation's
+    next stop point when a signal arrives during it."""
+    epoch = step // spec.steps_per_epoch
+    if not stop:
+        try:
+            return on_epoch_end(epoch, state)
+        except stops.Interrupted:
+            pass  # the signal stays recorded: the loop stops after this step's checkpoint
+    log.info(
+        "%s: stopping; the evaluation due after step %d (epoch %d) is skipped.",
+        spec.phase,
+        step,
+        epoch,
+    )
+    return {SKIPPED: 1}
 
 
 def run(
@@ -205,16 +206,7 @@ def run(
                 save(step, state)
             extra = {}
             if epoch_end and on_epoch_end:
-                if stop:
-                    extra = {SKIPPED: 1}  # made up when the run resumes from this step
-                    log.info(
-                        "%s: stopping; the evaluation due after step %d (epoch %d) is skipped.",
-                        spec.phase,
-                        step,
-                        step // spec.steps_per_epoch,
-                    )
-                else:
-                    extra = on_epoch_end(step // spec.steps_per_epoch, state)
+                extra = _epoch_end(on_epoch_end, spec, step, state, stop)
             stop = stop or flag.late()  # one that came during this step's fetch, save or eval
             if last or stop or step % spec.log_every == 0 or extra:
                 log_record(extra)

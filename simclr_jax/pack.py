@@ -4,7 +4,7 @@ canvas-sized images: faster to stream, and a dataset that travels without tensor
     python -m simclr_jax.pack DIR OUT --canvas 256          # then --config.data.data_dir=OUT
     python -m simclr_jax.pack --tfds cifar10 --data-dir TFDS_DIR OUT --encoding jpeg --quality 98
 
-DIR is the ImageFolder layout a run reads (`images.LAYOUT`); OUT gets, per split, SPLIT.array_record
+DIR is the ImageFolder layout a run reads (`folders.LAYOUT`); OUT gets, per split, SPLIT.array_record
 (one record per readable image, in the folder's order: decoded, made RGB and resized to the canvas
 exactly as a run would, then encoded) and SPLIT.labels.npy, and last `PACK_META` (the canvas, the
 encoding, each split's classes, size, and the fingerprint of the files it came from). A run points
@@ -20,7 +20,7 @@ its folder at the same canvas. `--encoding jpeg` (4:4:4, `--quality`, default 95
 files that decode faster, and changes pixels by JPEG's error (all of CIFAR-10 at q98: 55 MiB,
 0.45 grey levels off on average; benchmarks/README.md, "Carrying all of CIFAR-10 to the device").
 Each image is decoded once. Unreadable files are skipped and named, as a run over the folder
-skips them (`images.verify`, `--max-bad-fraction`); in a tfds dataset one is an error.
+skips them (`folders.verify`, `--max-bad-fraction`); in a tfds dataset one is an error.
 """
 
 import argparse
@@ -35,6 +35,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from simclr_jax import folders
 from simclr_jax import images as image_files
 from simclr_jax.errors import DataError
 
@@ -142,15 +143,15 @@ def pack_split(
     quality: int = JPEG_QUALITY,
 ) -> dict:
     """Packs ROOT/SPLIT into OUT/SPLIT.array_record and OUT/SPLIT.labels.npy, decoding each file
-    once (the files that will not decode are skipped and named, as `images.verify` does);
+    once (the files that will not decode are skipped and named, as `folders.verify` does);
     returns the split's entry of PACK_META."""
-    found = image_files.scan_split(root, split)
+    found = folders.scan_split(root, split)
     paths = [os.path.join(root, f) for f in found.files]
     tmp = record_path(out, split) + ".partial"
     load = functools.partial(image_files.decode, canvas=canvas)
     reasons = _write_records(tmp, paths, load, encoding, quality, num_threads)
     try:
-        found, skipped = image_files.drop_unreadable(root, found, reasons, max_bad_fraction)
+        found, skipped = folders.drop_unreadable(root, found, reasons, max_bad_fraction)
     except DataError:
         os.remove(tmp)
         raise
@@ -209,14 +210,14 @@ def pack(
     _check_args(out, canvas, encoding, quality)
     if not os.path.isdir(root):
         raise DataError(
-            f"{root} is not a folder: give an image folder laid out as {image_files.LAYOUT}."
+            f"{root} is not a folder: give an image folder laid out as {folders.LAYOUT}."
         )
     if splits is None:
         splits = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
         if not splits:
-            raise DataError(f"{root} has no split folders: lay it out as {image_files.LAYOUT}.")
+            raise DataError(f"{root} has no split folders: lay it out as {folders.LAYOUT}.")
     for split in splits:  # every layout error before any work
-        image_files.scan_split(root, split)
+        folders.scan_split(root, split)
     os.makedirs(out, exist_ok=True)
     meta = _new_meta(root, canvas, encoding, quality)
     for split in splits:
@@ -239,11 +240,13 @@ def pack_tfds(
     """Packs the splits (default: all) of the tfds dataset NAME prepared under DATA_DIR into OUT
     at `canvas` (0: the dataset's own side), read as a run reads it (`sources.TfdsSource`): a
     run then needs no tensorflow-datasets. Returns PACK_META's contents."""
-    from simclr_jax import data  # data reads packs: imported here, not at the top
+    from simclr_jax import splits as dataset_splits  # it opens packs: imported here, not at the top
 
     where = os.path.abspath(os.path.expanduser(data_dir))
     out = os.path.abspath(os.path.expanduser(out))
-    builder = data._prepared_builder(name, where)  # a DataError naming the fix if unprepared
+    builder = dataset_splits._prepared_builder(
+        name, where
+    )  # a DataError naming the fix if unprepared
     features = builder.info.features
     if "image" not in features:
         raise DataError(f"Dataset {name!r} has features {list(features)}; packing needs 'image'.")
@@ -310,7 +313,7 @@ def _parser() -> argparse.ArgumentParser:
         "paths",
         nargs="+",
         metavar="[DIR] OUT",
-        help=f"the image folder ({image_files.LAYOUT}), "
+        help=f"the image folder ({folders.LAYOUT}), "
         "unless --tfds; OUT: a new folder for the pack (then --config.data.data_dir=OUT)",
     )
     parser.add_argument("--tfds", default="", metavar="NAME", help="pack this tfds dataset")

@@ -14,7 +14,7 @@ import sys
 
 from simclr_jax import plots, report_md
 
-# The file names the training side writes (metrics.METRICS_FILE, pipeline.CONFIG_FILE); repeated
+# The file names the training side writes (metrics.METRICS_FILE, workdirs.CONFIG_FILE); repeated
 # here rather than imported, since those modules import jax.
 METRICS_FILE, CONFIG_FILE = "metrics.jsonl", "config.json"
 REPORT_JSON, REPORT_MD = "report.json", "report.md"

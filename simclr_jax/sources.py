@@ -8,7 +8,7 @@ an order or touches a device: `stream.py` asks for the rows of each step.
 * `ArraySource`: images already in host memory (the embedded digits, or a small split cached);
 * `TfdsSource`: a prepared tfds dataset through `tfds.data_source` (array_record: random access,
   no TensorFlow), decoded on each read;
-* `FolderSource`: image files in torchvision's ImageFolder layout (`images.scan_split`), decoded
+* `FolderSource`: image files in torchvision's ImageFolder layout (`folders.scan_split`), decoded
   on each read;
 * `PackedSource`: one split of such a folder (or of a tfds dataset) packed into array_record
   (`pack.py`), decoded on each read;
@@ -22,8 +22,8 @@ import os
 
 import numpy as np
 
+from simclr_jax import folders, pack
 from simclr_jax import images as image_files
-from simclr_jax import pack
 from simclr_jax.errors import DataError
 
 
@@ -150,9 +150,9 @@ def _label_cache_path(data_source, what: str, cache_dir: str) -> str | None:
 
 
 class FolderSource:
-    """The readable files of one split of an image folder (`images.verify` has dropped the rest)."""
+    """The readable files of one split of an image folder (`folders.verify` has dropped the rest)."""
 
-    def __init__(self, root: str, split: image_files.FolderSplit, canvas: int):
+    def __init__(self, root: str, split: folders.FolderSplit, canvas: int):
         self.root, self.split, self.canvas = root, split, canvas
         self.name = f"folder:{os.path.join(root, split.split)}"
         self.labels = np.asarray(split.labels, np.int32)
@@ -162,7 +162,7 @@ class FolderSource:
         return len(self.labels)
 
     def read(self, ids) -> np.ndarray:
-        # Files were decoded once by images.verify: one failing now changed since (a DataError).
+        # Files were decoded once by folders.verify: one failing now changed since (a DataError).
         paths = (os.path.join(self.root, self.split.files[int(i)]) for i in np.asarray(ids))
         return _stack([image_files.decode(p, self.canvas) for p in paths], self.canvas)
 

@@ -13,14 +13,40 @@ evaluations' chunks go through the same reader.
 """
 
 import collections
+import contextlib
+import logging
 import os
 import threading
 
-import grain
 import jax
 import numpy as np
 
 from simclr_jax import parallel
+
+# grain >= 0.2.18 on a jaxlib older than 0.11 (the Colab runtime's 0.7.2) logs this at import, in
+# every run: about profiling its multiprocess workers, which this stream does not use (it reads
+# on threads). Only that line is dropped; grain's other warnings still show (issue #25).
+_GRAIN_PROFILER_NOTE = "Grain multiprocess worker profiling requires jaxlib"
+
+
+class _DropGrainProfilerNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_GRAIN_PROFILER_NOTE)
+
+
+@contextlib.contextmanager
+def _without_grain_profiler_note():
+    note = _DropGrainProfilerNote()
+    logger = logging.getLogger("absl")  # grain logs through absl.logging
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
+
+
+with _without_grain_profiler_note():
+    import grain  # noqa: E402
 
 _ORDER_CACHE = 2  # epochs whose permutation is kept (a step never spans more than two)
 

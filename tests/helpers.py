@@ -7,7 +7,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# The digits train split's channel statistics (data.load_digits().channel_stats(), rounded).
+# The digits train split's channel statistics (the digits Dataset's channel_stats(), rounded).
 DIGITS_STATS = ((0.3057,) * 3, (0.3234,) * 3)
 
 

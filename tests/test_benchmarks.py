@@ -3,6 +3,7 @@ belong to the benchmark, not to tests). The PyTorch reference (benchmarks/torch_
 checked against the project's model, loss and optimizer where PyTorch is installed (CI does not
 install it: those tests are skipped there)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -127,6 +128,211 @@ def test_vs_torch_writes_its_json_and_table(tmp_path):
     )
     assert table.returncode == 0, table.stderr
     assert header in table.stdout and "\n| 0.125 | 8 | " in table.stdout, table.stdout
+
+
+def _tiny_pack(tmp_path) -> str:
+    """A 3-class folder (120 train, 30 test images) packed at 16 px by the pack CLI."""
+    from tests.folder_fixture import write_folder
+
+    folder = tmp_path / "images"
+    write_folder(str(folder), train_per_class=40, test_per_class=10, unlabelled=0, corrupt=0)
+    os.rmdir(folder / "unlabelled")  # empty: not a split
+    pack = tmp_path / "pack"
+    done = subprocess.run(
+        [sys.executable, "-m", "simclr_jax.pack", str(folder), str(pack), "--canvas", "16"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return str(pack)
+
+
+# gpu_run.sh at a tiny size: the recipe's overrides, then throughput's and the PyTorch part's.
+# Throughput and the PyTorch comparison at the sizes of the two tests above (2 devices, batch 8,
+# ResNet-18 width 0.125): their float32 programs then come from the session's compilation cache.
+# Throughput in float32 only: the bf16 run is the same code with another --precision, and
+# XLA:CPU compiles bf16 programs slowly.
+TINY_GPU_RUN = [
+    *("--set", "model.name=tiny", "--set", "pretrain.batch_size=32", "--set", "data.image_size=16"),
+    *("--set", "downstream.batch_size=32", "--set", "pretrain.log_every=1"),
+    *("--set", "downstream.linear_iters=20", "--set", "downstream.linear_l2_grid=(0.01,)"),
+    *("--precision", "float32", "--timing-steps", "2", "--downstream-epochs", "1"),
+    *("--model", "tiny", "--batch", "8", "--devices", "2", "--peak-size", "256"),
+    *("--throughput-steps", "1", "--throughput-warmup", "0", "--throughput-precisions", "float32"),
+    *("--torch-device", "cpu", "--torch-autocast", "none", "--torch-width", "0.125"),
+    *("--torch-compile-backend", "aot_eager", "--torch-threads", "1"),
+    *("--torch-steps", "2", "--torch-block", "1", "--torch-warmup", "1"),
+]
+
+
+def test_gpu_run_sh_runs_every_part_end_to_end_on_the_cpu(tmp_path):
+    """The prepared one-call GPU run (benchmarks/gpu_run.sh -> gpu_run.py) on the CPU at a tiny
+    size, without tensorflow-datasets (the device's image has none): a pack made here; the
+    recipe streamed from it with the kNN monitor every epoch, the frozen probe and kNN on every
+    train label, fine-tune vs scratch; throughput (float32 here); the PyTorch comparison
+    (torch.compile traced with the aot_eager backend: inductor's code generation is too slow
+    for a test on a small CPU, so the GPU's own backend is not run here). One JSON holds every part."""
+    has_torch = importlib.util.find_spec("torch") is not None
+    pack = _tiny_pack(tmp_path)
+    blocker = tmp_path / "no_tfds" / "tensorflow_datasets"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('no tensorflow-datasets here')\n")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(OUT=str(out), WHEELS="", PYTHON=sys.executable, DATA_DIR=pack, EPOCHS="3")
+    env.update(KNN_EVERY="1", PYTHONPATH=str(blocker.parent))
+    env["PARTS"] = "recipe,throughput" + (",torch" if has_torch else "")
+    done = subprocess.run(
+        ["bash", os.path.join(ROOT, "benchmarks", "gpu_run.sh"), *TINY_GPU_RUN]
+        + ["--scratch", str(tmp_path / "scratch")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    names = {p.name for p in out.iterdir()}
+    assert names == {"gpu.txt", "gpu_run.log", "gpu_run.json", "knn_curve.png", "pretrain.png"} | {
+        "metrics.jsonl"
+    }  # at most 8 files come back from the device
+    for png in ("knn_curve.png", "pretrain.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "jax" in (out / "gpu.txt").read_text()
+    log = (out / "gpu_run.log").read_text()
+    assert "set-up done" in log and "[gpu_run +" in log and "[recipe +" in log  # time marks
+    result = json.loads((out / "gpu_run.json").read_text())
+    parts = result["parts"]
+    want = ["recipe", "throughput_float32"] + ["torch"] * has_torch
+    assert list(parts) == want and all(parts[p]["status"] == "ok" for p in want), parts
+
+    recipe = parts["recipe"]["result"]
+    assert "errors" not in recipe, recipe["errors"]
+    assert recipe["dataset"] == "folder" and recipe["data_dir"] == pack
+    assert (recipe["train_images"], recipe["test_images"], recipe["epochs"]) == (120, 30, 3)
+    assert recipe["steps"] == 3 * (120 // 32) == 3 * recipe["steps_per_epoch"]
+    assert math.isfinite(recipe["final_loss"]) and math.isfinite(recipe["first_logged_loss"])
+    assert recipe["timed_images_per_s"] > 0 and recipe["images_per_s"] > 0
+    curve = recipe["knn_curve"]  # the monitor, every epoch
+    assert [e for e, _ in curve] == [1, 2, 3] and all(0 <= a <= 1 for _, a in curve)
+    assert recipe["knn_acc"] == pytest.approx(curve[-1][1], abs=1.5 / 30)  # same encoder
+    for key in ("linear_acc", "knn_acc", "knn_acc_at_init"):
+        assert 0.0 <= recipe[key] <= 1.0, key
+    fts = recipe["fine_tune_vs_scratch"]
+    assert fts["epochs"] == 1 and fts["num_labelled"] == 120
+    for run in ("finetune", "scratch"):
+        assert 0.0 <= fts[run]["test_acc"] <= 1.0 and len(fts[run]["test_acc_by_epoch"]) == 1
+    assert parts["recipe"]["knn_curve_points"]["monitor"] == curve
+
+    res = parts["throughput_float32"]["result"]
+    assert res["precision"] == "float32" and res["model"] == "tiny" and res["device_count"] == 2
+    (step,) = res["parts"]
+    assert step["part"] == "pretrain" and step["images_per_s"] > 0 and 0 < step["mfu"] < 10
+    head = result["headline"]
+    assert head["epochs"] == 3 and head["linear_acc"] == recipe["linear_acc"]
+    assert head["finetune_test_acc"] == fts["finetune"]["test_acc"]
+    assert (
+        head["throughput_float32_mfu"] == parts["throughput_float32"]["result"]["parts"][0]["mfu"]
+    )
+    if has_torch:
+        res = parts["torch"]["result"]
+        assert res["torch_compile"] and res["torch_compile_backend"] == "aot_eager"
+        assert res["torch_device"] == "cpu" and res["precision"] == "float32"
+        (row,) = res["widths"]
+        ratio = row["jax"]["images_per_s"] / row["torch"]["images_per_s"]
+        assert row["ratio"] == pytest.approx(ratio) and head["torch"]["ratio"] == row["ratio"]
+        assert all(math.isfinite(x) for x in row["torch_losses"])
+        assert 0 < head["torch"]["project_mfu"] < 10 and 0 < head["torch"]["torch_mfu"] < 10
+
+
+def _ends(pid: int, within_s: float = 20.0) -> bool:
+    """Whether process `pid` is gone or a zombie within `within_s` (a killed process may wait for
+    the scheduler on a loaded machine before it dies)."""
+    import time
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_gpu_run_records_a_failed_a_stopped_and_a_skipped_part(tmp_path):
+    """Each part survives the others: one that fails or runs out of its time is recorded (the
+    stopped one's whole process group ended) and the next part still runs."""
+    import gpu_run
+
+    args = gpu_run.parse_args(["--out", str(tmp_path / "out"), "--scratch", str(tmp_path)])
+    run = gpu_run.Run(args)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "r.json").write_text('{"x": 1}')
+    py = sys.executable
+    ok = run.part("ok", [py, "-c", "pass"], 60, str(tmp_path / "a"))
+    failed = run.part("failed", [py, "-c", "raise SystemExit(3)"], 60, str(tmp_path))
+    pid_file = tmp_path / "grandchild.pid"
+    child = "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+    child += f"'import time; time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(p.pid)); "
+    child += "time.sleep(60)"
+    gpu_run.KILL_GRACE_S = 1
+    stopped = run.part("stopped", [py, "-c", child], 11, str(tmp_path))
+    skipped = run.part("skipped", [py, "-c", "pass"], 5, str(tmp_path))
+    assert ok["status"] == "ok" and ok["result"] == {"x": 1}
+    assert failed["status"] == "failed (exit 3)" and "result" not in failed
+    assert (
+        stopped["timed_out"]
+        and stopped["status"].startswith("timed out")
+        and stopped["wall_s"] < 30
+    )
+    assert skipped["status"].startswith("skipped") and "rc" not in skipped
+    assert _ends(int(pid_file.read_text()))  # the grandchild too: its group was killed
+    saved = json.loads((tmp_path / "out" / "gpu_run.json").read_text())
+    assert list(saved["parts"]) == ["ok", "failed", "stopped", "skipped"]
+    assert saved["headline"]["status"]["failed"] == "failed (exit 3)"
+
+
+def test_gpu_run_keeps_the_curve_of_a_recipe_stopped_in_pretraining(tmp_path):
+    """A recipe stopped before its JSON had a curve: the kNN points (in epochs) and pretrain.png
+    come from its metrics.jsonl, which goes back too."""
+    import gpu_run
+
+    workdir = tmp_path / "recipe"
+    workdir.mkdir()
+    records = [
+        {"step": s, "phase": "pretrain", "loss": 5 - s / 100, "learning_rate": 0.5}
+        for s in (10, 20, 30, 40)
+    ]
+    records[1]["knn_acc"], records[3]["knn_acc"] = 0.3, 0.5
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = gpu_run.parse_args(["--out", str(tmp_path / "out"), "--scratch", str(tmp_path)])
+    run = gpu_run.Run(args)
+    stopped = {"steps_per_epoch": 10, "epochs": 100, "errors": {"pretrain": "Interrupted"}}
+    run.result["parts"]["recipe"] = {"status": "timed out after 300 s", "result": stopped}
+    gpu_run.collect_recipe(args, run, str(workdir))
+    entry = json.loads((tmp_path / "out" / "gpu_run.json").read_text())["parts"]["recipe"]
+    assert entry["knn_curve_points"] == {
+        "monitor": [[2, 0.3], [4, 0.5]],
+        "init": None,
+        "final": None,
+    }
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "gpu_run.json",
+        "metrics.jsonl",
+        "pretrain.png",
+        "knn_curve.png",
+    }
+    for png in ("pretrain.png", "knn_curve.png"):  # as a device without matplotlib returns
+        (tmp_path / "out" / png).unlink()
+    gpu_run.main(["--draw", str(tmp_path / "out")])  # drawn here afterwards
+    assert (tmp_path / "out" / "pretrain.png").exists() and (
+        tmp_path / "out" / "knn_curve.png"
+    ).exists()
 
 
 def test_torch_nt_xent_is_the_project_loss():

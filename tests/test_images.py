@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simclr_jax import images
+from simclr_jax import folders, images
 from simclr_jax.errors import DataError
 from tests.folder_fixture import ORIENTATION, write_folder
 
@@ -194,7 +194,7 @@ def test_decompression_bombs_are_bad_images(monkeypatch):
 def test_fixture_files_all_decode_but_the_corrupt_ones(folder):
     root, info = folder
     for split in ("train", "test", "unlabelled"):
-        for rel in images.scan_split(root, split).files:
+        for rel in folders.scan_split(root, split).files:
             if rel in info["corrupt"]:
                 with pytest.raises(images.BadImage):
                     images.decode(os.path.join(root, rel), 24)
@@ -207,7 +207,7 @@ def test_fixture_files_all_decode_but_the_corrupt_ones(folder):
 
 def test_scan_split_labels_classes_and_order(folder):
     root, info = folder
-    train = images.scan_split(root, "train")
+    train = folders.scan_split(root, "train")
     assert train.classes == ("cat", "dog", "ship") and train.split == "train"
     assert len(train) == info["train"] and train.labels.dtype == np.int32
     np.testing.assert_array_equal(train.labels, np.repeat([0, 1, 2], 6))
@@ -216,20 +216,20 @@ def test_scan_split_labels_classes_and_order(folder):
         for f, y in zip(train.files, train.labels, strict=True)
     )
     assert list(train.files) == sorted(train.files)
-    unlabelled = images.scan_split(root, "unlabelled")
+    unlabelled = folders.scan_split(root, "unlabelled")
     assert unlabelled.classes == () and len(unlabelled) == info["unlabelled"] + 2
     assert np.all(unlabelled.labels == -1)
-    assert images.scan_split(root, "test").fingerprint() != train.fingerprint()
+    assert folders.scan_split(root, "test").fingerprint() != train.fingerprint()
 
 
 def test_scan_split_order_and_fingerprint_ignore_where_and_how_written(folder, tmp_path):
     root, _ = folder
-    train = images.scan_split(root, "train")
+    train = folders.scan_split(root, "train")
     copy = tmp_path / "copy"
     for rel in reversed(train.files):  # created in the opposite order, elsewhere
         os.makedirs(copy / os.path.dirname(rel), exist_ok=True)
         shutil.copyfile(os.path.join(root, rel), copy / rel)
-    again = images.scan_split(str(copy), "train")
+    again = folders.scan_split(str(copy), "train")
     assert again.files == train.files and again.fingerprint() == train.fingerprint()
     np.testing.assert_array_equal(again.labels, train.labels)
 
@@ -237,16 +237,16 @@ def test_scan_split_order_and_fingerprint_ignore_where_and_how_written(folder, t
 def test_fingerprint_follows_added_and_removed_files(folder, tmp_path):
     root, _ = folder
     shutil.copytree(os.path.join(root, "train"), tmp_path / "train")
-    split = images.scan_split(str(tmp_path), "train")
+    split = folders.scan_split(str(tmp_path), "train")
     before, dog = split.fingerprint(), tmp_path / split.files[6]  # the first dog
     extra = tmp_path / "train" / "dog" / "zzz.png"
     shutil.copyfile(dog, extra)
-    added = images.scan_split(str(tmp_path), "train")
+    added = folders.scan_split(str(tmp_path), "train")
     assert len(added) == 19 and added.fingerprint() != before
     os.remove(extra)
-    assert images.scan_split(str(tmp_path), "train").fingerprint() == before
+    assert folders.scan_split(str(tmp_path), "train").fingerprint() == before
     os.remove(dog)
-    assert images.scan_split(str(tmp_path), "train").fingerprint() != before
+    assert folders.scan_split(str(tmp_path), "train").fingerprint() != before
 
 
 def test_hidden_nested_and_other_files(tmp_path):
@@ -255,7 +255,7 @@ def test_hidden_nested_and_other_files(tmp_path):
         os.makedirs(tmp_path / "train" / os.path.dirname(rel), exist_ok=True)
         (tmp_path / "train" / rel).write_bytes(png)
     os.makedirs(tmp_path / "train" / ".ipynb_checkpoints")
-    split = images.scan_split(str(tmp_path), "train")
+    split = folders.scan_split(str(tmp_path), "train")
     assert split.files == ("train/a/1.png", "train/a/deep/er/2.JPG") and split.classes == ("a",)
 
 
@@ -264,7 +264,7 @@ def test_hidden_nested_and_other_files(tmp_path):
 
 def _one_line_error(root, split, *needles):
     with pytest.raises(DataError) as err:
-        images.scan_split(str(root), split)
+        folders.scan_split(str(root), split)
     message = str(err.value)
     assert "\n" not in message and str(root) in message, message
     for needle in needles:
@@ -293,9 +293,9 @@ def test_scan_split_errors_name_the_path_and_the_fix(tmp_path):
 
 def test_verify_skips_corrupt_files_with_one_warning(folder, caplog):
     root, info = folder
-    split = images.scan_split(root, "unlabelled")
+    split = folders.scan_split(root, "unlabelled")
     with caplog.at_level(logging.WARNING, logger="simclr_jax.images"):
-        kept, bad = images.verify(root, split, 24, max_bad_fraction=0.2, num_threads=2)
+        kept, bad = folders.verify(root, split, 24, max_bad_fraction=0.2, num_threads=2)
     assert bad == info["corrupt"] and len(kept) == info["unlabelled"]
     assert kept.files == tuple(f for f in split.files if f not in bad)
     (record,) = caplog.records
@@ -308,20 +308,20 @@ def test_verify_keeps_labels_with_their_files(folder, tmp_path, caplog):
     root, info = folder
     shutil.copytree(os.path.join(root, "train"), tmp_path / "train")
     shutil.copyfile(os.path.join(root, info["corrupt"][0]), tmp_path / "train" / "dog" / "x.jpg")
-    split = images.scan_split(str(tmp_path), "train")
-    kept, bad = images.verify(str(tmp_path), split, 24, max_bad_fraction=0.1)
+    split = folders.scan_split(str(tmp_path), "train")
+    kept, bad = folders.verify(str(tmp_path), split, 24, max_bad_fraction=0.1)
     assert bad == ["train/dog/x.jpg"] and len(kept) == 18
     np.testing.assert_array_equal(kept.labels, np.repeat([0, 1, 2], 6))
-    assert kept.fingerprint() == images.scan_split(root, "train").fingerprint()
-    good, none = images.verify(root, images.scan_split(root, "train"), 24, 0.0)
+    assert kept.fingerprint() == folders.scan_split(root, "train").fingerprint()
+    good, none = folders.verify(root, folders.scan_split(root, "train"), 24, 0.0)
     assert none == [] and len(good) == 18
 
 
 def test_verify_raises_above_the_bad_fraction(folder):
     root, info = folder
-    split = images.scan_split(root, "unlabelled")
+    split = folders.scan_split(root, "unlabelled")
     with pytest.raises(DataError) as err:
-        images.verify(root, split, 24, max_bad_fraction=0.05)
+        folders.verify(root, split, 24, max_bad_fraction=0.05)
     assert str(err.value) == (
         f"2 of 22 files under {root}/unlabelled could not be read (first few: "
         f"{', '.join(info['corrupt'])}); more than data.max_bad_fraction=0.05. Fix or remove "
@@ -329,4 +329,4 @@ def test_verify_raises_above_the_bad_fraction(folder):
     )
     only_bad = split.take([split.files.index(f) for f in info["corrupt"]])
     with pytest.raises(DataError, match="None of the 2 files under .* could be read"):
-        images.verify(root, only_bad, 24, max_bad_fraction=1.0)
+        folders.verify(root, only_bad, 24, max_bad_fraction=1.0)

@@ -19,6 +19,7 @@ from simclr_jax import (
     parallel,
     pretrain,
     sources,
+    splits,
     stream,
     train_state,
 )
@@ -55,7 +56,7 @@ def device_batch(images, step: int, batch_size: int, devices):
 
 
 def digits_train_images(n: int) -> np.ndarray:
-    return data.load_digits()[0].images[:n]
+    return splits.load_digits()[0].images[:n]
 
 
 def test_loss_curve_is_the_same_on_1_2_4_8_devices():

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from simclr_jax.report import FROZEN
 from tests.helpers import REPO, TINY_FLAGS, checkpoint_tree, run_cli
 from tests.test_resume import _assert_same_tree
 
@@ -30,10 +31,10 @@ FLAGS = [
 ]
 
 
-def _signalled(workdir, point, signame, *extra, devices=2):
+def _signalled(workdir, point, signame, *extra, devices=2, flags=FLAGS):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     worker = os.path.join(REPO, "tests", "signal_worker.py")
-    args = [point, signame, *extra, "--", *FLAGS, "--workdir", workdir]
+    args = [point, signame, *extra, "--", *flags, "--workdir", workdir]
     return subprocess.run(
         [sys.executable, worker, *args],
         cwd=REPO,
@@ -103,3 +104,62 @@ def test_a_signal_saves_that_step_stops_the_run_and_the_rerun_is_bitwise(
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     _assert_same_tree(checkpoint_tree(workdir, STEPS), checkpoint_tree(reference, STEPS))
     assert _numbers(workdir) == _numbers(reference)
+
+
+# The downstream stage alone, from the reference's encoder, with a cross-validated linear probe
+# (2 folds, 2 penalties: 8 fits a probe before the final one).
+DOWNSTREAM = [
+    *FLAGS,
+    "--mode=downstream",
+    "--config.downstream.linear_folds=2",
+    "--config.downstream.linear_l2_grid=(0.01,0.1)",
+]
+
+
+def _report_numbers(workdir):
+    """report.json's headline numbers and frozen-evaluation records, timings left out."""
+    with open(os.path.join(workdir, "report.json")) as f:
+        rep = json.load(f)
+    frozen = {p: {k: v for k, v in rep[p].items() if not k.endswith("_s")} for p in FROZEN}
+    return rep["summary"], frozen
+
+
+@pytest.fixture(scope="module")
+def downstream_reference(reference, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("downstream_ref") / "run")
+    out = run_cli([*DOWNSTREAM, f"--config.restore={reference}", "--workdir", workdir])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.parametrize(
+    "call, signame, code, said",
+    [
+        # Inside numpy's setitem of the probe's cross-validation loss: the crash of issue #25.
+        ("float-in:evaluate._cross_validate", "SIGTERM", 143, "linear (linear probe)"),
+        ("evaluate.frozen_features:1", "SIGINT", 130, "the simclr features"),
+        ("downstream.pixel_features:1", "SIGTERM", 143, "the pixels features"),  # a baseline
+        ("evaluate.knn_accuracy:1", "SIGTERM", 143, "knn (kNN)"),
+        ("report.write:1", "SIGTERM", 143, "its work is written"),  # after the last stop point
+    ],
+)
+def test_a_signal_during_an_evaluation_ends_the_run_and_the_rerun_reports_the_same(
+    reference, downstream_reference, tmp_path, call, signame, code, said
+):
+    """Issue #25: a SIGTERM during the linear probe ended with a traceback (numpy's setitem
+    turned the handler's exception into a ValueError). Every evaluation outside the step loops
+    stops at its next stop point with the signal's exit code and one line, and the rerun of the
+    same command ends with the uninterrupted run's numbers."""
+    workdir = str(tmp_path / "run")
+    flags = [*DOWNSTREAM, f"--config.restore={reference}"]
+    out = _signalled(
+        workdir, call if call.startswith("float") else f"call:{call}", signame, flags=flags
+    )
+    assert out.returncode == code, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "Error" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert said in last and last.endswith("Rerun the same command to resume."), last
+    rerun = run_cli([*flags, "--workdir", workdir])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _numbers(workdir) == _numbers(downstream_reference)
+    assert _report_numbers(workdir) == _report_numbers(downstream_reference)
