@@ -94,6 +94,19 @@ def _run_summary(records: list[dict], batch: int) -> dict:
     }
 
 
+def run_settings(config: dict, run: str, records: list[dict]) -> dict:
+    """A classifier run's peak learning rate (what its records say; for a workdir older than
+    downstream.runs, the config's shared one) and what that rate was chosen on (the run's own
+    downstream.runs.<run>.chosen_on, else the config's settings_chosen_on)."""
+    dc = config["downstream"]
+    own = (dc.get("runs") or {}).get(run) or {}
+    logged = [r["peak_learning_rate"] for r in records if "peak_learning_rate" in r]
+    return {
+        "learning_rate": logged[-1] if logged else report_md.peak_lr(dc) if records else None,
+        "chosen_on": own.get("chosen_on") or config.get("settings_chosen_on") or None,
+    }
+
+
 def _pretrain_summary(records: list[dict], batch: int) -> dict:
     records = sorted(records, key=lambda r: r["step"])
     knn = [(r["step"], r["knn_acc"]) for r in records if "knn_acc" in r]
@@ -131,6 +144,8 @@ def build(workdir: str) -> dict:
         **frozen,
         "config": config,
     }
+    for run in RUNS:
+        rep[run].update(run_settings(config, run, by_phase.get(run, [])))
     for run in ("finetune", "scratch"):  # the long budget shows whether the short one was enough
         short, long = rep[run], rep[f"{run}_long"]
         if short["epoch"] and long["epoch"]:

@@ -87,6 +87,12 @@ def _header(rep: dict) -> list[str]:
         nothing = f"Nothing is chosen on the test set: {procedure}."
     else:
         nothing = f"The evaluations choose nothing on the test set ({procedure})."
+    runs = [
+        f"- {what}, {rep[key]['epoch'][-1]} epochs: peak lr {rep[key]['learning_rate']:g}, chosen "
+        f"on: {rep[key]['chosen_on'] or 'not recorded in this config'}."
+        for key, what in CLASSIFIERS
+        if rep[key]["epoch"] and rep[key].get("learning_rate") is not None
+    ]
     return [
         f"# SimCLR on {cfg['data']['name']}: the learned representation against its baselines",
         "",
@@ -99,6 +105,7 @@ def _header(rep: dict) -> list[str]:
         "",
         f"Settings chosen on: {chosen}.",
         "",
+        *(["Each classifier's learning rate:", "", *runs, ""] if runs else []),
     ]
 
 
@@ -125,8 +132,9 @@ def _table(rep: dict) -> list[str]:
         if not r["epoch"]:
             continue
         flag = " (not converged)" if r["not_converged"] else ""
+        lr = f", lr {r['learning_rate']:g}" if r.get("learning_rate") is not None else ""
         lines.append(
-            f"| {what}, {r['epoch'][-1]} epochs{flag} | {n} | {_pct(r['final_test_acc'])} | "
+            f"| {what}, {r['epoch'][-1]} epochs{lr}{flag} | {n} | {_pct(r['final_test_acc'])} | "
             f"{_num(r['final_test_loss'])} | {_secs(r['wall_s'])} |"
         )
     return lines + [""]
@@ -175,11 +183,12 @@ def _protocol(rep: dict) -> list[str]:
         "## Protocol",
         "",
         f"Classifiers: the encoder plus a zero-initialised linear head, trained end to end with "
-        f"{dc['optimizer']} (peak lr {peak_lr(dc):g}, batch {dc['batch_size']}, weight decay "
-        f"{dc['weight_decay']:g}, warm-up then cosine decay), random crop and flip (p="
-        f"{rep['config']['augment']['flip_prob']:g}). The fine-tuned and the scratch runs share "
-        f"the data order, augmentations, head init and schedule; only the encoder's initial "
-        f"weights differ: scratch starts from the weights SimCLR pretraining started from. A run "
+        f"{dc['optimizer']} (each run at its own peak lr, above; batch {dc['batch_size']}, "
+        f"weight decay {dc['weight_decay']:g}, warm-up then cosine decay), random crop and flip "
+        f"(p={rep['config']['augment']['flip_prob']:g}). The fine-tuned and the scratch runs "
+        f"share the data order, augmentations, head init and schedule's shape; only the encoder's "
+        f"initial weights and the peak learning rate differ: scratch starts from the weights "
+        f"SimCLR pretraining started from. A run "
         f"is 'not converged' when its train or test accuracy rose by more than 1 point over its "
         f"last 20% of epochs. Frozen features: BN in inference mode; the logistic regression "
         f"(L-BFGS) takes standardised or raw features and its L2 penalty from "
