@@ -87,11 +87,11 @@ def _header(rep: dict) -> list[str]:
         nothing = f"Nothing is chosen on the test set: {procedure}."
     else:
         nothing = f"The evaluations choose nothing on the test set ({procedure})."
-    runs = [
-        f"- {what}, {rep[key]['epoch'][-1]} epochs: peak lr {rep[key]['learning_rate']:g}, chosen "
-        f"on: {rep[key]['chosen_on'] or 'not recorded in this config'}."
-        for key, what in CLASSIFIERS
-        if rep[key]["epoch"] and rep[key].get("learning_rate") is not None
+    runs = [  # each classifier run's own rate, and what it was chosen on
+        f"- {what}, {r['epoch'][-1]} epochs: peak lr {r['learning_rate']:g}, chosen on: "
+        f"{'as the settings above' if r['chosen_on'] == chosen else r['chosen_on']}."
+        for r, what in ((rep[key], what) for key, what in CLASSIFIERS)
+        if r["epoch"] and r.get("learning_rate") is not None
     ]
     return [
         f"# SimCLR on {cfg['data']['name']}: the learned representation against its baselines",

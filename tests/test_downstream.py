@@ -387,7 +387,7 @@ def test_the_report_says_each_classifiers_learning_rate_and_what_it_was_chosen_o
     assert f"- Classifier trained from scratch, 10 epochs: peak lr 0.05, chosen on: {chosen}." in (
         header
     )
-    assert f"2 epochs: peak lr 0.01, chosen on: {config.settings_chosen_on}." in header
+    assert "2 epochs: peak lr 0.01, chosen on: as the settings above." in header
 
 
 # ----------------------------------------------------------------------------- end to end
