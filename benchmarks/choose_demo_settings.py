@@ -16,6 +16,7 @@ the test split is not read. Two choices, each over seeds 0 and 1:
 
   python benchmarks/choose_demo_settings.py --out benchmarks/results/digits_settings
 
+--earlier FILE reuses an earlier search's pretraining rows (what they cost is the search's bulk).
 Writes OUT/choices.json and OUT/choices.md (every run's validation numbers and the picks). The
 picks go into configs/digits_simclr.py (downstream.runs.<run>.learning_rate) by hand.
 """
@@ -66,15 +67,15 @@ def _markdown(runs: dict, seeds, best_epochs: int, best_lr: dict, long_epochs: i
         f"every number is a **validation** accuracy (20% of the train split held out), never a "
         f"test one.",
         "",
-        "| pretraining epochs | seed | linear probe | kNN | fine-tuned (10 ep.) | scratch |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| pretraining epochs | seed | linear probe | kNN |",
+        "|---:|---:|---:|---:|",
     ]
     for value, by_seed in runs["epochs"].items():
         for seed, r in by_seed.items():
-            lines.append(
-                f"| {value} | {seed} | {r['linear']:.2%} | {r['knn']:.2%} | {r['finetune']:.2%} "
-                f"| {r['scratch']:.2%} |"
-            )
+            earlier = " (earlier search)" if r.get("earlier") else ""
+            lines.append(f"| {value} | {seed}{earlier} | {r['linear']:.2%} | {r['knn']:.2%} |")
+    if any(r.get("earlier") for s in runs["epochs"].values() for r in s.values()):
+        lines += ["", "(earlier search): the rows of the earlier choices.json given as --earlier."]
     lines += ["", f"Picked: **{best_epochs} epochs** (best mean of linear and kNN).", ""]
     lines += [
         f"Each classifier's learning rate, on the encoder of {best_epochs} epochs "
@@ -112,6 +113,13 @@ def main(argv=None) -> None:
     p.add_argument("--lrs", default="0.003,0.01,0.03,0.1,0.3")
     p.add_argument("--long-epochs", type=int, default=200)
     p.add_argument("--seeds", default="0,1")
+    p.add_argument(
+        "--earlier",
+        default="",
+        help="an earlier search's choices.json: its linear / kNN numbers stand in for pretraining "
+        "runs whose workdir is gone (marked in choices.md; they do not depend on the classifiers' "
+        "learning rates)",
+    )
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = {"epochs": {}, "lr": {}}
@@ -120,9 +128,15 @@ def main(argv=None) -> None:
         runs[kind].setdefault(value, {})[seed] = r
         print(kind, value, "seed", seed, r, flush=True)
 
+    earlier = json.load(open(args.earlier))["runs"]["epochs"] if args.earlier else {}
     for epochs in [int(e) for e in args.epochs.split(",")]:
         for seed in seeds:
             wd = os.path.join(args.workdirs, f"e{epochs}_s{seed}")
+            kept = earlier.get(str(epochs), {}).get(str(seed))
+            if kept and not os.path.exists(os.path.join(wd, "report.json")):
+                row("epochs", epochs, seed, {"linear": kept["linear"], "knn": kept["knn"]})
+                runs["epochs"][epochs][seed]["earlier"] = True
+                continue
             flags = [f"--config.pretrain.epochs={epochs}", f"--config.seed={seed}"]
             row("epochs", epochs, seed, _run(wd, flags))
 
