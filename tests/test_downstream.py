@@ -476,3 +476,16 @@ def test_the_classifier_state_without_compiled_init_is_create_states():
         a, b = getattr(fast, col), getattr(slow, col)
         assert jax.tree.structure(a) == jax.tree.structure(b), col
         jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_the_demo_config_uses_the_rates_its_validation_search_picked():
+    """configs/digits_simclr.py's per-run rates are benchmarks/results/digits_settings' picks."""
+    from configs import digits_simclr
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "benchmarks", "results", "digits_settings", "choices.json")
+    with open(path) as f:
+        picks = json.load(f)["lr"]
+    dc = digits_simclr.get_config().downstream
+    assert {run: config_lib.run_learning_rate(dc, run) for run in report.RUNS} == picks
+    assert all(dc.runs[run].chosen_on.startswith("validation") for run in report.RUNS)
