@@ -87,12 +87,6 @@ def _header(rep: dict) -> list[str]:
         nothing = f"Nothing is chosen on the test set: {procedure}."
     else:
         nothing = f"The evaluations choose nothing on the test set ({procedure})."
-    runs = [  # each classifier run's own rate, and what it was chosen on
-        f"- {what}, {r['epoch'][-1]} epochs: peak lr {r['learning_rate']:g}, chosen on: "
-        f"{'as the settings above' if r['chosen_on'] == chosen else r['chosen_on']}."
-        for r, what in ((rep[key], what) for key, what in CLASSIFIERS)
-        if r["epoch"] and r.get("learning_rate") is not None
-    ]
     return [
         f"# SimCLR on {cfg['data']['name']}: the learned representation against its baselines",
         "",
@@ -105,8 +99,29 @@ def _header(rep: dict) -> list[str]:
         "",
         f"Settings chosen on: {chosen}.",
         "",
-        *(["Each classifier's learning rate:", "", *runs, ""] if runs else []),
+        *_run_rates(rep, chosen),
     ]
+
+
+def _run_rates(rep: dict, chosen: str) -> list[str]:
+    """Each classifier run's peak learning rate and what it was chosen on (said once where every
+    run's was chosen on the same)."""
+    done = [(rep[key], what) for key, what in CLASSIFIERS if rep[key]["epoch"]]
+    done = [(r, what) for r, what in done if r.get("learning_rate") is not None]
+    if not done:
+        return []
+    whys = {_why(r["chosen_on"], chosen) for r, _ in done}
+    shared = len(whys) == 1
+    lines = [f"Each classifier's learning rate{', chosen on: ' + whys.pop() if shared else ''}:"]
+    lines += [""]
+    for r, what in done:
+        why = "" if shared else f", chosen on: {_why(r['chosen_on'], chosen)}"
+        lines.append(f"- {what}, {r['epoch'][-1]} epochs: peak lr {r['learning_rate']:g}{why}.")
+    return lines + [""]
+
+
+def _why(run_chosen: str | None, chosen: str) -> str:
+    return "as the settings above" if run_chosen == chosen else run_chosen or "not recorded"
 
 
 def _table(rep: dict) -> list[str]:

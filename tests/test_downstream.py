@@ -366,6 +366,8 @@ def test_report_from_a_synthetic_metrics_file(tmp_path):
     assert "-5.00 points** — **below the baseline**" in findings
     assert "+5.00 points" in findings and "+30.00 points" in findings
     assert "every* train label" in md and "Best epoch" not in md
+    assert "Each classifier's learning rate, chosen on: as the settings above:" in md
+    assert "- Classifier trained from scratch, 10 epochs: peak lr 0.01." in md  # the shared one
     with open(tmp_path / report.ACCURACY_PNG, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
