@@ -28,7 +28,7 @@ from simclr_jax import config as config_lib
 from simclr_jax.checkpoint import Checkpointer
 from simclr_jax.errors import CheckpointError, ConfigError
 from simclr_jax.metrics import MetricWriter
-from tests.helpers import checkpoint_tree, tiny_config
+from tests.helpers import TINY_FLAGS, checkpoint_tree, run_cli, tiny_config
 
 
 def _config(**overrides):
@@ -275,6 +275,18 @@ def test_a_bad_run_learning_rate_is_a_config_error_naming_the_key(run, value, me
         config.downstream.runs[run] = {"learning_rate": value, "chosen_on": ""}
     with pytest.raises(ConfigError, match=message):
         config_lib.validate(config)
+
+
+def test_a_bad_run_learning_rate_on_the_command_line_is_one_line_before_any_work(tmp_path):
+    workdir = tmp_path / "run"
+    bad = "--config.downstream.runs.scratch.learning_rate=-1"  # after TINY_FLAGS' 0: it wins
+    out = run_cli([*TINY_FLAGS, bad, "--workdir", str(workdir)], timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip() == (
+        "error: config.downstream.runs.scratch.learning_rate: must be >= 0 (0 = "
+        "downstream.learning_rate), got -1.0"
+    )
+    assert not workdir.exists()
 
 
 def test_a_run_without_its_own_learning_rate_takes_the_shared_one():
