@@ -47,58 +47,34 @@ def _notes(path: str) -> str:
         return ""
     text = open(path).read()
     at = text.find("\n## ")
-    return "" if at < 0 else "\n" + text[at:]
+    return "" if at < 0 else text[at:]
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--workdirs", default="/tmp/demo_seeds")
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "digits_demo"))
-    args = p.parse_args(argv)
-    rows = {}
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        wd = os.path.join(args.workdirs, f"seed{seed}")
-        if not os.path.exists(os.path.join(wd, "report.json")):
-            cmd = [sys.executable, "run.py", "--config", "configs/digits_simclr.py"]
-            cmd += [f"--config.seed={seed}", "--workdir", wd]
-            done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-        rep = json.load(open(os.path.join(wd, "report.json")))
-        rows[seed] = {
-            "pixels_lr": _acc(rep, "linear_pixels"),
-            "pixels_knn": _acc(rep, "knn_pixels"),
-            "random_lr": _acc(rep, "linear_random"),
-            "random_knn": _acc(rep, "knn_random"),
-            "simclr_lr": _acc(rep, "linear"),
-            "simclr_knn": _acc(rep, "knn"),
-            **{run: 100.0 * rep[run]["final_test_acc"] for run in RUNS},
-            "learning_rate": {run: rep[run].get("learning_rate") for run in RUNS},
-            "not_converged": {run: rep[run]["not_converged"] for run in RUNS},
-            "epochs": {run: rep[run]["epoch"][-1] for run in RUNS},
-            "num_labelled": rep["num_labelled"],
-        }
-        print(seed, rows[seed], flush=True)
-        if seed == 0:
-            os.makedirs(args.out, exist_ok=True)
-            for name in COPIED:
-                if os.path.exists(os.path.join(wd, name)):
-                    shutil.copy(os.path.join(wd, name), os.path.join(args.out, name))
-    gains = {
-        "lr": [r["simclr_lr"] - r["pixels_lr"] for r in rows.values()],
-        "knn": [r["simclr_knn"] - r["pixels_knn"] for r in rows.values()],
-        "finetune_minus_scratch": [r["finetune"] - r["scratch"] for r in rows.values()],
-        "finetune_minus_scratch_long": [
-            r["finetune_long"] - r["scratch_long"] for r in rows.values()
-        ],
+def _row(rep: dict) -> dict:
+    """One seed's numbers from its report.json: test accuracies (%), the runs' rates and state."""
+    return {
+        "pixels_lr": _acc(rep, "linear_pixels"),
+        "pixels_knn": _acc(rep, "knn_pixels"),
+        "random_lr": _acc(rep, "linear_random"),
+        "random_knn": _acc(rep, "knn_random"),
+        "simclr_lr": _acc(rep, "linear"),
+        "simclr_knn": _acc(rep, "knn"),
+        **{run: 100.0 * rep[run]["final_test_acc"] for run in RUNS},
+        "learning_rate": {run: rep[run].get("learning_rate") for run in RUNS},
+        "not_converged": {run: rep[run]["not_converged"] for run in RUNS},
+        "epochs": {run: rep[run]["epoch"][-1] for run in RUNS},
+        "num_labelled": rep["num_labelled"],
     }
+
+
+def _markdown(rows: dict, gains: dict, seeds: str) -> list[str]:
+    """seeds.md's generated part: the table, the spreads and the rates."""
     first = next(iter(rows.values()))
     short, long = first["epochs"]["finetune"], first["epochs"]["finetune_long"]
     lines = [
         "# The demo's test numbers over seeds",
         "",
-        f"`python benchmarks/demo_seeds.py --seeds {args.seeds}`: the demo's command with "
+        f"`python benchmarks/demo_seeds.py --seeds {seeds}`: the demo's command with "
         f"`--config.seed=S`; each seed's test numbers are measured once (the settings were "
         f"chosen on validation data: choices.md). Test accuracy, %:",
         "",
@@ -135,6 +111,41 @@ def main(argv=None) -> None:
         "than a point over the last 20% of epochs, or the long run well above the short one).",
         "",
     ]
+    return lines
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--workdirs", default="/tmp/demo_seeds")
+    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "digits_demo"))
+    args = p.parse_args(argv)
+    rows = {}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        wd = os.path.join(args.workdirs, f"seed{seed}")
+        if not os.path.exists(os.path.join(wd, "report.json")):
+            cmd = [sys.executable, "run.py", "--config", "configs/digits_simclr.py"]
+            cmd += [f"--config.seed={seed}", "--workdir", wd]
+            done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        rep = json.load(open(os.path.join(wd, "report.json")))
+        rows[seed] = _row(rep)
+        print(seed, rows[seed], flush=True)
+        if seed == 0:
+            os.makedirs(args.out, exist_ok=True)
+            for name in COPIED:
+                if os.path.exists(os.path.join(wd, name)):
+                    shutil.copy(os.path.join(wd, name), os.path.join(args.out, name))
+    gains = {
+        "lr": [r["simclr_lr"] - r["pixels_lr"] for r in rows.values()],
+        "knn": [r["simclr_knn"] - r["pixels_knn"] for r in rows.values()],
+        "finetune_minus_scratch": [r["finetune"] - r["scratch"] for r in rows.values()],
+        "finetune_minus_scratch_long": [
+            r["finetune_long"] - r["scratch_long"] for r in rows.values()
+        ],
+    }
+    lines = _markdown(rows, gains, args.seeds)
     path = os.path.join(args.out, "seeds.md")
     notes = _notes(path)
     with open(path, "w") as f:

@@ -81,11 +81,13 @@ def still_improving(c: dict) -> str | None:
     return None
 
 
-def _run_summary(records: list[dict], batch: int) -> dict:
+def _run_summary(config: dict, run: str, records: list[dict]) -> dict:
     c = curves(records)
     done = bool(c["epoch"])
+    batch = config["downstream"]["batch_size"]
     return {
         **c,
+        **run_settings(config, run, records),
         "final_test_acc": c["test_acc"][-1] if done else None,
         "final_test_loss": c["test_loss"][-1] if done else None,
         "not_converged": still_improving(c) if done else None,
@@ -140,12 +142,10 @@ def build(workdir: str) -> dict:
         "pretrain": _pretrain_summary(
             by_phase.get("pretrain", []), config["pretrain"]["batch_size"]
         ),
-        **{run: _run_summary(by_phase.get(run, []), dc["batch_size"]) for run in RUNS},
+        **{run: _run_summary(config, run, by_phase.get(run, [])) for run in RUNS},
         **frozen,
         "config": config,
     }
-    for run in RUNS:
-        rep[run].update(run_settings(config, run, by_phase.get(run, [])))
     for run in ("finetune", "scratch"):  # the long budget shows whether the short one was enough
         short, long = rep[run], rep[f"{run}_long"]
         if short["epoch"] and long["epoch"]:
