@@ -22,6 +22,10 @@ round trip.
 
 import ml_collections
 
+# The downstream classifier runs, each with its own `downstream.runs.<run>` settings: fine-tuned
+# from the SimCLR encoder and trained from scratch, for `epochs` and for `long_epochs`.
+CLASSIFIER_RUNS = ("finetune", "scratch", "finetune_long", "scratch_long")
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -128,6 +132,12 @@ def _downstream() -> ml_collections.ConfigDict:
     d.warmup_epochs = 1.0
     d.weight_decay = 5e-4
     d.momentum = 0.9
+    # Each classifier run's own peak learning rate (0 = learning_rate above) and what it was
+    # chosen on ('' = settings_chosen_on): the fine-tuned and the from-scratch classifier, at each
+    # budget, need not train best at one rate. Everything else is shared by the runs.
+    d.runs = ml_collections.ConfigDict(
+        {run: {"learning_rate": 0.0, "chosen_on": ""} for run in CLASSIFIER_RUNS}
+    )
     # Linear probe on frozen (standardised) features: logistic regression fitted by L-BFGS, its
     # L2 penalty chosen from the grid by stratified cross-validation on the labelled subset.
     d.linear_l2_grid = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)

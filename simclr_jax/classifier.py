@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 
 from simclr_jax import augment, cpu_conv, data, loop, models, parallel, stream
 from simclr_jax.checkpoint import Checkpointer
+from simclr_jax.config import run_learning_rate
 from simclr_jax.train_state import (
     TrainState,
     check_meta,
@@ -146,7 +147,8 @@ def make_evaluator(model, spec, test_source, data_cfg, extra: dict | None = None
 
 
 def run_meta(config, phase: str, epochs: int, encoder: dict | None) -> dict:
-    """Checkpoint metadata: the model and data (checked strictly), and what the run depends on."""
+    """Checkpoint metadata: the model and data (checked strictly), and what the run depends on
+    (its own learning rate among them: `phase` names the run in downstream.runs)."""
     dc = config.downstream
     return {
         **checkpoint_meta(config, phase),
@@ -156,7 +158,11 @@ def run_meta(config, phase: str, epochs: int, encoder: dict | None) -> dict:
             "max_train_examples": config.data.max_train_examples,
             "normalisation": [list(config.data.mean), list(config.data.std)],
             "flip_prob": config.augment.flip_prob,
-            "downstream": {**{k: _plain(dc[k]) for k in RUN_KEYS}, "epochs": epochs},
+            "downstream": {
+                **{k: _plain(dc[k]) for k in RUN_KEYS},
+                "epochs": epochs,
+                "learning_rate": run_learning_rate(dc, phase),  # this run's own
+            },
             "encoder": encoder,  # {'dir', 'step'} of the pretrained f; None for scratch
         },
     }

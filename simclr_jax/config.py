@@ -15,6 +15,8 @@ OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALINGS = ("linear", "sqrt", "none")
 PRECISIONS = ("float32", "bfloat16")
 MODES = ("pretrain", "downstream", "all")
+# The classifier runs of the downstream comparison (downstream.runs.<run>: their own settings).
+CLASSIFIER_RUNS = ("finetune", "scratch", "finetune_long", "scratch_long")
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -129,6 +131,28 @@ def _check_downstream(config: ml_collections.ConfigDict) -> None:
         dc.linear_folds >= 0, "downstream.linear_folds", "must be >= 0 (< 2: no cross-validation)"
     )
     _check(dc.checkpoint_every >= 0, "downstream.checkpoint_every", "must be >= 0")
+    _check_runs(dc.get("runs") or {})
+
+
+def _check_runs(runs) -> None:
+    """downstream.runs: per classifier run, a peak learning rate >= 0 (0 = downstream's) and a
+    string saying what it was chosen on."""
+    for run in runs:
+        _check(run in CLASSIFIER_RUNS, f"downstream.runs.{run}", f"not one of {CLASSIFIER_RUNS}")
+        lr, chosen = runs[run].get("learning_rate", 0.0), runs[run].get("chosen_on", "")
+        _check(
+            isinstance(lr, int | float) and not isinstance(lr, bool) and lr >= 0,
+            f"downstream.runs.{run}.learning_rate",
+            f"must be >= 0 (0 = downstream.learning_rate), got {lr!r}",
+        )
+        _check(isinstance(chosen, str), f"downstream.runs.{run}.chosen_on", "must be a string")
+
+
+def run_learning_rate(dc, run: str) -> float:
+    """The peak learning rate (before batch scaling) of classifier run `run`: its own
+    downstream.runs.<run>.learning_rate, or downstream.learning_rate where that is 0 or unset."""
+    own = ((dc.get("runs") or {}).get(run) or {}).get("learning_rate") or 0.0
+    return float(own) if own > 0 else float(dc["learning_rate"])
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict) -> None:

@@ -9,8 +9,10 @@ test split; every record carries the subset's fingerprint (`data.subset_digest`)
 * the SimCLR encoder, frozen: linear probe and the weighted kNN vote;
 * the same classifier (f + a zero-initialised linear head) trained end to end from the
   pretrained f ('finetune') and from the weights pretraining started from ('scratch'), with the
-  same data order, augmentation keys, optimizer and schedule, for the short budget (`downstream.epochs`) and for a long one (`downstream.long_epochs`, phases
-  'finetune_long' / 'scratch_long'), test loss and accuracy after every epoch.
+  same data order, augmentation keys, optimizer and schedule, each at its own peak learning rate
+  where `downstream.runs` sets one, for the short budget (`downstream.epochs`) and for a long one
+  (`downstream.long_epochs`, phases 'finetune_long' / 'scratch_long'), test loss and accuracy
+  after every epoch.
 """
 
 import logging
@@ -20,6 +22,7 @@ import time
 import numpy as np
 
 from simclr_jax import augment, classifier, data, evaluate, loop, optim, parallel, stops, stream
+from simclr_jax.config import run_learning_rate, scaled_learning_rate
 from simclr_jax.train_state import (
     CLASSIFIER_AUGMENT_KEY,
     CLASSIFIER_DATA_KEY,
@@ -54,42 +57,67 @@ def budgets(config) -> list[tuple[str, int]]:
 
 def compare(config, ds, workdir: str, writer, subset: np.ndarray, starts: dict) -> dict:
     """The pretrained ('finetune') and the 'scratch' classifier runs for each budget: identical
-    data order, augmentation keys, optimizer and schedule; only where they start differs.
+    data order, augmentation keys, optimizer and schedule shape; only where they start differs,
+    and the peak learning rate where downstream.runs gives a run its own.
 
     starts: {FINETUNE: (encoder, encoder_id), SCRATCH: (...)}: f's variables and what identifies
     them in the checkpoints' metadata. Returns {phase: wall seconds of this invocation}.
     """
-    dc, image_size = config.downstream, config.data.image_size
+    dc = config.downstream
     ids = epoch_indices(subset, dc.batch_size)  # (n_epoch,) train indices
     spe = len(ids) // dc.batch_size
-    inputs = _inputs(config, ds, ids)
+    inputs, spec = _inputs(config, ds, ids), augment.spec_from_config(config)
     digest = {"subset": data.subset_digest(ids)}
     walls = {}
     for suffix, epochs in budgets(config):
         total = int(epochs * spe)
-        schedule = optim.make_schedule(dc, spe, total)
-        tx = optim.make_optimizer(dc, schedule)
-        model, p_step = classifier.make_classifier_step(config, schedule, ds.num_classes)
-        spec = augment.spec_from_config(config)
+        steps = {}  # peak lr -> (tx, model, p_step): runs at one rate share one compiled step
         log_every = spe * classifier.eval_every(epochs)  # records (and checkpoints) per evaluation
         ckpt_every = dc.checkpoint_every if dc.checkpoint_every > 0 else log_every
-        evaluator = classifier.make_evaluator(model, spec, ds.test, config.data, digest)
+        test = None  # one compiled test evaluation for both runs (their models are the same)
         for run in (FINETUNE, SCRATCH):
-            encoder, encoder_id = starts[run]
             phase = run + suffix
-            meta = classifier.run_meta(config, phase, epochs, encoder_id)
-            directory = os.path.join(os.path.abspath(workdir), "checkpoints", phase)
-            ckpt = classifier.open_run_checkpoints(directory, config, meta)
-            try:
-                state = classifier.initial_state(model, tx, encoder, image_size)
-                loop_spec = loop.LoopSpec(phase, total, spe, log_every, ckpt_every, dc.batch_size)
-                result = classifier.train(
-                    config, state, ckpt, meta, p_step, inputs, loop_spec, writer, evaluator
-                )
-            finally:
-                ckpt.close()
-            walls[phase] = result.wall_s
+            tx, model, p_step, peak = _run_step(config, ds, phase, spe, total, steps)
+            test = test or classifier.make_evaluator(model, spec, ds.test, config.data, digest)
+
+            def evaluator(rstate, test=test, peak=peak):  # the records say the run's own rate
+                return {**test(rstate), "peak_learning_rate": peak}
+
+            loop_spec = loop.LoopSpec(phase, total, spe, log_every, ckpt_every, dc.batch_size)
+            state = classifier.initial_state(model, tx, starts[run][0], config.data.image_size)
+            parts = (state, p_step, evaluator, starts[run][1])
+            walls[phase] = _train_run(config, workdir, writer, epochs, loop_spec, parts, inputs)
     return walls
+
+
+def _train_run(config, workdir: str, writer, epochs: int, loop_spec, parts, inputs) -> float:
+    """One classifier run with its checkpoints in workdir/checkpoints/<phase>; its wall seconds.
+    parts: (initial state, pmapped step, evaluator, what identifies the starting encoder)."""
+    state, p_step, evaluator, encoder_id = parts
+    meta = classifier.run_meta(config, loop_spec.phase, epochs, encoder_id)
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints", loop_spec.phase)
+    ckpt = classifier.open_run_checkpoints(directory, config, meta)
+    try:
+        result = classifier.train(
+            config, state, ckpt, meta, p_step, inputs, loop_spec, writer, evaluator
+        )
+    finally:
+        ckpt.close()
+    return result.wall_s
+
+
+def _run_step(config, ds, phase: str, spe: int, total: int, cache: dict):
+    """(optimizer, model, pmapped step, peak lr) of classifier run `phase`: downstream's
+    optimizer and schedule at the run's own peak learning rate (config.run_learning_rate), built
+    once per rate in `cache`."""
+    section = config.downstream.copy_and_resolve_references()
+    section.learning_rate = run_learning_rate(config.downstream, phase)
+    peak = scaled_learning_rate(section.learning_rate, section.batch_size, section.lr_scaling)
+    if peak not in cache:
+        schedule = optim.make_schedule(section, spe, total)
+        model, p_step = classifier.make_classifier_step(config, schedule, ds.num_classes)
+        cache[peak] = (optim.make_optimizer(section, schedule), model, p_step)
+    return (*cache[peak], peak)
 
 
 def _inputs(config, ds, ids: np.ndarray):

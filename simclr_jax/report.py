@@ -81,16 +81,31 @@ def still_improving(c: dict) -> str | None:
     return None
 
 
-def _run_summary(records: list[dict], batch: int) -> dict:
+def _run_summary(config: dict, run: str, records: list[dict]) -> dict:
     c = curves(records)
     done = bool(c["epoch"])
+    batch = config["downstream"]["batch_size"]
     return {
         **c,
+        **run_settings(config, run, records),
         "final_test_acc": c["test_acc"][-1] if done else None,
         "final_test_loss": c["test_loss"][-1] if done else None,
         "not_converged": still_improving(c) if done else None,
         "subset": records[-1].get("subset") if records else None,
         "wall_s": loop_wall_s(records, batch),
+    }
+
+
+def run_settings(config: dict, run: str, records: list[dict]) -> dict:
+    """A classifier run's peak learning rate (what its records say; for a workdir older than
+    downstream.runs, the config's shared one) and what that rate was chosen on (the run's own
+    downstream.runs.<run>.chosen_on, else the config's settings_chosen_on)."""
+    dc = config["downstream"]
+    own = (dc.get("runs") or {}).get(run) or {}
+    logged = [r["peak_learning_rate"] for r in records if "peak_learning_rate" in r]
+    return {
+        "learning_rate": logged[-1] if logged else report_md.peak_lr(dc) if records else None,
+        "chosen_on": own.get("chosen_on") or config.get("settings_chosen_on") or None,
     }
 
 
@@ -127,7 +142,7 @@ def build(workdir: str) -> dict:
         "pretrain": _pretrain_summary(
             by_phase.get("pretrain", []), config["pretrain"]["batch_size"]
         ),
-        **{run: _run_summary(by_phase.get(run, []), dc["batch_size"]) for run in RUNS},
+        **{run: _run_summary(config, run, by_phase.get(run, [])) for run in RUNS},
         **frozen,
         "config": config,
     }

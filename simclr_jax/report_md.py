@@ -99,7 +99,29 @@ def _header(rep: dict) -> list[str]:
         "",
         f"Settings chosen on: {chosen}.",
         "",
+        *_run_rates(rep, chosen),
     ]
+
+
+def _run_rates(rep: dict, chosen: str) -> list[str]:
+    """Each classifier run's peak learning rate and what it was chosen on (said once where every
+    run's was chosen on the same)."""
+    done = [(rep[key], what) for key, what in CLASSIFIERS if rep[key]["epoch"]]
+    done = [(r, what) for r, what in done if r.get("learning_rate") is not None]
+    if not done:
+        return []
+    whys = {_why(r["chosen_on"], chosen) for r, _ in done}
+    shared = len(whys) == 1
+    lines = [f"Each classifier's learning rate{', chosen on: ' + whys.pop() if shared else ''}:"]
+    lines += [""]
+    for r, what in done:
+        why = "" if shared else f", chosen on: {_why(r['chosen_on'], chosen)}"
+        lines.append(f"- {what}, {r['epoch'][-1]} epochs: peak lr {r['learning_rate']:g}{why}.")
+    return lines + [""]
+
+
+def _why(run_chosen: str | None, chosen: str) -> str:
+    return "as the settings above" if run_chosen == chosen else run_chosen or "not recorded"
 
 
 def _table(rep: dict) -> list[str]:
@@ -125,8 +147,9 @@ def _table(rep: dict) -> list[str]:
         if not r["epoch"]:
             continue
         flag = " (not converged)" if r["not_converged"] else ""
+        lr = f", lr {r['learning_rate']:g}" if r.get("learning_rate") is not None else ""
         lines.append(
-            f"| {what}, {r['epoch'][-1]} epochs{flag} | {n} | {_pct(r['final_test_acc'])} | "
+            f"| {what}, {r['epoch'][-1]} epochs{lr}{flag} | {n} | {_pct(r['final_test_acc'])} | "
             f"{_num(r['final_test_loss'])} | {_secs(r['wall_s'])} |"
         )
     return lines + [""]
@@ -175,11 +198,12 @@ def _protocol(rep: dict) -> list[str]:
         "## Protocol",
         "",
         f"Classifiers: the encoder plus a zero-initialised linear head, trained end to end with "
-        f"{dc['optimizer']} (peak lr {peak_lr(dc):g}, batch {dc['batch_size']}, weight decay "
-        f"{dc['weight_decay']:g}, warm-up then cosine decay), random crop and flip (p="
-        f"{rep['config']['augment']['flip_prob']:g}). The fine-tuned and the scratch runs share "
-        f"the data order, augmentations, head init and schedule; only the encoder's initial "
-        f"weights differ: scratch starts from the weights SimCLR pretraining started from. A run "
+        f"{dc['optimizer']} (each run at its own peak lr, above; batch {dc['batch_size']}, "
+        f"weight decay {dc['weight_decay']:g}, warm-up then cosine decay), random crop and flip "
+        f"(p={rep['config']['augment']['flip_prob']:g}). The fine-tuned and the scratch runs "
+        f"share the data order, augmentations, head init and schedule's shape; only the encoder's "
+        f"initial weights and the peak learning rate differ: scratch starts from the weights "
+        f"SimCLR pretraining started from. A run "
         f"is 'not converged' when its train or test accuracy rose by more than 1 point over its "
         f"last 20% of epochs. Frozen features: BN in inference mode; the logistic regression "
         f"(L-BFGS) takes standardised or raw features and its L2 penalty from "

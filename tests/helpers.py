@@ -30,6 +30,8 @@ def tiny_config(**overrides):
     c.downstream.long_epochs = 0
     c.downstream.linear_l2_grid = (1e-2,)
     c.downstream.linear_iters = 20
+    for run in c.downstream.runs:  # one shared rate (the demo's own picks suit its model only)
+        c.downstream.runs[run].learning_rate, c.downstream.runs[run].chosen_on = 0.0, ""
     for key, value in overrides.items():
         node = c
         *path, last = key.split(".")
@@ -67,6 +69,9 @@ TINY_FLAGS = [
     "--config.downstream.long_epochs=0",
     "--config.downstream.linear_l2_grid=(0.01,)",
     "--config.downstream.linear_iters=20",
+    # one shared rate, as tiny_config
+    *(f"--config.downstream.runs.{r}.learning_rate=0" for r in ("finetune", "scratch")),
+    *(f"--config.downstream.runs.{r}_long.learning_rate=0" for r in ("finetune", "scratch")),
 ]
 
 

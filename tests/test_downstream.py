@@ -24,9 +24,11 @@ from simclr_jax import (
     stream,
     train_state,
 )
-from simclr_jax.errors import CheckpointError
+from simclr_jax import config as config_lib
+from simclr_jax.checkpoint import Checkpointer
+from simclr_jax.errors import CheckpointError, ConfigError
 from simclr_jax.metrics import MetricWriter
-from tests.helpers import checkpoint_tree, tiny_config
+from tests.helpers import TINY_FLAGS, checkpoint_tree, run_cli, tiny_config
 
 
 def _config(**overrides):
@@ -212,11 +214,99 @@ def test_finetune_and_scratch_from_the_same_encoder_give_identical_records(tmp_p
     assert len(ft) == 2 and ft == sc
 
 
+def test_each_classifier_run_trains_at_its_own_learning_rate(tmp_path, caplog):
+    """downstream.runs.scratch.learning_rate: scratch's logged schedule is the fine-tuned one's at
+    its own peak, its checkpoints say so, and a changed rate retrains scratch (the old run's
+    checkpoints are not resumed) while the finished fine-tuned run is left as it was."""
+    config = _config(**{"data.max_train_examples": 256, "downstream.long_epochs": 0})
+    config.downstream.runs.scratch.learning_rate = 0.05  # fine-tuned: the shared 0.01
+    ds = data.load(config.data)
+    config = data.with_stats(config, ds)
+    subset = data.labelled_subset(ds.train_labels, 0.1, ds.num_classes, config.seed)
+    same = downstream.random_encoder(config)
+    starts = {
+        downstream.FINETUNE: (same, {"dir": "-", "step": 0}),
+        downstream.SCRATCH: (same, None),
+    }
+
+    def compare(cfg):
+        writer = MetricWriter(str(tmp_path))
+        downstream.compare(cfg, ds, str(tmp_path), writer, subset, starts)
+        writer.close()
+        return report.read_records(str(tmp_path / report.METRICS_FILE))
+
+    def saved_lr(phase):
+        ckpt = Checkpointer(str(tmp_path / "checkpoints" / phase))
+        try:
+            return ckpt.read_meta(ckpt.steps()[-1])["run"]["downstream"]["learning_rate"]
+        finally:
+            ckpt.close()
+
+    records = compare(config)
+    ft, sc = _phase(records, "finetune"), _phase(records, "scratch")
+    assert max(r["learning_rate"] for r in sc) == pytest.approx(0.05)
+    assert [r["learning_rate"] for r in sc] == pytest.approx([5 * r["learning_rate"] for r in ft])
+    assert {r["peak_learning_rate"] for r in ft} == {0.01} and sc[-1]["peak_learning_rate"] == 0.05
+    assert (saved_lr("finetune"), saved_lr("scratch")) == (0.01, 0.05)
+
+    config.downstream.runs.scratch.learning_rate = 0.02
+    with caplog.at_level("WARNING"):
+        records = compare(config)
+    assert (
+        "downstream.learning_rate: 0.05 -> 0.02" in caplog.text
+        and "starting it anew" in caplog.text
+    )
+    assert _phase(records, "finetune") == ft  # finished: not retrained
+    assert _phase(records, "scratch")[-1]["peak_learning_rate"] == 0.02
+    assert (saved_lr("finetune"), saved_lr("scratch")) == (0.01, 0.02)
+
+
+@pytest.mark.parametrize(
+    "run, value, message",
+    [
+        ("scratch", -0.1, "downstream.runs.scratch.learning_rate: must be >= 0"),
+        ("finetune_long", float("nan"), "downstream.runs.finetune_long.learning_rate: must be"),
+        ("scratch_longer", 0.1, "downstream.runs.scratch_longer: not one of"),
+    ],
+)
+def test_a_bad_run_learning_rate_is_a_config_error_naming_the_key(run, value, message):
+    config = _config()
+    with config.downstream.runs.unlocked():
+        config.downstream.runs[run] = {"learning_rate": value, "chosen_on": ""}
+    with pytest.raises(ConfigError, match=message):
+        config_lib.validate(config)
+
+
+def test_a_bad_run_learning_rate_on_the_command_line_is_one_line_before_any_work(tmp_path):
+    workdir = tmp_path / "run"
+    bad = "--config.downstream.runs.scratch.learning_rate=-1"  # after TINY_FLAGS' 0: it wins
+    out = run_cli([*TINY_FLAGS, bad, "--workdir", str(workdir)], timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip() == (
+        "error: config.downstream.runs.scratch.learning_rate: must be >= 0 (0 = "
+        "downstream.learning_rate), got -1.0"
+    )
+    assert not workdir.exists()
+
+
+def test_a_run_without_its_own_learning_rate_takes_the_shared_one():
+    dc = _config(**{"downstream.runs.scratch_long.learning_rate": 0.3}).downstream
+    assert config_lib.run_learning_rate(dc, "scratch_long") == 0.3
+    assert config_lib.run_learning_rate(dc, "scratch") == dc.learning_rate == 0.01
+    meta = {p: classifier.run_meta(_config(), p, 2, None) for p in ("scratch", "scratch_long")}
+    other = classifier.run_meta(_config(**{"downstream.runs.scratch_long.learning_rate": 0.3}),
+                                "scratch_long", 2, None)  # fmt: skip
+    assert other["run"] != meta["scratch_long"]["run"]
+    assert other["run"]["downstream"]["learning_rate"] == 0.3
+
+
 # ----------------------------------------------------------------------------- report
 
 
-def _synthetic_workdir(tmp_path):
-    config = _config()
+def _synthetic_workdir(tmp_path, config=None, peaks=None):
+    """A workdir's config.json and metrics.jsonl; peaks: {phase: the peak_learning_rate its test
+    records carry, as compare writes them} (none: a workdir from before downstream.runs)."""
+    config = config or _config()
     (tmp_path / report.CONFIG_FILE).write_text(config.to_json())
     rows = [
         {"step": 2, "phase": "pretrain", "loss": 5.0, "images_per_s": 64.0},
@@ -241,6 +331,7 @@ def _synthetic_workdir(tmp_path):
                         "images_per_s": 32.0,
                         "subset": "abc",
                     }
+                    | ({"peak_learning_rate": peaks[phase + suffix]} if peaks else {})
                 )
     frozen = {"chance": 0.1, "linear_pixels": 0.75, "knn_pixels": 0.6, "linear_random": 0.4}
     frozen |= {"knn_random": 0.3, "linear": 0.7, "knn": 0.65}
@@ -281,14 +372,36 @@ def test_report_from_a_synthetic_metrics_file(tmp_path):
     for row in ("Chance", "Raw pixels: logistic", "Raw pixels: kNN", "Random-init encoder"):
         assert f"| {row}" in table
     assert table.count("| 144 |") == 10  # every method but chance on the same labelled images
-    assert "80.00%" in table and "75.00%" in table and "2 epochs (not converged)" in table
-    assert "10 epochs |" in table  # the long runs converged
+    assert "80.00%" in table and "75.00%" in table and "2 epochs, lr 0.01 (not converged)" in table
+    assert "10 epochs, lr 0.01 |" in table  # the long runs converged, at the shared rate
     findings = md[md.index("## Findings") : md.index("## Pretraining")]
     assert "-5.00 points** — **below the baseline**" in findings
     assert "+5.00 points" in findings and "+30.00 points" in findings
     assert "every* train label" in md and "Best epoch" not in md
+    assert "Each classifier's learning rate, chosen on: as the settings above:" in md
+    assert "- Classifier trained from scratch, 10 epochs: peak lr 0.01." in md  # the shared one
     with open(tmp_path / report.ACCURACY_PNG, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_says_each_classifiers_learning_rate_and_what_it_was_chosen_on(tmp_path):
+    chosen = "validation (scratch's own search)"
+    config = _config(**{"downstream.runs.scratch_long.chosen_on": chosen})
+    peaks = {"finetune": 0.01, "scratch": 0.01, "finetune_long": 0.01, "scratch_long": 0.05}
+    _synthetic_workdir(tmp_path, config, peaks)
+    rep = report.write(str(tmp_path))
+    assert {run: rep[run]["learning_rate"] for run in report.RUNS} == peaks  # as logged
+    assert rep["scratch_long"]["chosen_on"] == chosen
+    assert rep["finetune"]["chosen_on"] == config.settings_chosen_on  # no run-specific one
+    md = (tmp_path / report.REPORT_MD).read_text()
+    table = md[md.index("| Method |") : md.index("## Findings")]
+    assert "| Classifier trained from scratch, 10 epochs, lr 0.05 |" in table
+    assert "| Classifier fine-tuned from the SimCLR encoder, 2 epochs, lr 0.01 (not" in table
+    header = md[: md.index("| Method |")]
+    assert f"- Classifier trained from scratch, 10 epochs: peak lr 0.05, chosen on: {chosen}." in (
+        header
+    )
+    assert "2 epochs: peak lr 0.01, chosen on: as the settings above." in header
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -377,3 +490,16 @@ def test_the_classifier_state_without_compiled_init_is_create_states():
         a, b = getattr(fast, col), getattr(slow, col)
         assert jax.tree.structure(a) == jax.tree.structure(b), col
         jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_the_demo_config_uses_the_rates_its_validation_search_picked():
+    """configs/digits_simclr.py's per-run rates are benchmarks/results/digits_settings' picks."""
+    from configs import digits_simclr
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "benchmarks", "results", "digits_settings", "choices.json")
+    with open(path) as f:
+        picks = json.load(f)["lr"]
+    dc = digits_simclr.get_config().downstream
+    assert {run: config_lib.run_learning_rate(dc, run) for run in report.RUNS} == picks
+    assert all(dc.runs[run].chosen_on.startswith("validation") for run in report.RUNS)
