@@ -159,7 +159,7 @@ def _paired(correct_raw: np.ndarray, correct_packed: np.ndarray, rng) -> dict:
 
 def probe_encoder(workdir: str, sides: dict, rng) -> dict:
     """One encoder's linear probe and kNN on each side ({'raw': Dataset, 'packed': Dataset})."""
-    from simclr_jax import data, encoder, evaluate
+    from simclr_jax import data, encoder, evaluate, probe
 
     enc = encoder.load_encoder(workdir)
     config = data.with_stats(enc.config, sides["raw"])  # its own stats (fills only a missing one)
@@ -168,7 +168,7 @@ def probe_encoder(workdir: str, sides: dict, rng) -> dict:
         every = np.arange(len(ds.train))
         train_x, test_x = evaluate.frozen_features(config, ds, every, enc.encoder_variables)
         y, yt, k = ds.train_labels, ds.test_labels, ds.num_classes
-        probe = evaluate.configured_linear_probe(config, train_x, y, test_x, yt, k, predict=True)
+        probe = probe.configured_linear_probe(config, train_x, y, test_x, yt, k, predict=True)
         knn = evaluate.knn_predictions(train_x, y, test_x, k, dc.knn_k, dc.knn_temperature)
         preds[side] = {"linear": probe["test_pred"], "knn": knn, "labels": yt}
         out[f"{side}_linear_l2"] = probe["l2"]

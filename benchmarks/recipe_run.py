@@ -202,7 +202,7 @@ def frozen_all_labels(config, ds, state) -> dict:
     """Linear probe and kNN of the frozen encoder, every train label, scored on the test split."""
     import numpy as np
 
-    from simclr_jax import evaluate
+    from simclr_jax import evaluate, probe
 
     encoder = {"params": state.params["encoder"], "batch_stats": state.batch_stats["encoder"]}
     every = np.arange(len(ds.train))
@@ -210,7 +210,7 @@ def frozen_all_labels(config, ds, state) -> dict:
     train_x, test_x = evaluate.frozen_features(config, ds, every, encoder)
     features_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    probe = evaluate.configured_linear_probe(
+    probe = probe.configured_linear_probe(
         config, train_x, ds.train_labels, test_x, ds.test_labels, ds.num_classes
     )
     probe_s = time.perf_counter() - t0

@@ -33,7 +33,7 @@ def main(argv=None):
                                    "--precision", args.precision] + sum((["--set", s] for s in args.set), []))  # fmt: skip
     from sklearn.linear_model import LogisticRegression
 
-    from simclr_jax import data, downstream, evaluate
+    from simclr_jax import data, downstream, evaluate, probe
 
     config = recipe_run.load_config(rargs)
     ds = recipe_run.load_data(config, rargs)
@@ -43,7 +43,7 @@ def main(argv=None):
     out = {"train_images": len(ds.train), "test_images": len(ds.test), "chance": 1.0 / k}
     t0 = time.perf_counter()
     px, tpx = downstream.pixel_features(config, ds, every)
-    out["pixels_linear_probe"] = evaluate.configured_linear_probe(config, px, y, tpx, ty, k)[
+    out["pixels_linear_probe"] = probe.configured_linear_probe(config, px, y, tpx, ty, k)[
         "test_acc"
     ]
     sk = LogisticRegression(max_iter=1000).fit(px, y)  # scikit-learn's defaults, pixels in [0, 1]
@@ -52,7 +52,7 @@ def main(argv=None):
     out["pixels_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     rx, trx = evaluate.frozen_features(config, ds, every, downstream.random_encoder(config))
-    out["random_init_linear_probe"] = evaluate.configured_linear_probe(config, rx, y, trx, ty, k)[
+    out["random_init_linear_probe"] = probe.configured_linear_probe(config, rx, y, trx, ty, k)[
         "test_acc"
     ]
     out["random_init_knn"] = evaluate.knn_accuracy(rx, y, trx, ty, k, 200, 0.1)

@@ -21,7 +21,18 @@ import time
 
 import numpy as np
 
-from simclr_jax import augment, classifier, data, evaluate, loop, optim, parallel, stops, stream
+from simclr_jax import (
+    augment,
+    classifier,
+    data,
+    evaluate,
+    loop,
+    optim,
+    parallel,
+    probe,
+    stops,
+    stream,
+)
 from simclr_jax.config import run_learning_rate, scaled_learning_rate
 from simclr_jax.train_state import (
     CLASSIFIER_AUGMENT_KEY,
@@ -200,7 +211,7 @@ def _linear_record(config, ds, writer, features, phase: str, sizes: dict) -> dic
     dc = config.downstream
     train_x, train_y, test_x = features
     t0 = time.perf_counter()
-    res = evaluate.configured_linear_probe(
+    res = probe.configured_linear_probe(
         config, train_x, train_y, test_x, ds.test_labels, ds.num_classes
     )
     wall = time.perf_counter() - t0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from simclr_jax import evaluate
+from simclr_jax import evaluate, probe
 
 
 def brute_knn(train, labels, test, num_classes, k, temperature):
@@ -74,7 +74,7 @@ def _blobs(seed, n, m, dim=12, classes=3, noise=2.0):
 def test_linear_probe_fit_matches_scikit_learn():
     x, y, xt, yt = _blobs(0, 60, 200)
     l2 = 0.05
-    res = evaluate.linear_probe(x, y, xt, yt, 3, l2_grid=(l2,), folds=0, iters=300, seed=0)
+    res = probe.linear_probe(x, y, xt, yt, 3, l2_grid=(l2,), folds=0, iters=300, seed=0)
     mean, std = x.mean(0), x.std(0) + 1e-6
     # scikit-learn minimises C * sum(CE) + |W|^2 / 2, i.e. mean(CE) + |W|^2 / (2 C n).
     sk = LogisticRegression(C=1.0 / (l2 * len(y)), tol=1e-10, max_iter=10_000)
@@ -89,8 +89,8 @@ def test_linear_probe_fit_matches_scikit_learn():
 def test_linear_probe_chooses_its_penalty_on_the_training_set_alone():
     x, y, xt, yt = _blobs(1, 45, 120, noise=3.0)
     kwargs = dict(l2_grid=(1e-4, 1e-2, 1.0, 100.0), folds=3, iters=100, seed=0)
-    res = evaluate.linear_probe(x, y, xt, yt, 3, **kwargs)
-    shuffled = evaluate.linear_probe(x, y, xt, np.roll(yt, 1), 3, **kwargs)
+    res = probe.linear_probe(x, y, xt, yt, 3, **kwargs)
+    shuffled = probe.linear_probe(x, y, xt, np.roll(yt, 1), 3, **kwargs)
     assert res["l2"] == shuffled["l2"] and res["cv_loss"] == shuffled["cv_loss"]
     assert res["preprocessing"] == shuffled["preprocessing"]
     assert res["l2"] == res["l2_grid"][int(np.argmin(res["cv_loss"]))]
@@ -100,12 +100,12 @@ def test_linear_probe_chooses_its_penalty_on_the_training_set_alone():
 
 def test_the_penalty_grid_is_widened_until_it_brackets_the_pick():
     x, y, xt, yt = _blobs(2, 60, 60, noise=0.5)  # separable: the smallest penalty fits best
-    res = evaluate.linear_probe(x, y, xt, yt, 3, l2_grid=(10.0, 100.0), folds=3, iters=50, seed=0)
+    res = probe.linear_probe(x, y, xt, yt, 3, l2_grid=(10.0, 100.0), folds=3, iters=50, seed=0)
     grid = res["l2_grid"]
     assert res["widened"] and grid[0] < 10.0 and grid == sorted(grid)
     assert res["l2"] != 100.0 and len(res["cv_loss"]) == len(grid)
     inside = grid[0] < res["l2"] < grid[-1]
-    assert inside or len(grid) == 2 + evaluate.MAX_WIDEN  # bracketed, or widened to the limit
+    assert inside or len(grid) == 2 + probe.MAX_WIDEN  # bracketed, or widened to the limit
 
 
 def test_pixel_baselines_are_as_strong_as_scikit_learns_defaults():
@@ -124,7 +124,7 @@ def test_pixel_baselines_are_as_strong_as_scikit_learns_defaults():
     subset = data.labelled_subset(ds.train_labels, dc.label_fraction, ds.num_classes, c.seed)
     x, xt = downstream.pixel_features(c, ds, subset)
     y, yt = ds.train_labels[subset], ds.test_labels
-    ours = evaluate.configured_linear_probe(c, x, y, xt, yt, ds.num_classes)
+    ours = probe.configured_linear_probe(c, x, y, xt, yt, ds.num_classes)
     default = LogisticRegression().fit(x, y).score(xt, yt)
     assert ours["test_acc"] >= default - 1e-6, (ours, default)
     knn = evaluate.knn_accuracy(x, y, xt, yt, ds.num_classes, dc.knn_k, dc.knn_temperature)

@@ -136,7 +136,7 @@ def downstream_reference(reference, tmp_path_factory):
     "call, signame, code, said",
     [
         # Inside numpy's setitem of the probe's cross-validation loss: the crash of issue #25.
-        ("float-in:evaluate._cross_validate", "SIGTERM", 143, "linear (linear probe)"),
+        ("float-in:probe._cross_validate", "SIGTERM", 143, "linear (linear probe)"),
         ("evaluate.frozen_features:1", "SIGINT", 130, "the simclr features"),
         ("downstream.pixel_features:1", "SIGTERM", 143, "the pixels features"),  # a baseline
         ("evaluate.knn_accuracy:1", "SIGTERM", 143, "knn (kNN)"),
