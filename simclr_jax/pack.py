@@ -95,7 +95,7 @@ def encode(image: np.ndarray, encoding: str, quality: int = JPEG_QUALITY) -> byt
     return buf.getvalue()
 
 
-def _write_records(
+def write_records(
     path: str, items, load, encoding: str, quality: int, num_threads: int
 ) -> list[str | None]:
     """Each of `items` decoded once (`load(item)` -> canvas image, on a thread pool), encoded and
@@ -123,7 +123,7 @@ def _write_records(
     return reasons
 
 
-def _finish_split(out: str, split: str, labels: np.ndarray, entry: dict) -> dict:
+def finish_split(out: str, split: str, labels: np.ndarray, entry: dict) -> dict:
     """The split's labels saved and its records renamed into place; returns `entry`."""
     np.save(labels_path(out, split), labels.astype(np.int32))
     os.replace(record_path(out, split) + ".partial", record_path(out, split))
@@ -149,7 +149,7 @@ def pack_split(
     paths = [os.path.join(root, f) for f in found.files]
     tmp = record_path(out, split) + ".partial"
     load = functools.partial(image_files.decode, canvas=canvas)
-    reasons = _write_records(tmp, paths, load, encoding, quality, num_threads)
+    reasons = write_records(tmp, paths, load, encoding, quality, num_threads)
     try:
         found, skipped = folders.drop_unreadable(root, found, reasons, max_bad_fraction)
     except DataError:
@@ -161,10 +161,10 @@ def pack_split(
         "fingerprint": found.fingerprint(),
         "skipped": skipped,
     }
-    return _finish_split(out, split, found.labels, entry)
+    return finish_split(out, split, found.labels, entry)
 
 
-def _check_args(out: str, canvas: int, encoding: str, quality: int) -> None:
+def check_args(out: str, canvas: int, encoding: str, quality: int) -> None:
     """The arguments every pack takes, checked before any work (DataError names the fix)."""
     if encoding not in ENCODINGS:
         raise DataError(f"--encoding {encoding!r}: use one of {', '.join(ENCODINGS)}.")
@@ -176,7 +176,7 @@ def _check_args(out: str, canvas: int, encoding: str, quality: int) -> None:
         raise DataError(f"{out} already exists and is not an empty folder: give a new OUT folder.")
 
 
-def _new_meta(source: str, canvas: int, encoding: str, quality: int) -> dict:
+def new_meta(source: str, canvas: int, encoding: str, quality: int) -> dict:
     """PACK_META's fields but the splits; `source` is what was packed, as this module's
     arguments (DIR, or --tfds NAME --data-dir DIR): a pack can name how to make it again."""
     meta = {"kind": KIND, "version": VERSION, "canvas": canvas, "encoding": encoding}
@@ -185,7 +185,7 @@ def _new_meta(source: str, canvas: int, encoding: str, quality: int) -> dict:
     return {**meta, "source": source, "splits": {}}
 
 
-def _write_meta(out: str, meta: dict) -> dict:
+def write_meta(out: str, meta: dict) -> dict:
     """PACK_META written last (under a temporary name, then renamed): until then OUT is no pack."""
     with open(os.path.join(out, PACK_META + ".partial"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -207,7 +207,7 @@ def pack(
     which must not exist or be empty; returns PACK_META's contents."""
     root = os.path.abspath(os.path.expanduser(root))
     out = os.path.abspath(os.path.expanduser(out))
-    _check_args(out, canvas, encoding, quality)
+    check_args(out, canvas, encoding, quality)
     if not os.path.isdir(root):
         raise DataError(
             f"{root} is not a folder: give an image folder laid out as {folders.LAYOUT}."
@@ -219,90 +219,12 @@ def pack(
     for split in splits:  # every layout error before any work
         folders.scan_split(root, split)
     os.makedirs(out, exist_ok=True)
-    meta = _new_meta(root, canvas, encoding, quality)
+    meta = new_meta(root, canvas, encoding, quality)
     for split in splits:
         meta["splits"][split] = pack_split(
             root, out, split, canvas, encoding, max_bad_fraction, num_threads, quality
         )
-    return _write_meta(out, meta)
-
-
-def pack_tfds(
-    name: str,
-    data_dir: str,
-    out: str,
-    canvas: int = 0,
-    splits: list[str] | None = None,
-    encoding: str = "png",
-    num_threads: int = 0,
-    quality: int = JPEG_QUALITY,
-) -> dict:
-    """Packs the splits (default: all) of the tfds dataset NAME prepared under DATA_DIR into OUT
-    at `canvas` (0: the dataset's own side), read as a run reads it (`sources.TfdsSource`): a
-    run then needs no tensorflow-datasets. Returns PACK_META's contents."""
-    from simclr_jax import splits as dataset_splits  # it opens packs: imported here, not at the top
-
-    where = os.path.abspath(os.path.expanduser(data_dir))
-    out = os.path.abspath(os.path.expanduser(out))
-    builder = dataset_splits._prepared_builder(
-        name, where
-    )  # a DataError naming the fix if unprepared
-    features = builder.info.features
-    if "image" not in features:
-        raise DataError(f"Dataset {name!r} has features {list(features)}; packing needs 'image'.")
-    canvas = canvas or features["image"].shape[0] or 0  # 0 (no side of its own): an error
-    _check_args(out, canvas, encoding, quality)
-    known = sorted(builder.info.splits)  # may be empty (a mock): then --splits names them
-    if unknown := sorted(set(splits or ()) - set(known or splits)):
-        raise DataError(f"{name!r} has no split {unknown[0]!r}: it has {known}.")
-    if not (splits := splits or known):
-        raise DataError(f"{name!r} lists no splits: name them with --splits (e.g. train,test).")
-    classes = list(features["label"].names) if "label" in features else []
-    os.makedirs(out, exist_ok=True)
-    meta = _new_meta(f"--tfds {name} --data-dir {where}", canvas, encoding, quality)
-    for split in splits:
-        source = _tfds_source(builder, name, where, split, canvas)
-        meta["splits"][split] = _pack_source(
-            source, out, split, classes, encoding, quality, num_threads
-        )
-    return _write_meta(out, meta)
-
-
-def _tfds_source(builder, name: str, where: str, split: str, canvas: int):
-    """One split as a run reads it: `sources.TfdsSource`, the images left encoded until read."""
-    import tensorflow_datasets as tfds
-
-    from simclr_jax import sources  # sources reads packs: imported here, not at the top
-
-    found = tfds.data_source(
-        name,
-        split=split,
-        data_dir=where,
-        download=False,
-        decoders={"image": tfds.decode.SkipDecoding()},
-    )
-    return sources.TfdsSource(found, name, split, str(builder.version), canvas)
-
-
-def _pack_source(source, out, split, classes, encoding, quality, num_threads) -> dict:
-    """A source's images (`source.read`) packed as SPLIT; every one must decode (a prepared
-    dataset's do: one that does not is a damaged copy)."""
-    tmp = record_path(out, split) + ".partial"
-    load = lambda i: source.read([i])[0]  # noqa: E731
-    reasons = _write_records(tmp, range(len(source)), load, encoding, quality, num_threads)
-    if bad := [i for i, reason in enumerate(reasons) if reason is not None]:
-        os.remove(tmp)
-        raise DataError(
-            f"{len(bad)} images of {source.name} do not decode (the first, #{bad[0]}: "
-            f"{reasons[bad[0]]}): prepare the dataset again."
-        )
-    entry = {
-        "num_examples": len(source),
-        "classes": classes,
-        "fingerprint": source.identity()["fingerprint"],
-        "skipped": [],
-    }
-    return _finish_split(out, split, source.labels, entry)
+    return write_meta(out, meta)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -346,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(splits=splits, encoding=args.encoding, num_threads=args.threads, quality=quality)
     try:
         if args.tfds:
+            from simclr_jax.tfds_pack import pack_tfds  # imports tensorflow-datasets
+
             meta = pack_tfds(args.tfds, args.data_dir, out, args.canvas, **common)
         else:
             bad = args.max_bad_fraction
