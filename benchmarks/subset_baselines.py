@@ -4,6 +4,8 @@ and the same network at its initialisation, frozen (linear probe, kNN). The froz
 probes are the ones recipe_run.frozen_all_labels fits (every train label, same settings).
 
   python benchmarks/subset_baselines.py --npz .devdata/cifar_pack.npz --precision bfloat16
+  python benchmarks/subset_baselines.py --set data.name=folder \
+      --set data.data_dir=.devdata/cifar10_pack --tag cifar10-all-baselines   # gpu_run.sh's pack
 Results: results/<tag>.json. Slow on a CPU at width 1 (the random encoder's features: minutes).
 """
 
@@ -22,7 +24,7 @@ import throughput  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--npz", required=True)
+    p.add_argument("--npz", default="", help="recipe_run's .npz ('': the config's data, --set)")
     p.add_argument("--config", default="configs/cifar_simclr.py")
     p.add_argument("--precision", default="bfloat16")
     p.add_argument("--set", action="append", default=[])
