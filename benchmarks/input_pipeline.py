@@ -75,7 +75,7 @@ def _rate(read, n: int, repeats: int, batch: int = 64) -> float:
 def part_decode(args) -> list[dict]:
     from array_record.python import array_record_data_source, array_record_module
 
-    from simclr_jax import folders, images, pack, sources
+    from simclr_jax import folders, images, pack, pack_format, sources
 
     rows, tmp = [], tempfile.mkdtemp(prefix="input_bench_")
     for canvas, (w, h) in SOURCE_SIDE.items():
@@ -108,7 +108,7 @@ def part_decode(args) -> list[dict]:
                 "images_per_s_per_core": _rate(read, n, args.repeats),
             }  # fmt: skip
         )
-        for encoding in pack.ENCODINGS:  # the folder packed at the canvas (simclr_jax.pack)
+        for encoding in pack_format.ENCODINGS:  # the folder packed at the canvas (simclr_jax.pack)
             out = os.path.join(tmp, f"pack{canvas}{encoding}")
             t0 = time.perf_counter()
             meta = pack.pack(root, out, canvas, ["train"], encoding, num_threads=1)

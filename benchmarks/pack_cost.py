@@ -86,12 +86,12 @@ def pixel_error(a: np.ndarray, b: np.ndarray) -> dict:
 def _encode_other(image: np.ndarray, how: str) -> bytes:
     from PIL import Image
 
-    from simclr_jax import pack
+    from simclr_jax import pack_format
 
     if how.startswith("jpeg"):
-        return pack.encode(image, "jpeg", int(how[len("jpeg-q") :]))
+        return pack_format.encode(image, "jpeg", int(how[len("jpeg-q") :]))
     if how == "png":
-        return pack.encode(image, "png")
+        return pack_format.encode(image, "png")
     buf = io.BytesIO()
     if how == "png-9":
         Image.fromarray(image).save(buf, format="PNG", compress_level=9)
@@ -185,7 +185,7 @@ def probe_encoder(workdir: str, sides: dict, rng) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     from configs import cifar_simclr
-    from simclr_jax import data, pack
+    from simclr_jax import data, pack_format
 
     base = cifar_simclr.get_config()
     sides = {
@@ -195,7 +195,7 @@ def main(argv=None):
     raw, labels = _pixels(sides["raw"])
     packed, packed_labels = _pixels(sides["packed"])
     assert np.array_equal(labels, packed_labels), "the pack's labels differ from the tfds copy's"
-    result = {"pack": pack.read_meta(args.pack), **sizes(args)}
+    result = {"pack": pack_format.read_meta(args.pack), **sizes(args)}
     n = len(sides["raw"].train)
     result["pixel_error"] = pixel_error(raw, packed)
     result["pixel_error_train"], result["pixel_error_test"] = (

@@ -24,112 +24,17 @@ skips them (`folders.verify`, `--max-bad-fraction`); in a tfds dataset one is an
 """
 
 import argparse
-import concurrent.futures
 import functools
-import io
-import json
 import logging
 import os
 import sys
 
-import numpy as np
-from PIL import Image
-
-from simclr_jax import folders
+from simclr_jax import folders, pack_format, sources
 from simclr_jax import images as image_files
+from simclr_jax import splits as dataset_splits
 from simclr_jax.errors import DataError
 
 log = logging.getLogger(__name__)
-
-PACK_META = "simclr_pack.json"
-KIND = "simclr-jax image pack"
-VERSION = 1
-ENCODINGS = ("png", "jpeg")
-JPEG_QUALITY = 95
-_CHUNK = 1024  # images encoded per batch of the thread pool (bounds what is held in memory)
-
-
-def is_pack(root: str) -> bool:
-    return os.path.isfile(os.path.join(root, PACK_META))
-
-
-def record_path(root: str, split: str) -> str:
-    return os.path.join(root, f"{split}.array_record")
-
-
-def labels_path(root: str, split: str) -> str:
-    return os.path.join(root, f"{split}.labels.npy")
-
-
-def read_meta(root: str) -> dict:
-    """OUT's PACK_META, checked: a DataError naming the fix for a pack that cannot be read."""
-    path = os.path.join(root, PACK_META)
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as err:
-        raise DataError(
-            f"Could not read {path} ({type(err).__name__}: {err}): pack the folder again "
-            f"(python -m simclr_jax.pack DIR {root})."
-        ) from err
-    if meta.get("kind") != KIND or meta.get("version") != VERSION:
-        raise DataError(
-            f"{path} is not a version-{VERSION} {KIND} (kind {meta.get('kind')!r}, version "
-            f"{meta.get('version')!r}): pack the folder again with this version of simclr-jax."
-        )
-    return meta
-
-
-def encode(image: np.ndarray, encoding: str, quality: int = JPEG_QUALITY) -> bytes:
-    """(S, S, 3) uint8 -> PNG (lossless) or JPEG (4:4:4, Huffman tables optimised) bytes.
-
-    The optimised tables are lossless (the same pixels as the standard ones) and, at 32 px, a
-    third smaller: at that size the standard tables are most of the file."""
-    buf = io.BytesIO()
-    if encoding == "png":
-        Image.fromarray(image).save(buf, format="PNG", compress_level=1)
-    else:
-        Image.fromarray(image).save(
-            buf, format="JPEG", quality=quality, subsampling=0, optimize=True
-        )
-    return buf.getvalue()
-
-
-def write_records(
-    path: str, items, load, encoding: str, quality: int, num_threads: int
-) -> list[str | None]:
-    """Each of `items` decoded once (`load(item)` -> canvas image, on a thread pool), encoded and
-    written to the array_record file PATH in order. Returns, per item, None (written) or why it
-    would not decode (a BadImage's reason; the item is skipped)."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    def one(item):
-        try:
-            return encode(load(item), encoding, quality), None
-        except image_files.BadImage as err:
-            return None, err.reason
-
-    reasons = []
-    writer = ArrayRecordWriter(path, "group_size:1")  # one record per chunk: random access
-    try:
-        with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count() or 1) as pool:
-            for start in range(0, len(items), _CHUNK):
-                for record, reason in pool.map(one, items[start : start + _CHUNK]):
-                    if record is not None:
-                        writer.write(record)
-                    reasons.append(reason)
-    finally:
-        writer.close()
-    return reasons
-
-
-def finish_split(out: str, split: str, labels: np.ndarray, entry: dict) -> dict:
-    """The split's labels saved and its records renamed into place; returns `entry`."""
-    np.save(labels_path(out, split), labels.astype(np.int32))
-    os.replace(record_path(out, split) + ".partial", record_path(out, split))
-    n, skipped = entry["num_examples"], len(entry["skipped"])
-    log.info("Packed %d images of %s into %s (%d skipped)", n, split, out, skipped)
-    return entry
 
 
 def pack_split(
@@ -140,16 +45,16 @@ def pack_split(
     encoding: str = "png",
     max_bad_fraction: float = 0.1,
     num_threads: int = 0,
-    quality: int = JPEG_QUALITY,
+    quality: int = pack_format.JPEG_QUALITY,
 ) -> dict:
     """Packs ROOT/SPLIT into OUT/SPLIT.array_record and OUT/SPLIT.labels.npy, decoding each file
     once (the files that will not decode are skipped and named, as `folders.verify` does);
-    returns the split's entry of PACK_META."""
+    returns the split's entry of pack_format.PACK_META."""
     found = folders.scan_split(root, split)
     paths = [os.path.join(root, f) for f in found.files]
-    tmp = record_path(out, split) + ".partial"
+    tmp = pack_format.record_path(out, split) + ".partial"
     load = functools.partial(image_files.decode, canvas=canvas)
-    reasons = write_records(tmp, paths, load, encoding, quality, num_threads)
+    reasons = pack_format.write_records(tmp, paths, load, encoding, quality, num_threads)
     try:
         found, skipped = folders.drop_unreadable(root, found, reasons, max_bad_fraction)
     except DataError:
@@ -161,36 +66,7 @@ def pack_split(
         "fingerprint": found.fingerprint(),
         "skipped": skipped,
     }
-    return finish_split(out, split, found.labels, entry)
-
-
-def check_args(out: str, canvas: int, encoding: str, quality: int) -> None:
-    """The arguments every pack takes, checked before any work (DataError names the fix)."""
-    if encoding not in ENCODINGS:
-        raise DataError(f"--encoding {encoding!r}: use one of {', '.join(ENCODINGS)}.")
-    if not 1 <= quality <= 100:
-        raise DataError(f"--quality {quality}: give a JPEG quality from 1 to 100 (e.g. 95).")
-    if canvas < 1:
-        raise DataError(f"--canvas {canvas}: give the side in pixels a run will read (e.g. 256).")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise DataError(f"{out} already exists and is not an empty folder: give a new OUT folder.")
-
-
-def new_meta(source: str, canvas: int, encoding: str, quality: int) -> dict:
-    """PACK_META's fields but the splits; `source` is what was packed, as this module's
-    arguments (DIR, or --tfds NAME --data-dir DIR): a pack can name how to make it again."""
-    meta = {"kind": KIND, "version": VERSION, "canvas": canvas, "encoding": encoding}
-    if encoding == "jpeg":  # absent from packs made before --quality (then JPEG_QUALITY)
-        meta["quality"] = quality
-    return {**meta, "source": source, "splits": {}}
-
-
-def write_meta(out: str, meta: dict) -> dict:
-    """PACK_META written last (under a temporary name, then renamed): until then OUT is no pack."""
-    with open(os.path.join(out, PACK_META + ".partial"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(out, PACK_META + ".partial"), os.path.join(out, PACK_META))
-    return meta
+    return pack_format.finish_split(out, split, found.labels, entry)
 
 
 def pack(
@@ -201,13 +77,13 @@ def pack(
     encoding: str = "png",
     max_bad_fraction: float = 0.1,
     num_threads: int = 0,
-    quality: int = JPEG_QUALITY,
+    quality: int = pack_format.JPEG_QUALITY,
 ) -> dict:
     """Packs the splits of the image folder ROOT (default: every split folder in it) into OUT,
-    which must not exist or be empty; returns PACK_META's contents."""
+    which must not exist or be empty; returns pack_format.PACK_META's contents."""
     root = os.path.abspath(os.path.expanduser(root))
     out = os.path.abspath(os.path.expanduser(out))
-    check_args(out, canvas, encoding, quality)
+    pack_format.check_args(out, canvas, encoding, quality)
     if not os.path.isdir(root):
         raise DataError(
             f"{root} is not a folder: give an image folder laid out as {folders.LAYOUT}."
@@ -219,12 +95,88 @@ def pack(
     for split in splits:  # every layout error before any work
         folders.scan_split(root, split)
     os.makedirs(out, exist_ok=True)
-    meta = new_meta(root, canvas, encoding, quality)
+    meta = pack_format.new_meta(root, canvas, encoding, quality)
     for split in splits:
         meta["splits"][split] = pack_split(
             root, out, split, canvas, encoding, max_bad_fraction, num_threads, quality
         )
-    return write_meta(out, meta)
+    return pack_format.write_meta(out, meta)
+
+
+def pack_tfds(
+    name: str,
+    data_dir: str,
+    out: str,
+    canvas: int = 0,
+    splits: list[str] | None = None,
+    encoding: str = "png",
+    num_threads: int = 0,
+    quality: int = pack_format.JPEG_QUALITY,
+) -> dict:
+    """Packs the splits (default: all) of the tfds dataset NAME prepared under DATA_DIR into OUT
+    at `canvas` (0: the dataset's own side), read as a run reads it (`sources.TfdsSource`): a
+    run then needs no tensorflow-datasets. Returns PACK_META's contents."""
+    where = os.path.abspath(os.path.expanduser(data_dir))
+    out = os.path.abspath(os.path.expanduser(out))
+    builder = dataset_splits._prepared_builder(
+        name, where
+    )  # a DataError naming the fix if unprepared
+    features = builder.info.features
+    if "image" not in features:
+        raise DataError(f"Dataset {name!r} has features {list(features)}; packing needs 'image'.")
+    canvas = canvas or features["image"].shape[0] or 0  # 0 (no side of its own): an error
+    pack_format.check_args(out, canvas, encoding, quality)
+    known = sorted(builder.info.splits)  # may be empty (a mock): then --splits names them
+    if unknown := sorted(set(splits or ()) - set(known or splits)):
+        raise DataError(f"{name!r} has no split {unknown[0]!r}: it has {known}.")
+    if not (splits := splits or known):
+        raise DataError(f"{name!r} lists no splits: name them with --splits (e.g. train,test).")
+    classes = list(features["label"].names) if "label" in features else []
+    os.makedirs(out, exist_ok=True)
+    meta = pack_format.new_meta(f"--tfds {name} --data-dir {where}", canvas, encoding, quality)
+    for split in splits:
+        source = _tfds_source(builder, name, where, split, canvas)
+        meta["splits"][split] = _pack_source(
+            source, out, split, classes, encoding, quality, num_threads
+        )
+    return pack_format.write_meta(out, meta)
+
+
+def _tfds_source(builder, name: str, where: str, split: str, canvas: int):
+    """One split as a run reads it: `sources.TfdsSource`, the images left encoded until read."""
+    import tensorflow_datasets as tfds
+
+    found = tfds.data_source(
+        name,
+        split=split,
+        data_dir=where,
+        download=False,
+        decoders={"image": tfds.decode.SkipDecoding()},
+    )
+    return sources.TfdsSource(found, name, split, str(builder.version), canvas)
+
+
+def _pack_source(source, out, split, classes, encoding, quality, num_threads) -> dict:
+    """A source's images (`source.read`) packed as SPLIT; every one must decode (a prepared
+    dataset's do: one that does not is a damaged copy)."""
+    tmp = pack_format.record_path(out, split) + ".partial"
+    load = lambda i: source.read([i])[0]  # noqa: E731
+    reasons = pack_format.write_records(
+        tmp, range(len(source)), load, encoding, quality, num_threads
+    )
+    if bad := [i for i, reason in enumerate(reasons) if reason is not None]:
+        os.remove(tmp)
+        raise DataError(
+            f"{len(bad)} images of {source.name} do not decode (the first, #{bad[0]}: "
+            f"{reasons[bad[0]]}): prepare the dataset again."
+        )
+    entry = {
+        "num_examples": len(source),
+        "classes": classes,
+        "fingerprint": source.identity()["fingerprint"],
+        "skipped": [],
+    }
+    return pack_format.finish_split(out, split, source.labels, entry)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -247,8 +199,10 @@ def _parser() -> argparse.ArgumentParser:
         help="side in pixels (config.data.canvas); with --tfds default the dataset's own",
     )
     parser.add_argument("--splits", default="", help="comma-separated; default: every split")
-    parser.add_argument("--encoding", default="png", choices=ENCODINGS)
-    parser.add_argument("--quality", type=int, help=f"JPEG quality (default {JPEG_QUALITY})")
+    parser.add_argument("--encoding", default="png", choices=pack_format.ENCODINGS)
+    parser.add_argument(
+        "--quality", type=int, help=f"JPEG quality (default {pack_format.JPEG_QUALITY})"
+    )
     parser.add_argument("--max-bad-fraction", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=0, help="0: one per CPU")
     return parser
@@ -263,13 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--quality is for --encoding jpeg")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     splits = [s for s in args.splits.split(",") if s] or None
-    quality = JPEG_QUALITY if args.quality is None else args.quality
+    quality = pack_format.JPEG_QUALITY if args.quality is None else args.quality
     out = args.paths[-1]
     common = dict(splits=splits, encoding=args.encoding, num_threads=args.threads, quality=quality)
     try:
         if args.tfds:
-            from simclr_jax.tfds_pack import pack_tfds  # imports tensorflow-datasets
-
             meta = pack_tfds(args.tfds, args.data_dir, out, args.canvas, **common)
         else:
             bad = args.max_bad_fraction

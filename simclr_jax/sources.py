@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from simclr_jax import folders, pack
+from simclr_jax import folders, pack_format
 from simclr_jax import images as image_files
 from simclr_jax.errors import DataError
 
@@ -183,14 +183,14 @@ class PackedSource(_Encoded):
 
         entry = meta["splits"][split]
         self.name, self.canvas = f"pack:{os.path.join(root, split)}", canvas
-        self.labels = np.load(pack.labels_path(root, split)).astype(np.int32)
+        self.labels = np.load(pack_format.labels_path(root, split)).astype(np.int32)
         self.classes = tuple(entry["classes"])
-        self._source = ArrayRecordDataSource([pack.record_path(root, split)])
+        self._source = ArrayRecordDataSource([pack_format.record_path(root, split)])
         if len(self._source) != len(self.labels) or len(self.labels) != entry["num_examples"]:
             raise DataError(
                 f"The pack {root} is inconsistent for split {split!r} ({len(self._source)} "
                 f"records, {len(self.labels)} labels, {entry['num_examples']} in "
-                f"{pack.PACK_META}): pack the folder again into a new folder."
+                f"{pack_format.PACK_META}): pack the folder again into a new folder."
             )
         text = f"{entry['fingerprint']}:{meta['canvas']}:{meta['encoding']}"
         if "quality" in meta:  # a JPEG pack's quality (packs made before --quality: 95, unsaid)

@@ -14,7 +14,7 @@ import shlex
 
 import numpy as np
 
-from simclr_jax import folders, pack, sources
+from simclr_jax import folders, pack_format, sources
 from simclr_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _folder_splits(data_cfg) -> tuple[dict, int]:
             f"{folders.LAYOUT}."
         )
     root = os.path.abspath(os.path.expanduser(data_cfg.data_dir))
-    if pack.is_pack(root):
+    if pack_format.is_pack(root):
         return _packed_splits(data_cfg, root)
     canvas = canvas_size(data_cfg)
 
@@ -126,7 +126,7 @@ def _folder_splits(data_cfg) -> tuple[dict, int]:
 
 def _packed_splits(data_cfg, root: str) -> tuple[dict, int]:
     """A folder packed by `python -m simclr_jax.pack` (pack.py): its splits' array_record files."""
-    meta = pack.read_meta(root)
+    meta = pack_format.read_meta(root)
     canvas = canvas_size(data_cfg, meta["canvas"])
     if canvas != meta["canvas"]:
         log.warning(

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from configs import cifar_simclr
-from simclr_jax import data, pack, sources, splits
+from simclr_jax import data, pack, pack_format, sources, splits
 from tests.folder_fixture import write_folder
 from tests.helpers import run_cli
 from tests.test_folder import FOLDER_FLAGS
@@ -53,7 +53,7 @@ def _data_cfg(data_dir, split="train+unlabelled"):
 
 def test_a_png_pack_reads_exactly_the_folders_images_and_labels(packed):
     root, out, wrote = packed
-    meta = json.load(open(os.path.join(out, pack.PACK_META)))
+    meta = json.load(open(os.path.join(out, pack_format.PACK_META)))
     assert meta["splits"]["unlabelled"]["skipped"] == sorted(wrote["corrupt"])
     from_folder, from_pack = data.load(_data_cfg(root)), data.load(_data_cfg(out))
     for role in ("pretrain", "train", "test"):
@@ -145,7 +145,7 @@ def test_a_tfds_pack_gives_back_its_labels_and_pixels(mock_cifar, tmp_path, enco
     how = ["--encoding", "jpeg", "--quality", "90"] if encoding == "jpeg" else []
     args = ["--tfds", "cifar10", "--data-dir", mock_cifar, out, "--splits", "train,test", *how]
     assert pack.main(args) == 0
-    meta = pack.read_meta(out)
+    meta = pack_format.read_meta(out)
     assert meta["canvas"] == 32 and meta.get("quality") == (90 if encoding == "jpeg" else None)
     raw, packed = data.load(_tfds_cfg("cifar10", mock_cifar)), data.load(_tfds_cfg("folder", out))
     assert packed.num_classes == raw.num_classes == 10
