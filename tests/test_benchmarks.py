@@ -454,3 +454,20 @@ def test_conv_layers_ab_writes_its_json_and_tables(tmp_path):
         )
         assert all(ms > 0 for ms in r["ms"].values()) and len(r["samples"]["forward"]) == 1
     assert "| 0.125 | filter grad | " in stdout and "| 0.125 | 3x3 3->8 /1 @32 (x1) | " in stdout
+
+
+def test_collectives_counts_the_steps_cross_device_traffic(tmp_path):
+    """The tiny step on 8 simulated devices: the gradients (every parameter) are all-reduced, z of
+    both views is all-gathered over the global batch, and global BN adds its own all-reduces."""
+    out = tmp_path / "collectives.json"
+    _run(
+        "collectives.py",
+        *("--devices", "8", "--set", "model.name=tiny", "--batch", "32"),
+        *("--precision", "float32", "--out", str(out)),
+    )
+    result = json.loads(out.read_text())
+    ops = result["collectives"]
+    assert result["devices"] == 8 and result["global_batch"] == 32
+    assert ops["all-reduce"]["elements"] >= result["params"]  # the gradients' mean, at least
+    assert ops["all-reduce"]["count"] > 2  # and BN's statistics, layer by layer
+    assert ops["all-gather"]["elements"] >= 2 * 32 * 128  # z of both views, every device's rows
