@@ -345,7 +345,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     try:
         state, summary = pretrain_for(config, ds, workdir)  # nothing after it runs without it
-    except BaseException as err:  # a stop (SIGTERM: loop.Interrupted) too; recorded, then raised
+    except BaseException as err:  # a stop (SIGTERM: stops.Interrupted) too; recorded, then raised
         result.setdefault("errors", {})["pretrain"] = f"{type(err).__name__}: {err}"
         result["total_wall_s"] = time.perf_counter() - t_start
         write(result, args)

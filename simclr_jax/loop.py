@@ -24,7 +24,6 @@ from jax.experimental import multihost_utils
 from simclr_jax import stops
 from simclr_jax.errors import Divergence
 from simclr_jax.metrics import MetricWriter, progress_bar
-from simclr_jax.stops import Interrupted  # noqa: F401  (raised here; callers catch it)
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +215,7 @@ def run(
                     if commit is not None:
                         commit()  # the handlers still only record: a second signal waits
                 bar.close()
-                raise Interrupted(flag.message(spec.phase, step, stop), stop)
+                raise stops.Interrupted(flag.message(spec.phase, step, stop), stop)
     bar.close()
     steady = rates[1:] if len(rates) > 1 else rates
     return LoopResult(

@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 
-from simclr_jax import folders, pack_format, sources
+from simclr_jax import folders, pack_format
 from simclr_jax import images as image_files
 from simclr_jax import splits as dataset_splits
 from simclr_jax.errors import DataError
@@ -118,9 +118,7 @@ def pack_tfds(
     run then needs no tensorflow-datasets. Returns PACK_META's contents."""
     where = os.path.abspath(os.path.expanduser(data_dir))
     out = os.path.abspath(os.path.expanduser(out))
-    builder = dataset_splits._prepared_builder(
-        name, where
-    )  # a DataError naming the fix if unprepared
+    builder = dataset_splits.prepared_builder(name, where)  # a DataError if it is not prepared
     features = builder.info.features
     if "image" not in features:
         raise DataError(f"Dataset {name!r} has features {list(features)}; packing needs 'image'.")
@@ -135,25 +133,11 @@ def pack_tfds(
     os.makedirs(out, exist_ok=True)
     meta = pack_format.new_meta(f"--tfds {name} --data-dir {where}", canvas, encoding, quality)
     for split in splits:
-        source = _tfds_source(builder, name, where, split, canvas)
+        source = dataset_splits.open_tfds_split(builder, name, where, split, canvas)
         meta["splits"][split] = _pack_source(
             source, out, split, classes, encoding, quality, num_threads
         )
     return pack_format.write_meta(out, meta)
-
-
-def _tfds_source(builder, name: str, where: str, split: str, canvas: int):
-    """One split as a run reads it: `sources.TfdsSource`, the images left encoded until read."""
-    import tensorflow_datasets as tfds
-
-    found = tfds.data_source(
-        name,
-        split=split,
-        data_dir=where,
-        download=False,
-        decoders={"image": tfds.decode.SkipDecoding()},
-    )
-    return sources.TfdsSource(found, name, split, str(builder.version), canvas)
 
 
 def _pack_source(source, out, split, classes, encoding, quality, num_threads) -> dict:

@@ -194,13 +194,10 @@ def _quiet_absl():
 def _tfds_splits(data_cfg) -> tuple[dict, int]:
     """The named splits of a prepared tfds dataset, read through tfds.data_source with the images
     left encoded (sources.TfdsSource decodes them at each read)."""
-    import tensorflow_datasets as tfds
-
     name = data_cfg.name
     where = data_cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or TFDS_DEFAULT_DIR
     where = os.path.abspath(os.path.expanduser(where))
-    builder = _prepared_builder(name, where)
-    decoders = {"image": tfds.decode.SkipDecoding()}
+    builder = prepared_builder(name, where)
     features = builder.info.features
     if "image" not in features:
         raise DataError(
@@ -216,26 +213,38 @@ def _tfds_splits(data_cfg) -> tuple[dict, int]:
                 f"Dataset {name!r} has no split {split!r} (it has {known}): set "
                 f"config.data.pretrain_split / train_split / test_split to splits it has."
             )
-        try:
-            found = tfds.data_source(
-                name, split=split, data_dir=where, download=False, decoders=decoders
-            )
-            # Reads every record once (its labels; later starts read them from the label
-            # cache, kept while the files' sizes and mtimes hold): damage shows here.
-            return sources.TfdsSource(found, name, split, str(builder.version), canvas)
-        except Exception as err:
-            raise DataError(
-                f"Could not read the {split!r} split of {name!r} under {where} "
-                f"({type(err).__name__}: {err}). The prepared files look damaged: delete "
-                f"{name}/ there and prepare it again (`{prepare_command(name, where)}`), or use "
-                f"another copy."
-            ) from err
+        return open_tfds_split(builder, name, where, split, canvas)
 
     num_classes = features["label"].num_classes if "label" in features else 0
     return _assemble(data_cfg, open_split), num_classes
 
 
-def _prepared_builder(name: str, where: str):
+def open_tfds_split(builder, name: str, where: str, split: str, canvas: int):
+    """One split of the prepared tfds dataset `name` in `where` as a `sources.TfdsSource`, its
+    images left encoded until read; unreadable files are a DataError naming the fix."""
+    import tensorflow_datasets as tfds
+
+    try:
+        found = tfds.data_source(
+            name,
+            split=split,
+            data_dir=where,
+            download=False,
+            decoders={"image": tfds.decode.SkipDecoding()},
+        )
+        # Reads every record once (its labels; later starts read them from the label cache,
+        # kept while the files' sizes and mtimes hold): damage shows here.
+        return sources.TfdsSource(found, name, split, str(builder.version), canvas)
+    except Exception as err:
+        raise DataError(
+            f"Could not read the {split!r} split of {name!r} under {where} "
+            f"({type(err).__name__}: {err}). The prepared files look damaged: delete "
+            f"{name}/ there and prepare it again (`{prepare_command(name, where)}`), or use "
+            f"another copy."
+        ) from err
+
+
+def prepared_builder(name: str, where: str):
     """The tfds builder of `name` prepared in `where`, in a format tfds.data_source reads."""
     import tensorflow_datasets as tfds
 

@@ -171,7 +171,7 @@ def test_stl10_pretrains_on_its_unlabelled_split(tmp_path, monkeypatch):
 
     one_by_one = lambda self, keys: [self[k] for k in keys]  # noqa: E731
     monkeypatch.setattr(array_record.ArrayRecordDataSource, "__getitems__", one_by_one)
-    monkeypatch.setattr(splits, "_prepared_builder", lambda name, where: tfds.builder(name))
+    monkeypatch.setattr(splits, "prepared_builder", lambda name, where: tfds.builder(name))
     from configs import cifar_simclr
 
     c = cifar_simclr.get_config().data

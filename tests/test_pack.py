@@ -128,7 +128,7 @@ def mock_cifar(monkeypatch, tmp_path):
 
     one_by_one = lambda self, keys: [self[k] for k in keys]  # noqa: E731 (as in test_folder)
     monkeypatch.setattr(array_record.ArrayRecordDataSource, "__getitems__", one_by_one)
-    monkeypatch.setattr(splits, "_prepared_builder", lambda name, where: tfds.builder(name))
+    monkeypatch.setattr(splits, "prepared_builder", lambda name, where: tfds.builder(name))
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
         yield str(tmp_path / "tfds")
 
