@@ -301,13 +301,15 @@ def redraw(directory: str) -> dict:
 
 
 def pretrain_records(workdir: str) -> list[dict]:
-    """The pretraining records of the recipe's metrics.jsonl (none if it has none)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if r.get("phase") == "pretrain"]
+    """The pretraining records of the recipe's metrics.jsonl (none if it has none; a line torn by
+    the stop of a part out of time is skipped)."""
+    from simclr_jax.report import read_records  # no jax: the parent process stays light
+
+    return [
+        r
+        for r in read_records(os.path.join(workdir, "metrics.jsonl"))
+        if r.get("phase") == "pretrain"
+    ]
 
 
 def curve_points(recipe: dict, records: list[dict]) -> dict:
