@@ -91,16 +91,24 @@ def initial_state(model, tx, encoder: dict, image_size: int) -> TrainState:
     return TrainState.create(apply_fn=model.apply, params=params, batch_stats=batch_stats, tx=tx)
 
 
-def make_classifier_step(config, schedule, num_classes: int, devices=None):
-    """(model, pmapped step): `classifier_step` for `config`, over `devices` (default: every
-    device), the state donated. The comparison, the benchmark and the tests build it here."""
-    model = models.build_model(
-        config.model,
+def build_model(config, num_classes: int, model_cfg=None):
+    """The classifier network of `config` (f + its head; global BN over the pmap axis, the compute
+    dtype, the CPU's convolution), with `model_cfg`'s architecture in place of config.model where
+    given (the distillation's student). Every stage that trains or restores one builds it here."""
+    return models.build_model(
+        model_cfg or config.model,
         num_classes=num_classes,
         bn_axis_name=parallel.AXIS,
         dtype=compute_dtype(config),
         conv=cpu_conv.conv_module(),  # the CPU's faster filter gradient of narrow convolutions
     )
+
+
+def make_classifier_step(config, schedule, num_classes: int, devices=None, model_cfg=None):
+    """(model, pmapped step): `classifier_step` for `config` (`build_model`), over `devices`
+    (default: every device), the state donated. The comparison, the benchmark, the
+    distillation's labels-only student and the tests build it here."""
+    model = build_model(config, num_classes, model_cfg)
     step_fn = functools.partial(
         classifier_step,
         model=model,
