@@ -182,3 +182,18 @@ def test_a_stop_in_the_distillation_resumes_bitwise(finished, distilled, tmp_pat
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert _student_records(workdir) == _student_records(distilled)
     _assert_same_tree(_tree(workdir, "distill", STEPS), _tree(distilled, "distill", STEPS))
+
+
+def test_an_unfinished_teacher_is_one_line_before_any_work(finished, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(finished, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        before = f.read()
+    # The run asked for is 5 epochs (10 steps); the workdir's teacher finished 4 (8 steps).
+    out = run_cli([*DISTILL, "--config.downstream.epochs=5", "--workdir", workdir], devices=1)
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "holds step 8 of 10" in last and "--mode=downstream (or all)" in last
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert f.read() == before  # left as it was found
+    assert not os.path.exists(os.path.join(workdir, "checkpoints", "distill"))
