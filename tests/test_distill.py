@@ -197,3 +197,13 @@ def test_an_unfinished_teacher_is_one_line_before_any_work(finished, tmp_path):
     with open(os.path.join(workdir, "config.json")) as f:
         assert f.read() == before  # left as it was found
     assert not os.path.exists(os.path.join(workdir, "checkpoints", "distill"))
+
+
+def test_the_demo_config_distils_with_the_rates_its_validation_search_picked():
+    from configs import digits_simclr
+
+    config = digits_simclr.get_config()
+    config_lib.validate(config, "distill")
+    d = config.distill
+    assert (d.teacher, d.learning_rate, d.labels_learning_rate) == ("finetune_long", 0.3, 0.1)
+    assert d.chosen_on.startswith("validation")
