@@ -22,7 +22,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
-_MODE = flags.DEFINE_enum("mode", "all", ["pretrain", "downstream", "all"], "Stages to run.")
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "all",
+    ["pretrain", "downstream", "distill", "all"],
+    "Stages to run (all = pretrain + downstream; distill needs a downstream run in --workdir).",
+)
 
 
 class Terminated(KeyboardInterrupt):

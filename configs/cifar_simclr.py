@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = _model()
     c.pretrain = _pretrain()
     c.downstream = _downstream()
+    c.distill = _distill()
     c.distributed = _distributed()
     return c
 
@@ -147,6 +148,32 @@ def _downstream() -> ml_collections.ConfigDict:
     d.knn_k = 200
     d.knn_temperature = 0.1
     d.checkpoint_every = 0  # steps between classifier checkpoints (0 = at each test evaluation)
+    return d
+
+
+def _distill() -> ml_collections.ConfigDict:
+    """--mode=distill (SimCLRv2's distillation, after --mode=downstream in the same workdir)."""
+    d = ml_collections.ConfigDict()
+    # The downstream run whose final checkpoint teaches: 'finetune_long' (needs
+    # downstream.long_epochs > 0) or 'finetune'.
+    d.teacher = "finetune_long"
+    d.temperature = 1.0  # T of softmax(logits / T), teacher's and student's (SimCLRv2 used 1)
+    d.epochs = 30  # over the pretraining split (labelled + unlabelled images, labels unused)
+    d.batch_size = 256  # global, over the pretraining split
+    d.optimizer = "sgd"  # sgd | adamw | lars
+    d.learning_rate = 0.1  # peak, scaled like pretraining (with distill.batch_size)
+    d.lr_scaling = "linear"
+    d.warmup_epochs = 1.0  # linear warm-up, then cosine decay to 0
+    d.weight_decay = 5e-4  # not applied to biases and BN parameters
+    d.momentum = 0.9
+    # The student, from scratch: config.model with this name and width ('' / 0: the teacher's
+    # own network; e.g. width = half of model.width for a smaller one).
+    d.model = ml_collections.ConfigDict({"name": "", "width": 0.0})
+    # Its baseline: the same student from the same initial weights on the labelled subset's hard
+    # labels alone (downstream's batch, optimizer and schedule), for this budget and peak rate.
+    d.labels_epochs = 100
+    d.labels_learning_rate = 0.1  # peak, scaled with downstream.batch_size by its lr_scaling
+    d.chosen_on = ""  # what the distill settings were chosen on ('' = settings_chosen_on)
     return d
 
 

@@ -22,9 +22,22 @@ grid (0.003, 0.01, 0.03, 0.1, 0.3), budgets and seeds for all four (mean validat
 the last epoch): fine-tuned 0.01 at 10 epochs (87.8%) and 0.03 at 200 (95.0%); from scratch 0.1
 at 200 epochs (90.4%; 0.03 88.5%, 0.3 89.2%) and 0.3 at 10 (18.9%: near chance at every rate, so
 that pick, at the grid's edge, is noise; 10 epochs are too few for scratch whatever the rate).
+
+Distillation, after that run: `python run.py --config configs/digits_simclr.py --workdir
+runs/digits --mode=distill` trains a student of the encoder's architecture from scratch on the
+fine-tuned teacher's predictions over the 1,437 train images (labels unused), and the same student
+on the 72 labels alone, and adds both to report.md (benchmarks/README.md, "Distillation").
 """
 
 from configs import cifar_simclr
+
+# What the distillation's two learning rates were chosen on (benchmarks/README.md, "Distillation").
+DISTILL_CHOSEN = (
+    "validation (the grid 0.03, 0.1, 0.3 for both students' rates (and 1.0 for the distilled "
+    "one, whose pick sat at 0.3), seed 0, 20% of the train split held out: "
+    "benchmarks/results/digits_distill/choices.md)"
+)
+DISTILL_LR = 0.3
 
 
 def get_config():
@@ -59,6 +72,19 @@ def get_config():
         c.downstream.runs[run].chosen_on = chosen
     c.downstream.long_epochs = 200  # scratch still climbs after 100
     c.downstream.knn_k = 20
+    # --mode=distill (after the demo's run, same --workdir): a student of the encoder's own
+    # architecture learns finetune_long's predictions (T = 1, as SimCLRv2) over the pretraining
+    # split's images, 128 a step (11 steps an epoch); its labels-only twin trains on the 72
+    # labels as scratch_long does. Each rate picked on validation (DISTILL_CHOSEN).
+    c.distill.teacher = "finetune_long"
+    c.distill.temperature = 1.0
+    c.distill.epochs = 50
+    c.distill.batch_size = 128
+    c.distill.lr_scaling = "none"
+    c.distill.learning_rate = DISTILL_LR
+    c.distill.labels_epochs = 200
+    c.distill.labels_learning_rate = 0.1
+    c.distill.chosen_on = DISTILL_CHOSEN
     c.settings_chosen_on = (
         "validation (pretraining epochs and each classifier run's learning rate; 20% of the "
         "train split held out, seeds 0 and 1: benchmarks/results/digits_settings/choices.md)"

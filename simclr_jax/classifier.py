@@ -9,6 +9,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.experimental import multihost_utils
@@ -17,11 +18,14 @@ from simclr_jax import augment, cpu_conv, data, loop, models, parallel, stream
 from simclr_jax.checkpoint import Checkpointer
 from simclr_jax.config import run_learning_rate
 from simclr_jax.train_state import (
+    CLASSIFIER_AUGMENT_KEY,
+    CLASSIFIER_DATA_KEY,
     TrainState,
     check_meta,
     checked_restore,
     checkpoint_meta,
     compute_dtype,
+    seed_key,
     state_tree,
 )
 
@@ -87,16 +91,24 @@ def initial_state(model, tx, encoder: dict, image_size: int) -> TrainState:
     return TrainState.create(apply_fn=model.apply, params=params, batch_stats=batch_stats, tx=tx)
 
 
-def make_classifier_step(config, schedule, num_classes: int, devices=None):
-    """(model, pmapped step): `classifier_step` for `config`, over `devices` (default: every
-    device), the state donated. The comparison, the benchmark and the tests build it here."""
-    model = models.build_model(
-        config.model,
+def build_model(config, num_classes: int, model_cfg=None):
+    """The classifier network of `config` (f + its head; global BN over the pmap axis, the compute
+    dtype, the CPU's convolution), with `model_cfg`'s architecture in place of config.model where
+    given (the distillation's student). Every stage that trains or restores one builds it here."""
+    return models.build_model(
+        model_cfg or config.model,
         num_classes=num_classes,
         bn_axis_name=parallel.AXIS,
         dtype=compute_dtype(config),
         conv=cpu_conv.conv_module(),  # the CPU's faster filter gradient of narrow convolutions
     )
+
+
+def make_classifier_step(config, schedule, num_classes: int, devices=None, model_cfg=None):
+    """(model, pmapped step): `classifier_step` for `config` (`build_model`), over `devices`
+    (default: every device), the state donated. The comparison, the benchmark, the
+    distillation's labels-only student and the tests build it here."""
+    model = build_model(config, num_classes, model_cfg)
     step_fn = functools.partial(
         classifier_step,
         model=model,
@@ -141,6 +153,32 @@ def make_evaluator(model, spec, test_source, data_cfg, extra: dict | None = None
         return {"test_loss": loss_sum / m, "test_acc": correct / m, **(extra or {})}
 
     return evaluate_state
+
+
+# ----------------------------------------------------------------------------- labelled inputs
+
+
+def epoch_indices(subset: np.ndarray, global_batch: int) -> np.ndarray:
+    """What one classifier epoch iterates over: the subset, repeated when it is smaller than a
+    batch (each image then appears ceil(batch / n) times an epoch, with its own augmentations)."""
+    reps = -(-global_batch // len(subset))
+    return np.tile(subset, reps)
+
+
+def labelled_inputs(config, ds, ids: np.ndarray):
+    """(start, stop) -> the classifier steps' arguments (batch, aug_key) on the local devices:
+    the rows of the epoch list `ids` in the order of (seed, step), streamed from the labelled
+    train split (the same for every run on the labelled subset)."""
+    dc = config.downstream
+    reader = stream.Reader(ds.train, index=ids, labels=True)
+    aug_key = parallel.replicate(seed_key(config.seed, CLASSIFIER_AUGMENT_KEY))
+
+    def inputs(start: int, stop: int):
+        order = stream.Order(seed_key(config.seed, CLASSIFIER_DATA_KEY), len(ids), dc.batch_size)
+        for batch in stream.train_batches(reader, order, start, stop, config.data):
+            yield batch, aug_key
+
+    return inputs
 
 
 # ----------------------------------------------------------------------------- one run

@@ -14,9 +14,10 @@ DATASET_CHOICES_HINT = (
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALINGS = ("linear", "sqrt", "none")
 PRECISIONS = ("float32", "bfloat16")
-MODES = ("pretrain", "downstream", "all")
+MODES = ("pretrain", "downstream", "distill", "all")
 # The classifier runs of the downstream comparison (downstream.runs.<run>: their own settings).
 CLASSIFIER_RUNS = ("finetune", "scratch", "finetune_long", "scratch_long")
+TEACHERS = ("finetune", "finetune_long")  # the downstream runs a student can distil from
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -45,10 +46,12 @@ def validate(config: ml_collections.ConfigDict, mode: str = "all") -> None:
     _check_data(config.data)
     _check_model(config)
     _check_augment(config)
-    for section in ("pretrain", "downstream"):
+    for section in ("pretrain", "downstream") + (("distill",) if "distill" in config else ()):
         _check_optimization(config, section)
     _check_pretrain(config)
     _check_downstream(config)
+    if "distill" in config:
+        _check_distill(config, mode)
     check_batch_sizes(config)
 
 
@@ -148,6 +151,29 @@ def _check_runs(runs) -> None:
         _check(isinstance(chosen, str), f"downstream.runs.{run}.chosen_on", "must be a string")
 
 
+def _check_distill(config: ml_collections.ConfigDict, mode: str) -> None:
+    from simclr_jax import models  # models registers the valid names
+
+    d = config.distill
+    _check(
+        d.teacher in TEACHERS, "distill.teacher", f"must be one of {TEACHERS}, got {d.teacher!r}"
+    )
+    _check(
+        mode != "distill" or d.teacher != "finetune_long" or config.downstream.long_epochs > 0,
+        "distill.teacher",
+        "'finetune_long' needs downstream.long_epochs > 0; set it, or distill.teacher=finetune",
+    )
+    _check_positive(config, "distill", ("temperature", "epochs", "labels_epochs"))
+    _check_positive(config, "distill", ("labels_learning_rate",))
+    _check(
+        d.model.name == "" or d.model.name in models.MODELS,
+        "distill.model.name",
+        f"unknown model {d.model.name!r}; '' (the teacher's) or one of {sorted(models.MODELS)}",
+    )
+    _check(d.model.width >= 0, "distill.model.width", "must be >= 0 (0 = model.width)")
+    _check(isinstance(d.chosen_on, str), "distill.chosen_on", "must be a string")
+
+
 def run_learning_rate(dc, run: str) -> float:
     """The peak learning rate (before batch scaling) of classifier run `run`: its own
     downstream.runs.<run>.learning_rate, or downstream.learning_rate where that is 0 or unset."""
@@ -158,7 +184,8 @@ def run_learning_rate(dc, run: str) -> float:
 def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
     """Every global batch must split evenly over all devices (of all processes)."""
     n = jax.device_count()
-    for key in ("pretrain.batch_size", "downstream.batch_size"):
+    keys = ("pretrain.batch_size", "downstream.batch_size")
+    for key in keys + (("distill.batch_size",) if "distill" in config else ()):
         section, name = key.split(".")
         b = config[section][name]
         _check(

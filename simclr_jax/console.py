@@ -59,4 +59,13 @@ def summary_lines(summary: dict) -> list[str]:
             f"kNN {_pct(down.get('knn_test_acc'))}"
         )
         lines.append(f"  report: {os.path.join(workdir, REPORT_MD)}")
+    dist = summary.get("distill")
+    if dist:
+        gap = dist.get("distilled_minus_labels_only")
+        lines.append(
+            f"  test accuracy: distilled student {_pct(dist.get('distill_test_acc'))}, the same "
+            f"student on the labels alone {_pct(dist.get('distill_labels_test_acc'))}"
+            + ("" if gap is None else f" ({100 * gap:+.2f} points)")
+        )
+        lines.append(f"  report: {os.path.join(workdir, REPORT_MD)}")
     return lines

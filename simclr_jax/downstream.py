@@ -28,15 +28,11 @@ from simclr_jax import (
     evaluate,
     loop,
     optim,
-    parallel,
     probe,
     stops,
-    stream,
 )
 from simclr_jax.config import run_learning_rate, scaled_learning_rate
 from simclr_jax.train_state import (
-    CLASSIFIER_AUGMENT_KEY,
-    CLASSIFIER_DATA_KEY,
     INIT_KEY,
     init_variables,
     restore_encoder,
@@ -51,13 +47,6 @@ LONG = "_long"  # suffix of the long-budget classifier runs' phases
 # Frozen features: (source, linear-probe phase, kNN phase).
 FEATURES = (("simclr", "linear", "knn"), ("random", "linear_random", "knn_random"))
 FEATURES += (("pixels", "linear_pixels", "knn_pixels"),)
-
-
-def epoch_indices(subset: np.ndarray, global_batch: int) -> np.ndarray:
-    """What one classifier epoch iterates over: the subset, repeated when it is smaller than a
-    batch (each image then appears ceil(batch / n) times an epoch, with its own augmentations)."""
-    reps = -(-global_batch // len(subset))
-    return np.tile(subset, reps)
 
 
 def budgets(config) -> list[tuple[str, int]]:
@@ -75,9 +64,9 @@ def compare(config, ds, workdir: str, writer, subset: np.ndarray, starts: dict) 
     them in the checkpoints' metadata. Returns {phase: wall seconds of this invocation}.
     """
     dc = config.downstream
-    ids = epoch_indices(subset, dc.batch_size)  # (n_epoch,) train indices
+    ids = classifier.epoch_indices(subset, dc.batch_size)  # (n_epoch,) train indices
     spe = len(ids) // dc.batch_size
-    inputs, spec = _inputs(config, ds, ids), augment.spec_from_config(config)
+    inputs, spec = classifier.labelled_inputs(config, ds, ids), augment.spec_from_config(config)
     digest = {"subset": data.subset_digest(ids)}
     walls = {}
     for suffix, epochs in budgets(config):
@@ -129,22 +118,6 @@ def _run_step(config, ds, phase: str, spe: int, total: int, cache: dict):
         model, p_step = classifier.make_classifier_step(config, schedule, ds.num_classes)
         cache[peak] = (optim.make_optimizer(section, schedule), model, p_step)
     return (*cache[peak], peak)
-
-
-def _inputs(config, ds, ids: np.ndarray):
-    """(start, stop) -> the classifier steps' arguments (batch, aug_key) on the local devices:
-    the rows of the epoch list `ids` in the order of (seed, step), streamed from the labelled
-    train split (the same for both runs)."""
-    dc = config.downstream
-    reader = stream.Reader(ds.train, index=ids, labels=True)
-    aug_key = parallel.replicate(seed_key(config.seed, CLASSIFIER_AUGMENT_KEY))
-
-    def inputs(start: int, stop: int):
-        order = stream.Order(seed_key(config.seed, CLASSIFIER_DATA_KEY), len(ids), dc.batch_size)
-        for batch in stream.train_batches(reader, order, start, stop, config.data):
-            yield batch, aug_key
-
-    return inputs
 
 
 def random_encoder(config) -> dict:

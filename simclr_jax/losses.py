@@ -31,8 +31,12 @@ loss_a + loss_b, each a mean over the N rows of one view (google-research/simclr
 before the trust ratio, and BatchNorm and bias parameters skip the trust ratio, so with L the
 decay would weigh twice as much against the gradient and those parameters would move half as
 fast as in the official recipe. The metrics report L itself.
+
+Also the distillation loss of SimCLRv2 (Chen et al., 2020, "Big Self-Supervised Models are
+Strong Semi-Supervised Learners", eq. 2): `distillation_loss`.
 """
 
+import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
@@ -117,3 +121,16 @@ def nt_xent(z1, z2, temperature, axis_name: str | None = None):
     L: `lax.psum` the gradients of the partial (not pmean) to get dL/dparams.
     """
     return nt_xent_with_metrics(z1, z2, temperature, axis_name)[0]
+
+
+def distillation_loss(student_logits, teacher_logits, temperature: float):
+    """SimCLRv2's eq. 2, as the official code computes it (google-research/simclr,
+    tf2/colabs/distillation_self_training.ipynb, `add_kd_loss`): the cross-entropy of the
+    student's softmax(s / T) against the teacher's softmax(t / T), no gradient through the
+    teacher, scaled by T^2 (which keeps the gradients' size as T changes; 1 at T = 1), averaged
+    over the rows. (n, C), (n, C) -> () float32.
+    """
+    t = lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
+    s = student_logits.astype(jnp.float32) / temperature
+    per_row = optax.softmax_cross_entropy(s, jax.nn.softmax(t, axis=-1))  # (n,)
+    return temperature**2 * jnp.mean(per_row)

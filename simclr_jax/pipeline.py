@@ -1,6 +1,7 @@
-"""The run, per --mode: check the config, the encoder source and the data before anything is
-written, then take the workdir (one run at a time), pretrain, then the downstream comparison, the
-pictures and the report. What run.py calls."""
+"""The run, per --mode: check the config, the encoder (or teacher) source and the data before
+anything is written, then take the workdir (one run at a time), pretrain, then the downstream
+comparison, the pictures and the report (--mode=distill: the distillation stage on a workdir that
+holds the downstream run, then the report). What run.py calls."""
 
 import copy
 import logging
@@ -120,6 +121,33 @@ def _downstream_stage(config, ds, workdir: str, writer, source: str) -> dict:
     return summary
 
 
+def teacher_source(config, workdir: str) -> str:
+    """The downstream run's checkpoint directory --mode=distill restores its teacher from; fails
+    early if it holds no checkpoint (whether it is the run's final one is checked once the data is
+    loaded: distill.restore_teacher)."""
+    where = os.path.join(os.path.abspath(workdir), "checkpoints", config.distill.teacher)
+    steps = [d for d in os.listdir(where) if d.isdigit()] if os.path.isdir(where) else []
+    if not steps:
+        raise CheckpointError(
+            f"--mode=distill needs the downstream run '{config.distill.teacher}' as its teacher, "
+            f"and {where} holds no checkpoint. Run --mode=downstream (or all) with this --workdir "
+            f"first, or set config.distill.teacher to a run it holds."
+        )
+    return where
+
+
+def _distill_stage(config, ds, workdir: str, writer) -> dict:
+    """The distilled and the labels-only student, then the report rewritten with them."""
+    from simclr_jax import distill  # noqa: PLC0415 (only when used)
+
+    summary = distill.run(config, ds, workdir, writer)
+    if writer.enabled:
+        rep = report.write(workdir)
+        summary.update(report.summary(rep), wall_s=rep["wall_s"])
+        log.info("Report: %s", os.path.join(os.path.abspath(workdir), report.REPORT_MD))
+    return summary
+
+
 def run(config, workdir: str, mode: str = "all") -> dict:
     """Runs the stages of `mode` in `workdir`; returns a summary dict (also logged).
 
@@ -138,6 +166,8 @@ def run(config, workdir: str, mode: str = "all") -> dict:
     source = encoder_source(config, workdir) if mode == "downstream" else None
     if source is not None:
         check_encoder_source(config, source)
+    if mode == "distill":  # the teacher's checkpoint, made for this model and data
+        check_encoder_source(config, teacher_source(config, workdir))
     with stops.recording():  # a signal is acted on at the next stop point (stops.py)
         ds = _load_data(config)
         stops.check("loading the data")
@@ -160,6 +190,8 @@ def _run_stages(config, ds, workdir: str, mode: str, source: str | None) -> dict
                 source = pretrain_dir(workdir)
             if mode in ("downstream", "all"):
                 summary["downstream"] = _downstream_stage(config, ds, workdir, writer, source)
+            if mode == "distill":
+                summary["distill"] = _distill_stage(config, ds, workdir, writer)
         finally:
             writer.close()
     if stops.requested():  # arrived after the last stop point: all is written

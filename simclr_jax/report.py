@@ -20,6 +20,7 @@ METRICS_FILE, CONFIG_FILE = "metrics.jsonl", "config.json"
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 ACCURACY_PNG, LOSS_PNG = "accuracy.png", "loss.png"
 RUNS = ("finetune", "scratch", "finetune_long", "scratch_long")  # classifier phases
+STUDENTS = ("distill", "distill_labels")  # --mode=distill: the distilled and labels-only student
 FROZEN = ("chance", "linear_pixels", "knn_pixels", "linear_random", "knn_random", "linear", "knn")
 CURVE_KEYS = (("loss", "train_loss"), ("accuracy", "train_acc"), ("test_loss",) * 2)
 CURVE_KEYS += (("test_acc",) * 2,)
@@ -81,10 +82,10 @@ def still_improving(c: dict) -> str | None:
     return None
 
 
-def _run_summary(config: dict, run: str, records: list[dict]) -> dict:
+def _run_summary(config: dict, run: str, records: list[dict], batch: int | None = None) -> dict:
     c = curves(records)
     done = bool(c["epoch"])
-    batch = config["downstream"]["batch_size"]
+    batch = batch or config["downstream"]["batch_size"]
     return {
         **c,
         **run_settings(config, run, records),
@@ -107,6 +108,16 @@ def run_settings(config: dict, run: str, records: list[dict]) -> dict:
         "learning_rate": logged[-1] if logged else report_md.peak_lr(dc) if records else None,
         "chosen_on": own.get("chosen_on") or config.get("settings_chosen_on") or None,
     }
+
+
+def _student_summary(config: dict, phase: str, records: list[dict]) -> dict:
+    """A student run of --mode=distill as a classifier run, with its images per step (the
+    distilled one's batch is distill.batch_size) and what its settings were chosen on."""
+    dist = config.get("distill") or {}
+    batch = dist.get("batch_size") if phase == "distill" else None
+    out = _run_summary(config, phase, records, batch)
+    out["chosen_on"] = dist.get("chosen_on") or config.get("settings_chosen_on") or None
+    return out
 
 
 def _pretrain_summary(records: list[dict], batch: int) -> dict:
@@ -143,6 +154,7 @@ def build(workdir: str) -> dict:
             by_phase.get("pretrain", []), config["pretrain"]["batch_size"]
         ),
         **{run: _run_summary(config, run, by_phase.get(run, [])) for run in RUNS},
+        **{p: _student_summary(config, p, by_phase.get(p, [])) for p in STUDENTS},
         **frozen,
         "config": config,
     }
@@ -156,7 +168,7 @@ def build(workdir: str) -> dict:
                 )
     rep["wall_s"] = {
         "pretrain": rep["pretrain"]["wall_s"],
-        **{run: rep[run]["wall_s"] for run in RUNS},
+        **{run: rep[run]["wall_s"] for run in RUNS + STUDENTS},
         **{p: (frozen[p] or {}).get("wall_s") for p in FROZEN[1:]},
     }
     rep["summary"] = summary(rep)
@@ -165,14 +177,19 @@ def build(workdir: str) -> dict:
 
 def _acc(rep: dict, key: str) -> float | None:
     r = rep.get(key)
-    return None if not r else (r.get("final_test_acc") if key in RUNS else r.get("test_acc"))
+    if not r:
+        return None
+    return r.get("final_test_acc") if key in RUNS + STUDENTS else r.get("test_acc")
 
 
 def summary(rep: dict) -> dict:
     """The headline numbers (what pipeline.run returns): every method's test accuracy and the
     differences the report is about."""
-    out = {f"{k}_test_acc": _acc(rep, k) for k in RUNS + FROZEN}
+    out = {f"{k}_test_acc": _acc(rep, k) for k in RUNS + FROZEN + STUDENTS}
+    teacher = (rep["config"].get("distill") or {}).get("teacher", "finetune_long")
     pairs = {
+        "distilled_minus_labels_only": ("distill", "distill_labels"),
+        "distilled_minus_teacher": ("distill", teacher),
         "linear_minus_pixels": ("linear", "linear_pixels"),
         "knn_minus_pixels": ("knn", "knn_pixels"),
         "linear_minus_random": ("linear", "linear_random"),

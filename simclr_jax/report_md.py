@@ -31,6 +31,7 @@ ROWS = (
     ("linear", "SimCLR encoder, frozen: logistic regression", True),
     ("knn", "SimCLR encoder, frozen: kNN", True),
 )
+STUDENTS = ("distill", "distill_labels")  # report.STUDENTS (that module imports this one)
 CLASSIFIERS = (
     ("finetune", "Classifier fine-tuned from the SimCLR encoder"),
     ("scratch", "Classifier trained from scratch"),
@@ -152,7 +153,42 @@ def _table(rep: dict) -> list[str]:
             f"| {what}, {r['epoch'][-1]} epochs{lr}{flag} | {n} | {_pct(r['final_test_acc'])} | "
             f"{_num(r['final_test_loss'])} | {_secs(r['wall_s'])} |"
         )
-    return lines + [""]
+    return lines + _student_rows(rep) + [""]
+
+
+def _student(cfg: dict) -> str:
+    """The student's network: config.model with distill.model's name and width where set."""
+    own, model = cfg["distill"].get("model") or {}, cfg["model"]
+    name, width = own.get("name") or model["name"], own.get("width") or model["width"]
+    same = (name, width) == (model["name"], model["width"])
+    return f"{name} width {width:g}" + (", the teacher's network" if same else "")
+
+
+def _student_rows(rep: dict) -> list[str]:
+    """The rows of --mode=distill's students, where it ran: the distilled one and the same student
+    on the labels alone (the teacher is its fine-tuned row above)."""
+    cfg, n, lines = rep["config"], rep["num_labelled"], []
+    for key in STUDENTS:
+        r = rep.get(key) or {}
+        if not r.get("epoch"):
+            continue
+        dist, flag = cfg["distill"], " (not converged)" if r["not_converged"] else ""
+        lr = f", lr {r['learning_rate']:g}" if r.get("learning_rate") is not None else ""
+        if key == "distill":
+            what = (
+                f"Student ({_student(cfg)}) distilled from {dist['teacher']}, T="
+                f"{dist['temperature']:g}, {r['epoch'][-1]} epochs over the pretraining images "
+                f"(labels unused){lr}{flag}"
+            )
+            labels = f"{n} (the teacher's)"
+        else:
+            what = f"The same student on the labels alone, {r['epoch'][-1]} epochs{lr}{flag}"
+            labels = f"{n}"
+        lines.append(
+            f"| {what} | {labels} | **{_pct(r['final_test_acc'])}** | "
+            f"{_num(r['final_test_loss'])} | {_secs(r['wall_s'])} |"
+        )
+    return lines
 
 
 def _findings(rep: dict) -> list[str]:
@@ -163,16 +199,23 @@ def _findings(rep: dict) -> list[str]:
         "linear_minus_random": "SimCLR logistic regression minus the random-init encoder's",
         "pretrained_minus_scratch": "Fine-tuned minus scratch, short budget",
         "pretrained_minus_scratch_long": "Fine-tuned minus scratch, long budget",
+        "distilled_minus_labels_only": "Distilled student minus the same student on the labels",
+        "distilled_minus_teacher": "Distilled student minus its teacher",
     }
     for key, text in named.items():
         if key in s:
-            below = " — **below the baseline**" if s[key] < 0 and "minus_scratch" not in key else ""
+            compared = "minus_scratch" in key or "distilled" in key  # not against a baseline
+            below = " — **below the baseline**" if s[key] < 0 and not compared else ""
             lines.append(f"- {text}: **{_pts(s[key])}**{below}.")
-    for key, what in CLASSIFIERS:
+    students = [(k, f"Student run '{k}'") for k in STUDENTS if (rep.get(k) or {}).get("epoch")]
+    for key, what in list(CLASSIFIERS) + students:
         r = rep[key]
         if r["epoch"]:
             state = f"not converged ({r['not_converged']})" if r["not_converged"] else "converged"
             lines.append(f"- {what}, {r['epoch'][-1]} epochs: {state}.")
+    if students:
+        why = rep["distill"].get("chosen_on") or "not recorded"
+        lines.append(f"- The distillation's settings were chosen on: {why}.")
     return lines + [""]
 
 

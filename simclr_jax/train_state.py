@@ -23,9 +23,12 @@ from simclr_jax.errors import CheckpointError
 
 # fold_in tags of the config seed. Pretraining: model init, data order, augmentation. The two
 # classifier runs share theirs (data order, augmentation; tag 3 was their head's init, which is
-# now zero: not reused); the linear probe's cross-validation folds.
+# now zero: not reused); the linear probe's cross-validation folds. The distillation: the
+# student's init (shared by the distilled and the labels-only student), its data order and its
+# augmentation over the pretraining split (the labels-only student uses the classifier's two).
 INIT_KEY, DATA_KEY, AUGMENT_KEY = 0, 1, 2
 CLASSIFIER_DATA_KEY, CLASSIFIER_AUGMENT_KEY, LINEAR_KEY = 4, 5, 6
+DISTILL_INIT_KEY, DISTILL_DATA_KEY, DISTILL_AUGMENT_KEY = 7, 8, 9
 
 # Model keys of earlier versions that never changed the parameters: ignored when a checkpoint's or
 # a workdir's model is compared with the config's, so runs written before still restore.

@@ -81,7 +81,7 @@ def prepare(workdir: str, config, mode: str) -> None:
             f"--workdir {workdir!r} holds a run of a different config ({lines}). Use another "
             f"--workdir, or pass --config.overwrite=True to delete that run and start anew."
         )
-    if diff and mode != "downstream" and primary:
+    if diff and mode not in ("downstream", "distill") and primary:
         log.warning("Overwriting the run in %s (config.overwrite=True).", workdir)
         _delete_run(workdir)
     if primary:

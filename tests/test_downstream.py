@@ -118,8 +118,8 @@ def test_random_init_bn_statistics_are_the_labelled_images():
 
 def test_epoch_indices_repeat_a_subset_smaller_than_a_batch():
     subset = np.array([3, 7, 9])
-    np.testing.assert_array_equal(downstream.epoch_indices(subset, 2), subset)
-    assert downstream.epoch_indices(subset, 8).tolist() == [3, 7, 9] * 3
+    np.testing.assert_array_equal(classifier.epoch_indices(subset, 2), subset)
+    assert classifier.epoch_indices(subset, 8).tolist() == [3, 7, 9] * 3
 
 
 # ----------------------------------------------------------------------------- classifier step
