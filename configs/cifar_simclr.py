@@ -78,6 +78,8 @@ def _data() -> ml_collections.ConfigDict:
 def _augment() -> ml_collections.ConfigDict:
     a = ml_collections.ConfigDict()
     a.crop_scale_min = 0.08  # random resized crop area in [crop_scale_min, 1]
+    # Also the downstream classifiers' random flip: set 0 where the data the downstream stage
+    # reads (downstream.data) is not mirror-invariant (digits), even if pretraining's was.
     a.flip_prob = 0.5
     a.jitter_strength = 0.5  # s: brightness/contrast/saturation 0.8 s, hue 0.2 s (CIFAR 0.5)
     a.jitter_prob = 0.8

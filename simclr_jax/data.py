@@ -4,8 +4,9 @@ A run names the split it pretrains on (possibly unlabelled, or several joined wi
 labelled train and test splits the evaluations read; `splits.py` opens them for each kind of
 dataset (the embedded digits, an image folder or its pack, a prepared tfds set). Here: the
 roles, the train side's cut and validation split, host caching, the pretraining split's channel
-statistics (the encoder's input normalisation), the data's identity that checkpoints record, and
-the class-balanced labelled subset used downstream.
+statistics (the encoder's input normalisation), the data's identity that checkpoints record,
+the class-balanced labelled subset used downstream, and the transfer dataset the downstream stage
+may read instead (downstream.data, merged with config.data here).
 """
 
 import copy
