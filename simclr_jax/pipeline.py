@@ -1,6 +1,7 @@
-"""The run, per --mode: check the config, the encoder source and the data before anything is
-written, then take the workdir (one run at a time), pretrain, then the downstream comparison, the
-pictures and the report. What run.py calls."""
+"""The run, per --mode: check the config, the encoder source and the data (the pretraining data
+and the downstream stage's transfer dataset, downstream.data, where one is named) before anything
+is written, then take the workdir (one run at a time), pretrain, then the downstream comparison,
+the pictures and the report. What run.py calls."""
 
 import copy
 import logging
@@ -168,8 +169,8 @@ def run(config, workdir: str, mode: str = "all") -> dict:
 
 def _run_stages(config, datasets, workdir: str, mode: str, source: str | None) -> dict:
     """The stages of `mode` in `workdir`, under its lock; a stop during the pictures or the report
-        ends the run once they are written (130 / 143). datasets: (pretraining, downstream) data
-    (the downstream one None in --mode=pretrain)."""
+    ends the run once they are written (130 / 143). datasets: (pretraining, downstream) data (the
+    downstream one is None in --mode=pretrain)."""
     ds, transfer = datasets
     config = data.with_stats(config, ds, transfer)  # the input normalisation, -> config.json
     created = workdirs.first_missing(workdir)  # what a failure before any work removes again
