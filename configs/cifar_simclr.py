@@ -79,6 +79,8 @@ def _data() -> ml_collections.ConfigDict:
 def _augment() -> ml_collections.ConfigDict:
     a = ml_collections.ConfigDict()
     a.crop_scale_min = 0.08  # random resized crop area in [crop_scale_min, 1]
+    # Also the downstream classifiers' random flip: set 0 where the data the downstream stage
+    # reads (downstream.data) is not mirror-invariant (digits), even if pretraining's was.
     a.flip_prob = 0.5
     a.jitter_strength = 0.5  # s: brightness/contrast/saturation 0.8 s, hue 0.2 s (CIFAR 0.5)
     a.jitter_prob = 0.8
@@ -148,6 +150,7 @@ def _downstream() -> ml_collections.ConfigDict:
     d.knn_k = 200
     d.knn_temperature = 0.1
     d.checkpoint_every = 0  # steps between classifier checkpoints (0 = at each test evaluation)
+    d.data = _downstream_data()
     return d
 
 
@@ -175,6 +178,26 @@ def _distill() -> ml_collections.ConfigDict:
     d.labels_learning_rate = 0.1  # peak, scaled with downstream.batch_size by its lr_scaling
     d.chosen_on = ""  # what the distill settings were chosen on ('' = settings_chosen_on)
     return d
+
+
+def _downstream_data() -> ml_collections.ConfigDict:
+    """Transfer evaluation: the dataset every downstream method and baseline reads (the frozen
+    probes, the fine-tune vs scratch runs, the neighbours picture). Its images are resized to
+    data.image_size and normalised with data.mean / data.std: the encoder's input, as pretrained.
+    The labelled fraction is downstream.label_fraction, whichever data the stage reads: it is a
+    setting of the evaluation, not of a dataset, so it is one key for both cases."""
+    t = ml_collections.ConfigDict()
+    # '' = the pretraining data itself (config.data; the keys below are then not read); else
+    # 'digits', 'folder' (with data_dir) or a prepared tfds image set, as data.name.
+    t.name = ""
+    t.data_dir = ""  # as data.data_dir: the folder DIR, or the tfds data_dir ('' = tfds' default)
+    t.train_split = "train"  # labelled: the downstream labelled subset is drawn from it
+    t.test_split = "test"  # labelled: every downstream test accuracy
+    t.max_train_examples = 0  # 0 = all of the train split; a smaller number subsamples it
+    # > 0: this class-balanced fraction of its train split is held out and scored instead of its
+    # test split (choose transfer settings on it); data.validation_fraction stays pretraining's.
+    t.validation_fraction = 0.0
+    return t
 
 
 def _distributed() -> ml_collections.ConfigDict:

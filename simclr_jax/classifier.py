@@ -184,13 +184,24 @@ def labelled_inputs(config, ds, ids: np.ndarray):
 # ----------------------------------------------------------------------------- one run
 
 
+def transfer_meta(config) -> dict:
+    """{'downstream_data': the transfer dataset's identity} where downstream.data names one (the
+    data a run trains and is scored on, so a run on another dataset starts anew), else {}: the
+    metadata of runs without one is what it was before."""
+    transfer = data.transfer_identity(config)
+    return {"downstream_data": _plain_tree(transfer)} if transfer else {}
+
+
 def run_meta(config, phase: str, epochs: int, encoder: dict | None) -> dict:
-    """Checkpoint metadata: the model and data (checked strictly), and what the run depends on
-    (its own learning rate among them: `phase` names the run in downstream.runs)."""
+    """Checkpoint metadata: the model and the pretraining data (the encoder's input contract,
+    checked strictly), and what the run depends on (its own learning rate among them: `phase`
+    names the run in downstream.runs; the transfer dataset's identity where downstream.data names
+    one, so a run on another dataset starts anew)."""
     dc = config.downstream
     return {
         **checkpoint_meta(config, phase),
         "run": {
+            **transfer_meta(config),
             "seed": config.seed,
             "precision": config.precision,
             "max_train_examples": config.data.max_train_examples,
@@ -209,6 +220,15 @@ def run_meta(config, phase: str, epochs: int, encoder: dict | None) -> dict:
 def _plain(value):
     """Tuples as lists: what the metadata reads back from JSON."""
     return list(value) if isinstance(value, tuple) else value
+
+
+def _plain_tree(tree):
+    """ConfigDicts and tuples as the dicts and lists the metadata reads back from JSON."""
+    if hasattr(tree, "to_dict"):
+        tree = tree.to_dict()
+    if isinstance(tree, dict):
+        return {k: _plain_tree(v) for k, v in tree.items()}
+    return [_plain_tree(v) for v in tree] if isinstance(tree, list | tuple) else tree
 
 
 def _changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, tuple]]:

@@ -11,6 +11,7 @@ from simclr_jax.errors import ConfigError
 DATASET_CHOICES_HINT = (
     "'digits' (embedded), 'folder' (with config.data.data_dir=DIR) or a tfds image dataset name"
 )
+_HINT = "'digits', 'folder' (with data_dir=DIR) or a tfds image dataset name"
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALINGS = ("linear", "sqrt", "none")
 PRECISIONS = ("float32", "bfloat16")
@@ -135,6 +136,35 @@ def _check_downstream(config: ml_collections.ConfigDict) -> None:
     )
     _check(dc.checkpoint_every >= 0, "downstream.checkpoint_every", "must be >= 0")
     _check_runs(dc.get("runs") or {})
+    if dc.get("data") is not None:
+        _check_transfer(dc.data)
+
+
+def _check_transfer(t: ml_collections.ConfigDict) -> None:
+    """downstream.data: the transfer dataset ('' = the pretraining data; its other keys unread)."""
+    key = "downstream.data"
+    _check(isinstance(t.name, str), f"{key}.name", f"'' (the pretraining data) or {_HINT}")
+    if not t.name:
+        _check(
+            not t.data_dir,
+            f"{key}.data_dir",
+            f"is read only with {key}.name set: also set {key}.name (e.g. 'folder'), or drop it",
+        )
+        return
+    _check(
+        t.name != "folder" or bool(t.data_dir),
+        f"{key}.data_dir",
+        f"{key}.name=folder needs {key}.data_dir=DIR (DIR/train/<class>/*, DIR/test/<class>/*)",
+    )
+    for role in ("train", "test"):
+        names = [p.strip() for p in str(t[f"{role}_split"]).split("+")]
+        _check(all(names), f"{key}.{role}_split", "name a labelled split ('train', 'test')")
+    _check(t.max_train_examples >= 0, f"{key}.max_train_examples", "must be >= 0 (0 = all)")
+    _check(
+        0 <= t.validation_fraction < 1,
+        f"{key}.validation_fraction",
+        "must be in [0, 1) (0 = score its test split; e.g. 0.2 to choose settings on validation)",
+    )
 
 
 def _check_runs(runs) -> None:

@@ -4,8 +4,9 @@ A run names the split it pretrains on (possibly unlabelled, or several joined wi
 labelled train and test splits the evaluations read; `splits.py` opens them for each kind of
 dataset (the embedded digits, an image folder or its pack, a prepared tfds set). Here: the
 roles, the train side's cut and validation split, host caching, the pretraining split's channel
-statistics (the encoder's input normalisation), the data's identity that checkpoints record, and
-the class-balanced labelled subset used downstream.
+statistics (the encoder's input normalisation), the data's identity that checkpoints record,
+the class-balanced labelled subset used downstream, and the transfer dataset the downstream stage
+may read instead (downstream.data, merged with config.data here).
 """
 
 import copy
@@ -83,16 +84,62 @@ def normalize(images, spec):
     return (images - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
 
 
-def with_stats(config, ds: Dataset):
+def with_stats(config, ds: Dataset, transfer: Dataset | None = None):
     """A copy of `config` whose data.mean / data.std are the pretraining split's channel
     statistics where they were left () (the encoder's input normalisation, `normalize`), and
-    whose data.identity is what its checkpoints record of the data (`identity`)."""
+    whose data.identity is what its checkpoints record of the data (`identity`); with a
+    `transfer` dataset (downstream.data), downstream.data.identity is its identity."""
     config = copy.deepcopy(config)
     with config.unlocked():
         if not tuple(config.data.mean) or not tuple(config.data.std):
             config.data.mean, config.data.std = ds.channel_stats()
         config.data.identity = identity(ds)
+        if transfer is not None and is_transfer(config):
+            config.downstream.data.identity = identity(transfer)
     return config
+
+
+# The keys of downstream.data that replace config.data's for the transfer dataset.
+TRANSFER_KEYS = ("name", "data_dir", "train_split", "test_split", "max_train_examples")
+TRANSFER_KEYS += ("validation_fraction",)
+
+
+def is_transfer(config) -> bool:
+    """Whether the downstream stage reads another dataset than pretraining (downstream.data)."""
+    return bool((config.downstream.get("data") or {}).get("name"))
+
+
+def transfer_identity(config) -> dict | None:
+    """What the classifier checkpoints record of the transfer dataset (None without one)."""
+    return (config.downstream.get("data") or {}).get("identity") if is_transfer(config) else None
+
+
+def downstream_data_config(config):
+    """The data config the downstream stage reads: config.data itself without a transfer set;
+    else config.data with downstream.data's keys (TRANSFER_KEYS). The encoder's input contract
+    stays the pretraining run's: image_size, mean / std; the host settings (threads, prefetch,
+    cache) too. Nothing pretrains on it (its pretrain split is its train split, opened once), and
+    it is decoded at its own size (canvas 0: its native size, else image_size)."""
+    if not is_transfer(config):
+        return config.data
+    d = copy.deepcopy(config.data)
+    with d.unlocked():
+        for key in TRANSFER_KEYS:
+            d[key] = config.downstream.data[key]
+        d.pretrain_split, d.canvas = d.train_split, 0
+    return d
+
+
+def load_downstream(config, ds: Dataset) -> Dataset:
+    """The dataset of the downstream stage: `ds` (the pretraining data) without a transfer set,
+    else the one downstream.data names. Its errors name the downstream.data keys."""
+    if not is_transfer(config):
+        return ds
+    try:
+        return load(downstream_data_config(config))
+    except (DataError, ConfigError) as err:  # the loader's messages name config.data's keys
+        text = str(err).replace("config.data.", "config.downstream.data.")
+        raise type(err)(f"The transfer dataset (config.downstream.data): {text}") from err
 
 
 def identity(ds: Dataset) -> dict:

@@ -147,6 +147,7 @@ def run_meta(config, phase: str, origin: dict) -> dict:
     return {
         **checkpoint_meta(config, phase),
         "run": {
+            **classifier.transfer_meta(config),  # the data it learns from, under transfer
             "seed": config.seed,
             "precision": config.precision,
             "max_train_examples": config.data.max_train_examples,

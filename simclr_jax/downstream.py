@@ -158,6 +158,7 @@ def frozen_evaluations(config, ds, writer, subset, encoders: dict, encoder_step:
 
     Returns the records by phase."""
     train_y, common = ds.train_labels[subset], {"num_test": len(ds.test_labels)}
+    common.update(dataset=ds.name, num_classes=ds.num_classes)  # what downstream evaluated on
     common.update(num_labelled=len(subset), subset=data.subset_digest(subset))
     writer.drop_phase(CHANCE)
     out = {CHANCE: writer.write(0, CHANCE, {"test_acc": 1.0 / ds.num_classes, **common})}
@@ -210,7 +211,10 @@ def _knn_record(config, ds, writer, features, phase: str, sizes: dict) -> dict:
 
 def run(config, ds, workdir: str, writer, source: str) -> dict:
     """The downstream stage: restore f from `source` (a pretraining checkpoint directory), the
-    frozen-encoder evaluations and baselines, then the pretrained-vs-scratch comparison.
+    frozen-encoder evaluations and baselines, then the pretrained-vs-scratch comparison, all on
+    `ds`: the pretraining data, or the transfer dataset of downstream.data (its images resized
+    to data.image_size and normalised with data.mean / data.std, the encoder's input; the
+    classifiers' heads have its classes).
 
     'scratch' starts from the very weights SimCLR pretraining started from, so pretraining is
     the only difference between the two classifiers (their heads start at zero).

@@ -1,7 +1,8 @@
-"""The run, per --mode: check the config, the encoder (or teacher) source and the data before
-anything is written, then take the workdir (one run at a time), pretrain, then the downstream
-comparison, the pictures and the report (--mode=distill: the distillation stage on a workdir that
-holds the downstream run, then the report). What run.py calls."""
+"""The run, per --mode: check the config, the encoder (or teacher) source and the data (the
+pretraining data and the downstream stage's transfer dataset, downstream.data, where one is named)
+before anything is written, then take the workdir (one run at a time), pretrain, then the
+downstream comparison, the pictures and the report (--mode=distill: the distillation stage on a
+workdir that holds the downstream run, then the report). What run.py calls."""
 
 import copy
 import logging
@@ -71,6 +72,27 @@ def _load_data(config):
         f"; streamed from storage: {', '.join(streamed)}" if streamed else "",
     )
     return ds
+
+
+def _load_transfer(config, ds):
+    """The downstream stage's dataset (downstream.data; `ds` itself without one), loaded before
+    any work so that its errors come first, as the pretraining data's do."""
+    if not data.is_transfer(config):
+        return ds
+    t0 = time.perf_counter()
+    transfer = data.load_downstream(config, ds)
+    log.info(
+        "Loaded the transfer dataset %s: %d labelled train / %d test images, %d classes, in "
+        "%.1fs; the encoder reads them at %d px, normalised with %s's statistics.",
+        transfer.name,
+        len(transfer.train_labels),
+        len(transfer.test_labels),
+        transfer.num_classes,
+        time.perf_counter() - t0,
+        config.data.image_size,
+        ds.name,
+    )
+    return transfer
 
 
 def check_encoder_source(config, source: str) -> None:
@@ -170,14 +192,17 @@ def run(config, workdir: str, mode: str = "all") -> dict:
         check_encoder_source(config, teacher_source(config, workdir))
     with stops.recording():  # a signal is acted on at the next stop point (stops.py)
         ds = _load_data(config)
+        transfer = _load_transfer(config, ds) if mode != "pretrain" else None
         stops.check("loading the data")
-        return _run_stages(config, ds, workdir, mode, source)
+        return _run_stages(config, (ds, transfer), workdir, mode, source)
 
 
-def _run_stages(config, ds, workdir: str, mode: str, source: str | None) -> dict:
+def _run_stages(config, datasets, workdir: str, mode: str, source: str | None) -> dict:
     """The stages of `mode` in `workdir`, under its lock; a stop during the pictures or the report
-    ends the run once they are written (130 / 143)."""
-    config = data.with_stats(config, ds)  # the input normalisation, written to config.json
+    ends the run once they are written (130 / 143). datasets: (pretraining, downstream) data (the
+    downstream one is None in --mode=pretrain)."""
+    ds, transfer = datasets
+    config = data.with_stats(config, ds, transfer)  # the input normalisation, -> config.json
     created = workdirs.first_missing(workdir)  # what a failure before any work removes again
     workdirs.check_writable(workdir)  # creates it: the lock lives there
     summary = {"workdir": os.path.abspath(workdir), "mode": mode}
@@ -189,9 +214,9 @@ def _run_stages(config, ds, workdir: str, mode: str, source: str | None) -> dict
                 summary["pretrain"] = _pretrain_stage(config, ds, workdir, writer)
                 source = pretrain_dir(workdir)
             if mode in ("downstream", "all"):
-                summary["downstream"] = _downstream_stage(config, ds, workdir, writer, source)
-            if mode == "distill":
-                summary["distill"] = _distill_stage(config, ds, workdir, writer)
+                summary["downstream"] = _downstream_stage(config, transfer, workdir, writer, source)
+            if mode == "distill":  # over the downstream data (its train split under transfer)
+                summary["distill"] = _distill_stage(config, transfer, workdir, writer)
         finally:
             writer.close()
     if stops.requested():  # arrived after the last stop point: all is written

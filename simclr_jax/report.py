@@ -132,6 +132,23 @@ def _pretrain_summary(records: list[dict], batch: int) -> dict:
     }
 
 
+def datasets(config: dict) -> dict:
+    """What the run pretrained on and what its downstream stage read: the transfer dataset of
+    downstream.data where it names one, else the pretraining data's labelled splits."""
+    d, t = config["data"], config["downstream"].get("data") or {}
+    down = t if t.get("name") else d
+    return {
+        "pretrain": {"name": d["name"], "split": d["pretrain_split"]},
+        "downstream": {
+            "name": down["name"],
+            "train_split": down["train_split"],
+            "test_split": down["test_split"],
+            "validation_fraction": down.get("validation_fraction") or 0.0,
+            "transfer": bool(t.get("name")),
+        },
+    }
+
+
 def build(workdir: str) -> dict:
     """Everything the report shows, from the workdir's files."""
     with open(os.path.join(workdir, CONFIG_FILE)) as f:
@@ -150,6 +167,8 @@ def build(workdir: str) -> dict:
         "subset": sizes.get("subset"),  # data.subset_digest of the labelled images
         "encoder_step": sizes.get("encoder_step"),  # the pretraining step f was restored from
         "encoder_source": config.get("restore") or "this workdir",
+        "datasets": datasets(config),
+        "num_classes": sizes.get("num_classes"),
         "pretrain": _pretrain_summary(
             by_phase.get("pretrain", []), config["pretrain"]["batch_size"]
         ),

@@ -70,11 +70,12 @@ def _header(rep: dict) -> list[str]:
     cfg, n = rep["config"], rep["num_labelled"]
     model, pre = cfg["model"], rep["pretrain"]
     steps = f"{pre['steps']} steps" if pre["steps"] is not None else "another workdir's run"
-    held = cfg["data"].get("validation_fraction") or 0.0
+    down = rep["datasets"]["downstream"]
+    held, key = down["validation_fraction"], "downstream.data" if down["transfer"] else "data"
     scored = (
-        f"{rep['num_test']} **validation** images (data.validation_fraction={held:g} of the "
-        f"train split, held out of pretraining and of the labelled images; the test split is not "
-        f"read)"
+        f"{rep['num_test']} **validation** images ({key}.validation_fraction={held:g} of the "
+        f"train split, held out of {'' if down['transfer'] else 'pretraining and of '}the "
+        f"labelled images; the test split is not read)"
         if held
         else f"{rep['num_test']} test images"
     )
@@ -89,7 +90,9 @@ def _header(rep: dict) -> list[str]:
     else:
         nothing = f"The evaluations choose nothing on the test set ({procedure})."
     return [
-        f"# SimCLR on {cfg['data']['name']}: the learned representation against its baselines",
+        f"# SimCLR on {_title(rep)}: the learned representation against its baselines",
+        "",
+        _datasets_line(rep),
         "",
         f"Every row uses the same **{n if n is not None else '?'} labelled training images** "
         f"(label fraction {rep['label_fraction']:g}, class-balanced, seed {cfg['seed']}; subset "
@@ -102,6 +105,31 @@ def _header(rep: dict) -> list[str]:
         "",
         *_run_rates(rep, chosen),
     ]
+
+
+def _title(rep: dict) -> str:
+    pre, down = rep["datasets"]["pretrain"], rep["datasets"]["downstream"]
+    return f"{pre['name']}, evaluated on {down['name']}" if down["transfer"] else pre["name"]
+
+
+def _datasets_line(rep: dict) -> str:
+    """Both datasets: 'Pretrained on digits (train), evaluated on cifar10 (train 5% labelled /
+    test)'; a transfer dataset's input contract is the encoder's."""
+    pre, down = rep["datasets"]["pretrain"], rep["datasets"]["downstream"]
+    scored = "validation" if down["validation_fraction"] else down["test_split"]
+    line = (
+        f"Pretrained on {pre['name']} ({pre['split']}), evaluated on {down['name']} "
+        f"({down['train_split']} {100 * rep['label_fraction']:g}% labelled / {scored}"
+        f"{', ' + str(rep['num_classes']) + ' classes' if rep.get('num_classes') else ''})."
+    )
+    if down["transfer"]:
+        data = rep["config"]["data"]
+        line += (
+            f" Transfer: every row below, baselines included, is on {down['name']}, whose images "
+            f"are resized to the encoder's {data['image_size']} px and normalised with "
+            f"{pre['name']}'s channel statistics, as in pretraining."
+        )
+    return line
 
 
 def _run_rates(rep: dict, chosen: str) -> list[str]:

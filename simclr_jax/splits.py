@@ -254,8 +254,12 @@ def prepared_builder(name: str, where: str):
         with _quiet_absl():  # tfds warns of each folder it finds empty before we can explain
             builder = tfds.builder(name, data_dir=where)
             prepared = builder.is_prepared()
-    except Exception as err:  # unknown name: tfds lists close matches in its message
-        raise DataError(f"Unknown tfds dataset config.data.name={name!r}: {err}") from err
+    except Exception as err:  # unknown name: tfds' message then lists every name it knows
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(
+            f"Unknown tfds dataset config.data.name={name!r} ({first}): set 'digits', 'folder' "
+            f"or a tfds image dataset's name (`tfds.list_builders()` lists them)."
+        ) from err
     if not prepared:
         raise _not_prepared(name, where, f"no prepared version {builder.version} there")
     file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
