@@ -1,6 +1,7 @@
 """The downstream classifier (the encoder f, the projection head layers it keeps, a linear head):
 its pmapped training step, its test evaluation, and one training run with its checkpoints
-(resumable; started anew when the run's settings change). Whether f starts pretrained or from scratch is the caller's choice of state.
+(resumable; started anew when the run's settings change). Whether f starts pretrained or from
+scratch is the caller's choice of state.
 """
 
 import functools

@@ -1,6 +1,6 @@
 """Frozen-encoder evaluations, shared by the pretraining monitor and the downstream stage: feature
-extraction (pmapped, BN in inference mode; h or a projection-head layer's output) and the weighted kNN classifier (the linear probe is
-`probe.py`'s).
+extraction (pmapped, BN in inference mode; h or a projection-head layer's output) and the
+weighted kNN classifier (the linear probe is `probe.py`'s).
 """
 
 import functools
