@@ -151,6 +151,10 @@ def _downstream() -> ml_collections.ConfigDict:
     d.knn_temperature = 0.1
     d.checkpoint_every = 0  # steps between classifier checkpoints (0 = at each test evaluation)
     d.data = _downstream_data()
+    # SimCLRv2's ft_proj_selector: the features the classifiers, the linear probe and kNN read.
+    # 0 = h; k in 1..model.head_layers = the output of the projection head's first k layers
+    # (head_layers = z), those layers fine-tuned with f (pretrained, or the init's for scratch).
+    d.ft_proj_selector = 0
     return d
 
 

@@ -1,6 +1,7 @@
-"""The downstream classifier (the encoder f + a linear head): its pmapped training step, its test
-evaluation, and one training run with its checkpoints (resumable; started anew when the run's
-settings change). Whether f starts pretrained or from scratch is the caller's choice of state.
+"""The downstream classifier (the encoder f, the projection head layers it keeps, a linear head):
+its pmapped training step, its test evaluation, and one training run with its checkpoints
+(resumable; started anew when the run's settings change). Whether f starts pretrained or from
+scratch is the caller's choice of state.
 """
 
 import functools
@@ -16,7 +17,7 @@ from jax.experimental import multihost_utils
 
 from simclr_jax import augment, cpu_conv, data, loop, models, parallel, stream
 from simclr_jax.checkpoint import Checkpointer
-from simclr_jax.config import run_learning_rate
+from simclr_jax.config import ft_proj_selector, run_learning_rate
 from simclr_jax.train_state import (
     CLASSIFIER_AUGMENT_KEY,
     CLASSIFIER_DATA_KEY,
@@ -43,7 +44,11 @@ RUN_KEYS = (
     "warmup_epochs",
     "weight_decay",
     "momentum",
+    "ft_proj_selector",  # which head layers the classifier keeps: another model
 )
+# RUN_KEYS left out of the metadata at these values, so runs written before the key existed
+# (which ran at that value) still resume.
+ABSENT_AT = {"ft_proj_selector": 0}
 
 
 # ----------------------------------------------------------------------------- step and eval
@@ -80,7 +85,9 @@ def classifier_step(state, batch, aug_key, *, model, spec, schedule):
 
 
 def initial_state(model, tx, encoder: dict, image_size: int) -> TrainState:
-    """The classifier's state with `encoder`'s f ({'params', 'batch_stats'}) and the head at zero
+    """The classifier's state with `encoder`'s f ({'params', 'batch_stats'}), the head layers it
+    keeps (model.proj) copied by name from `encoder['head']` (the first layers of the SimCLR
+    model's projection head: `train_state.kept_head`), and the linear head at zero
     (models.Classifier's init): the same as `train_state.create_state(..., encoder)`, without
     compiling the model's random initialisers only to replace them."""
     dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
@@ -88,6 +95,10 @@ def initial_state(model, tx, encoder: dict, image_size: int) -> TrainState:
     head = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["params"]["head"])
     params = {"encoder": encoder["params"], "head": head}
     batch_stats = {"encoder": encoder["batch_stats"]}
+    for collection, tree in (("params", params), ("batch_stats", batch_stats)):
+        wanted = shapes[collection].get("proj")
+        if wanted:  # the layers the classifier keeps, by name
+            tree["proj"] = {name: encoder["head"][collection][name] for name in wanted}
     return TrainState.create(apply_fn=model.apply, params=params, batch_stats=batch_stats, tx=tx)
 
 
@@ -101,6 +112,7 @@ def build_model(config, num_classes: int, model_cfg=None):
         bn_axis_name=parallel.AXIS,
         dtype=compute_dtype(config),
         conv=cpu_conv.conv_module(),  # the CPU's faster filter gradient of narrow convolutions
+        proj_layers=ft_proj_selector(config),
     )
 
 
@@ -208,13 +220,19 @@ def run_meta(config, phase: str, epochs: int, encoder: dict | None) -> dict:
             "normalisation": [list(config.data.mean), list(config.data.std)],
             "flip_prob": config.augment.flip_prob,
             "downstream": {
-                **{k: _plain(dc[k]) for k in RUN_KEYS},
+                **_run_keys(dc),
                 "epochs": epochs,
                 "learning_rate": run_learning_rate(dc, phase),  # this run's own
             },
             "encoder": encoder,  # {'dir', 'step'} of the pretrained f; None for scratch
         },
     }
+
+
+def _run_keys(dc) -> dict:
+    """RUN_KEYS' values in `dc`, those at their ABSENT_AT value left out."""
+    out = {k: _plain(dc.get(k, ABSENT_AT.get(k))) for k in RUN_KEYS}
+    return {k: v for k, v in out.items() if k not in ABSENT_AT or v != ABSENT_AT[k]}
 
 
 def _plain(value):

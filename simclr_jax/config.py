@@ -135,6 +135,13 @@ def _check_downstream(config: ml_collections.ConfigDict) -> None:
         dc.linear_folds >= 0, "downstream.linear_folds", "must be >= 0 (< 2: no cross-validation)"
     )
     _check(dc.checkpoint_every >= 0, "downstream.checkpoint_every", "must be >= 0")
+    k, layers = dc.get("ft_proj_selector", 0), config.model.head_layers
+    _check(
+        isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= layers,
+        "downstream.ft_proj_selector",
+        f"must be an integer in 0..model.head_layers={layers} (0 = h, k = the k-th projection "
+        f"head layer's output, {layers} = z), got {k!r}",
+    )
     _check_runs(dc.get("runs") or {})
     if dc.get("data") is not None:
         _check_transfer(dc.data)
@@ -202,6 +209,12 @@ def _check_distill(config: ml_collections.ConfigDict, mode: str) -> None:
     )
     _check(d.model.width >= 0, "distill.model.width", "must be >= 0 (0 = model.width)")
     _check(isinstance(d.chosen_on, str), "distill.chosen_on", "must be a string")
+
+
+def ft_proj_selector(config) -> int:
+    """Which features the downstream stage reads: 0 = h, k = the output of the projection head's
+    first k layers (downstream.ft_proj_selector; 0 in configs written before it existed)."""
+    return int(config.downstream.get("ft_proj_selector", 0))
 
 
 def run_learning_rate(dc, run: str) -> float:

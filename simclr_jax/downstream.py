@@ -31,13 +31,14 @@ from simclr_jax import (
     probe,
     stops,
 )
-from simclr_jax.config import run_learning_rate, scaled_learning_rate
+from simclr_jax.config import ft_proj_selector, run_learning_rate, scaled_learning_rate
 from simclr_jax.train_state import (
     INIT_KEY,
     init_variables,
     restore_encoder,
     seed_key,
     simclr_model,
+    start_variables,
 )
 
 log = logging.getLogger(__name__)
@@ -121,15 +122,12 @@ def _run_step(config, ds, phase: str, spe: int, total: int, cache: dict):
 
 
 def random_encoder(config) -> dict:
-    """f at its initialisation, exactly as pretraining starts (the same init key): the floor a
-    learned representation has to clear."""
+    """f (and the head layers downstream.ft_proj_selector keeps) at their initialisation, exactly
+    as pretraining starts (the same init key): the floor a learned representation has to clear."""
     variables = init_variables(  # pretraining's own model: the compiled init is reused
         simclr_model(config), seed_key(config.seed, INIT_KEY), config.data.image_size
     )
-    return {
-        "params": variables["params"]["encoder"],
-        "batch_stats": variables["batch_stats"]["encoder"],
-    }
+    return start_variables(variables, ft_proj_selector(config))
 
 
 def pixel_features(config, ds, subset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,10 @@ flax.serialization), which `load_encoder` reads as well.
     encoder = load_encoder("runs/digits")  # a workdir, its checkpoint directory or encoder.msgpack
     h = encoder(images)                     # (N, H, W, 3) uint8, or float in [0, 1] -> (N, F)
     h, z = encoder(images, projection=True)
+    g1 = encoder(images, layer=1)           # the projection head's first layer's output
+
+`encoder(images)` returns the features of the run's downstream.ft_proj_selector (`Encoder.layer`:
+0 = h, k = the k-th head layer's output), what its downstream stage read.
 
 Images go through the evaluations' preprocessing (`preprocess`), and f runs with BatchNorm in
 inference mode: the features are those the linear probe and the kNN classifier of the run see.
@@ -44,12 +48,13 @@ def preprocess(images, spec):
     return data.normalize(x, spec)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "spec_items", "projection"))
-def _embed(model, variables, pixels, *, spec_items: tuple, projection: bool):
+@functools.partial(jax.jit, static_argnames=("model", "spec_items", "projection", "layer"))
+def _embed(model, variables, pixels, *, spec_items: tuple, projection: bool, layer: int):
     x = preprocess(pixels, types.SimpleNamespace(**dict(spec_items)))
     if projection:
         return model.apply(variables, x, train=False)  # (h, z)
-    return model.apply(variables, x, train=False, method="encode")  # h
+    # h (layer 0) or the first `layer` head layers' output
+    return model.apply(variables, x, train=False, method="features", layer=layer)
 
 
 def _pixels(images) -> np.ndarray | jax.Array:
@@ -72,8 +77,9 @@ def _pixels(images) -> np.ndarray | jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Encoder:
-    """A pretrained SimCLR model as a function: `encoder(images) -> h`, `encoder(images,
-    projection=True) -> (h, z)`, in batches of `batch_size`.
+    """A pretrained SimCLR model as a function: `encoder(images, layer=k)` -> the k-th projection
+    head layer's output (0: h; by default `layer`, the run's downstream.ft_proj_selector),
+    `encoder(images, projection=True) -> (h, z)`, in batches of `batch_size`.
 
     `variables` are the model's ({'params': {'encoder', 'head'}, 'batch_stats': {...}}, what
     `model.apply` takes; f alone: `encoder_variables`, for `models.build_encoder(config.model)`);
@@ -85,6 +91,7 @@ class Encoder:
     config: ml_collections.ConfigDict
     step: int | None
     source: str  # the checkpoint directory or file they were read from
+    layer: int = 0  # what `encoder(images)` returns: 0 = h, k = the k-th head layer's output
 
     @property
     def encoder_variables(self) -> dict:
@@ -101,7 +108,14 @@ class Encoder:
         spec = augment.spec_from_config(self.config)
         return tuple(sorted((k, v) for k, v in vars(spec).items() if k in _INPUT_KEYS))
 
-    def __call__(self, images, projection: bool = False, batch_size: int = 256):
+    def __call__(
+        self, images, projection: bool = False, batch_size: int = 256, layer: int | None = None
+    ):
+        layer = self.layer if layer is None else int(layer)
+        if not 0 <= layer <= self.config.model.head_layers:
+            raise ValueError(
+                f"layer must be in 0..{self.config.model.head_layers} (0 = h), got {layer}"
+            )
         pixels = _pixels(
             images if isinstance(images, np.ndarray | jax.Array) else np.asarray(images)
         )
@@ -112,6 +126,7 @@ class Encoder:
                 pixels[i : i + batch_size],
                 spec_items=self._spec_items,
                 projection=projection,
+                layer=layer,
             )
             for i in range(0, len(pixels), batch_size)
         ]
@@ -176,7 +191,8 @@ def load_encoder(path: str, _chain: tuple[str, ...] = ()) -> Encoder:
     """The pretrained encoder of a run: `path` is its workdir, its pretraining checkpoint
     directory (`<workdir>/checkpoints/pretrain`: the newest checkpoint) or an `encoder.msgpack`;
     the model is built from the run's own config.json. A workdir that ran --mode=downstream from
-    another run's checkpoint (config.restore) leads to that run.
+    another run's checkpoint (config.restore) leads to that run (its `layer` is then the
+    selector of the workdir passed: what that workdir's downstream stage read).
 
     A relative `restore` in a config.json is taken relative to that workdir (runs record it
     absolute). Raises CheckpointError when `path` holds none of these, or when the chain of
@@ -193,7 +209,10 @@ def load_encoder(path: str, _chain: tuple[str, ...] = ()) -> Encoder:
         config = read_config(path) if os.path.isfile(os.path.join(path, CONFIG_FILE)) else None
         if config is not None and config.get("restore"):
             restore = os.path.join(path, os.path.expanduser(config.restore))  # abs stays abs
-            return load_encoder(restore, (*_chain, path))
+            # The features this workdir's downstream stage read, not those of the run it restored
+            return dataclasses.replace(
+                load_encoder(restore, (*_chain, path)), layer=_selector(config)
+            )
         raise CheckpointError(
             f"{path} holds no pretrained encoder: pass a workdir of a pretraining run, its "
             f"checkpoints/pretrain directory, or an {EXPORT_FILE} (with its config.json beside it)."
@@ -206,4 +225,9 @@ def load_encoder(path: str, _chain: tuple[str, ...] = ()) -> Encoder:
         with open(where, "rb") as f:
             variables = jax.tree.map(jnp.asarray, serialization.msgpack_restore(f.read()))
         step = None
-    return Encoder(model=model, variables=variables, config=config, step=step, source=where)
+    return Encoder(model, variables, config, step, where, layer=_selector(config))
+
+
+def _selector(config) -> int:
+    """A run config's downstream.ft_proj_selector (0 where the config predates it)."""
+    return int((config.get("downstream") or {}).get("ft_proj_selector", 0))

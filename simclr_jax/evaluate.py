@@ -1,6 +1,6 @@
 """Frozen-encoder evaluations, shared by the pretraining monitor and the downstream stage: feature
-extraction (pmapped, BN in inference mode) and the weighted kNN classifier (the linear probe is
-`probe.py`'s).
+extraction (pmapped, BN in inference mode; h or a projection-head layer's output) and the
+weighted kNN classifier (the linear probe is `probe.py`'s).
 """
 
 import functools
@@ -11,16 +11,19 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from simclr_jax import augment, data, models, parallel, stops, stream
+from simclr_jax.config import ft_proj_selector
 from simclr_jax.train_state import compute_dtype
 
 
-def make_feature_fn(model, spec):
-    """pmapped (variables, images (n, H, W, 3) uint8) -> h (n, F) float32, BN frozen.
+def make_feature_fn(model, spec, layer: int = 0):
+    """pmapped (variables, images (n, H, W, 3) uint8) -> features (n, F) float32, BN frozen: h,
+    or with `layer` = k the output of the SimCLR model's first k head layers.
     spec: `augment.spec_from_config` (image size, normalisation)."""
 
     def features(variables, images):
         x = augment.downstream_batch(None, 0, images, None, False, spec.image_size)
-        return model.apply(variables, data.normalize(x, spec), train=False, method="encode")
+        x = data.normalize(x, spec)
+        return model.apply(variables, x, train=False, method="features", layer=layer)
 
     return jax.pmap(features, axis_name=parallel.AXIS)
 
@@ -37,17 +40,24 @@ def extract_features(feature_fn, variables, reader, num_examples: int, data_cfg)
     return np.concatenate(out)
 
 
+def model_variables(encoder: dict) -> dict:
+    """The SimCLR model's variables from a downstream start ({'params', 'batch_stats'} of f and
+    optionally 'head', the kept head layers': `train_state.start_variables`)."""
+    head = encoder.get("head")
+    return {
+        c: {"encoder": encoder[c], **({"head": head[c]} if head else {})}
+        for c in ("params", "batch_stats")
+    }
+
+
 def frozen_features(config, ds, subset: np.ndarray, encoder: dict) -> tuple[np.ndarray, ...]:
-    """h of the labelled subset (n, F) and of the test set (m, F) from the frozen `encoder`
-    ({'params', 'batch_stats'} of f), on the host, float32."""
+    """Features of the labelled subset (n, F) and of the test set (m, F) from the frozen `encoder`
+    (`model_variables`), on the host, float32: h, or the output of the first
+    downstream.ft_proj_selector head layers (`encoder` must then hold them)."""
     model = models.build_model(config.model, dtype=compute_dtype(config))
-    feature_fn = make_feature_fn(model, augment.spec_from_config(config))
-    variables = parallel.replicate(
-        {
-            "params": {"encoder": encoder["params"]},
-            "batch_stats": {"encoder": encoder["batch_stats"]},
-        }
-    )
+    spec = augment.spec_from_config(config)
+    feature_fn = make_feature_fn(model, spec, ft_proj_selector(config))
+    variables = parallel.replicate(model_variables(encoder))
     train = stream.Reader(ds.train, index=np.asarray(subset))
     train_x = extract_features(feature_fn, variables, train, len(subset), config.data)
     test_x = extract_features(
@@ -57,23 +67,27 @@ def frozen_features(config, ds, subset: np.ndarray, encoder: dict) -> tuple[np.n
 
 
 def estimate_batch_stats(config, source, ids: np.ndarray, encoder: dict, chunk: int = 512) -> dict:
-    """`encoder`'s BN running statistics estimated on the images `ids` of `source`, as anyone
-    using a network's random features would (precise BN): each chunk goes through f in training
-    mode, each BN layer's chunk mean and variance are recovered from its running-statistics
-    update, and the chunks' statistics are averaged, weighted by size. Returns `encoder` with
-    those batch_stats (its params unchanged). On one device, the same on every host."""
+    """`encoder`'s BN running statistics (of f and of the kept head layers, `model_variables`)
+    estimated on the images `ids` of `source`, as anyone using a network's random features would
+    (precise BN): each chunk goes through the layers up to downstream.ft_proj_selector in
+    training mode, each BN layer's chunk mean and variance are recovered from its
+    running-statistics update, and the chunks' statistics are averaged, weighted by size. Returns
+    `encoder` with those batch_stats (its params unchanged). On one device, the same on every
+    host."""
     model = models.build_model(config.model, dtype=compute_dtype(config))
-    spec, m = augment.spec_from_config(config), models.BN_MOMENTUM
-    zero = jax.tree.map(jnp.zeros_like, encoder["batch_stats"])
-    variables = {"params": {"encoder": encoder["params"]}, "batch_stats": {"encoder": zero}}
+    spec, m, layer = augment.spec_from_config(config), models.BN_MOMENTUM, ft_proj_selector(config)
+    variables = model_variables(encoder)
+    variables["batch_stats"] = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
 
     @jax.jit
     def chunk_stats(images):
-        x = augment.downstream_batch(None, 0, images, None, False, spec.image_size)
+        x = data.normalize(
+            augment.downstream_batch(None, 0, images, None, False, spec.image_size), spec
+        )
         _, new = model.apply(
-            variables, data.normalize(x, spec), True, method="encode", mutable=["batch_stats"]
+            variables, x, True, layer, method="features", mutable=["batch_stats"]
         )  # from zero: new = (1 - m) * the chunk's statistic
-        return jax.tree.map(lambda s: s / (1.0 - m), new["batch_stats"]["encoder"])
+        return jax.tree.map(lambda s: s / (1.0 - m), new["batch_stats"])
 
     total, ids = None, np.asarray(ids)
     for start in range(0, len(ids), chunk):
@@ -82,7 +96,11 @@ def estimate_batch_stats(config, source, ids: np.ndarray, encoder: dict, chunk: 
         weight = float(len(part))
         stats = jax.tree.map(lambda s: s * weight, chunk_stats(source.read(part)))  # noqa: B023
         total = stats if total is None else jax.tree.map(jnp.add, total, stats)
-    return {**encoder, "batch_stats": jax.tree.map(lambda s: s / len(ids), total)}
+    stats = jax.tree.map(lambda s: s / len(ids), total)
+    out = {**encoder, "batch_stats": stats["encoder"]}
+    if "head" in encoder:
+        out["head"] = {**encoder["head"], "batch_stats": stats.get("head", {})}
+    return out
 
 
 # ----------------------------------------------------------------------------- kNN

@@ -8,7 +8,8 @@ This module owns the architectures only; the NT-Xent loss lives in `losses.py`.
   with the statistics of the dataset at hand); output: h (B, feat_dim), float32.
 * `ProjectionHead`: [Dense -> BN -> ReLU] * (num_layers - 1) -> Dense(out_dim).
 * `SimCLRModel`: `__call__(x, train) -> (h, z)`.
-* `Classifier`: `__call__(x, train) -> logits` (B, num_classes).
+* `Classifier`: `__call__(x, train) -> logits` (B, num_classes), optionally with the first
+  head layers kept between f and its linear layer (`proj`, SimCLRv2's `ft_proj_selector`).
 
 Both `SimCLRModel` and `Classifier` hold the encoder under the same name, 'encoder', so
 `variables['params']['encoder']` and `variables['batch_stats']['encoder']` of a pretrained
@@ -178,7 +179,13 @@ def _batch_norm(train: bool, axis_name: str | None, dtype: Any) -> Callable[...,
 
 
 class ProjectionHead(nn.Module):
-    """Projection head g: h (B, F) -> z (B, out_dim) float32."""
+    """Projection head g: h (B, F) -> z (B, out_dim) float32.
+
+    `__call__(h, train, layers=k)` runs the first k layers only (0: h itself), with the same
+    parameter names (dense1, bn1, ...): the official code's `hiddens_list[k]`, what SimCLRv2's
+    `ft_proj_selector` fine-tunes from. Layers below the last end in BN + ReLU, the last (k =
+    num_layers) is z.
+    """
 
     num_layers: int = 2
     hidden_dim: int = 0  # 0: same as the input feature dim F
@@ -188,15 +195,20 @@ class ProjectionHead(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h, train: bool):
+    def __call__(self, h, train: bool, layers: int | None = None):
+        layers = self.num_layers if layers is None else layers
+        if not 0 <= layers <= self.num_layers:
+            raise ValueError(f"layers must be in 0..{self.num_layers}, got {layers}")
         norm = _batch_norm(train, self.bn_axis_name, self.dtype)
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
         hidden = self.hidden_dim or h.shape[-1]
         x = h
-        for i in range(self.num_layers - 1):
+        for i in range(min(layers, self.num_layers - 1)):
             # No bias: the BN that follows has its own.
             x = dense(hidden, use_bias=False, name=f"dense{i + 1}")(x)  # (B, hidden)
             x = nn.relu(norm(name=f"bn{i + 1}")(x))
+        if layers < self.num_layers:
+            return x.astype(jnp.float32)  # (B, hidden), or h (B, F) at layers = 0
         # No bias on z either: NT-Xent is blind to a bias shared by every z except through the
         # normalisation, its gradient is ~1/|z| and LARS does not scale it (biases skip the trust
         # ratio), so a bias here blows up in a step or two and collapses every z onto it.
@@ -207,7 +219,8 @@ class ProjectionHead(nn.Module):
 
 
 class SimCLRModel(nn.Module):
-    """f then g. `__call__(x, train) -> (h, z)`; `encode(x, train) -> h`."""
+    """f then g. `__call__(x, train) -> (h, z)`; `encode(x, train) -> h`; `features(x, train,
+    layer)`: the output of the first `layer` head layers (0: h)."""
 
     encoder: nn.Module
     head: nn.Module
@@ -220,10 +233,19 @@ class SimCLRModel(nn.Module):
     def encode(self, x, train: bool = False):
         return self.encoder(x, train)
 
+    def features(self, x, train: bool = False, layer: int = 0):
+        h = self.encoder(x, train)  # (B, F)
+        return h if layer == 0 else self.head(h, train, layers=layer)
+
 
 class Classifier(nn.Module):
-    """f then a linear layer. `__call__(x, train) -> logits` (B, num_classes) float32;
-    `encode(x, train) -> h`. The encoder is named 'encoder', as in `SimCLRModel`.
+    """f, the first head layers kept (`proj`, optional), then a linear layer. `__call__(x, train)
+    -> logits` (B, num_classes) float32; `encode(x, train) -> h`; `features(x, train)`: what the
+    linear layer reads. The encoder is named 'encoder', as in `SimCLRModel`.
+
+    `proj` (SimCLRv2's fine-tuning from a projection-head layer): a `ProjectionHead` of which the
+    first `proj_layers` layers run, under the name 'proj' with the head's own layer names, so
+    the pretrained head's first layers copy over by name; with proj_layers = 0 there is none.
 
     The head starts at zero, as the official code's `zero_init_logits_layer` for fine-tuning:
     the first updates reach the head only (dL/dh = W^T (p - y) = 0), so fine-tuning begins by
@@ -232,18 +254,25 @@ class Classifier(nn.Module):
 
     encoder: nn.Module
     num_classes: int
+    proj: nn.Module | None = None
+    proj_layers: int = 0
 
     @nn.compact
     def __call__(self, x, train: bool):
-        h = self.encoder(x, train)  # (B, F) float32
         # float32 logits for a stable cross-entropy under mixed precision.
         head = nn.Dense(
             self.num_classes, dtype=jnp.float32, kernel_init=nn.initializers.zeros, name="head"
         )
-        return head(h)
+        return head(self.features(x, train))
 
     def encode(self, x, train: bool = False):
         return self.encoder(x, train)
+
+    def features(self, x, train: bool = False):
+        h = self.encoder(x, train)  # (B, F) float32
+        if self.proj_layers == 0:
+            return h
+        return self.proj(h, train, layers=self.proj_layers)  # (B, hidden) or (B, out_dim)
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
@@ -276,16 +305,16 @@ def build_model(
     bn_axis_name: str | None = None,
     dtype=jnp.float32,
     conv: ModuleDef = nn.Conv,
+    proj_layers: int = 0,
 ) -> nn.Module:
-    """`SimCLRModel` when `num_classes` is None, else `Classifier`.
+    """`SimCLRModel` when `num_classes` is None, else `Classifier` (with the first `proj_layers`
+    layers of the projection head between f and its linear layer).
 
     `model_cfg` needs `name` (a key of MODELS), `width`, `stem`, `head_layers`,
     `head_hidden_dim` (0: feat_dim), `proj_dim`; optional `zero_init_residual` (True),
     `head_bn_output` (False). `conv` replaces the encoder's nn.Conv (same parameters).
     """
     encoder = build_encoder(model_cfg, bn_axis_name, dtype, conv)
-    if num_classes is not None:
-        return Classifier(encoder=encoder, num_classes=num_classes)
     head = ProjectionHead(
         num_layers=model_cfg.head_layers,
         hidden_dim=model_cfg.head_hidden_dim,
@@ -294,4 +323,9 @@ def build_model(
         bn_axis_name=bn_axis_name,
         dtype=dtype,
     )
-    return SimCLRModel(encoder=encoder, head=head)
+    if num_classes is None:
+        return SimCLRModel(encoder=encoder, head=head)
+    if not 0 <= proj_layers <= head.num_layers:
+        raise ValueError(f"proj_layers must be in 0..{head.num_layers}, got {proj_layers}")
+    proj = head if proj_layers else None
+    return Classifier(encoder=encoder, num_classes=num_classes, proj=proj, proj_layers=proj_layers)

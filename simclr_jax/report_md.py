@@ -101,6 +101,8 @@ def _header(rep: dict) -> list[str]:
         f"SimCLR-pretrained without labels ({steps}; restored from step {rep['encoder_step']} of "
         f"the run in {rep['encoder_source']}). {nothing} Wall times include compilation.",
         "",
+        features_line(cfg),
+        "",
         f"Settings chosen on: {chosen}.",
         "",
         *_run_rates(rep, chosen),
@@ -130,6 +132,22 @@ def _datasets_line(rep: dict) -> str:
             f"{pre['name']}'s channel statistics, as in pretraining."
         )
     return line
+
+
+def features_line(cfg: dict) -> str:
+    """Which representation the frozen rows and the classifiers read (downstream.ft_proj_selector:
+    0 = h, k = the projection head's k-th layer)."""
+    k = (cfg.get("downstream") or {}).get("ft_proj_selector", 0)
+    if not k:
+        return "Features (frozen rows and classifiers' input): h (downstream.ft_proj_selector=0)."
+    n = cfg["model"]["head_layers"]
+    what = "z" if k == n else "after its BN and ReLU"
+    return (
+        f"Features (frozen rows and classifiers' input): head layer {k} of {n} ({what}; "
+        f"downstream.ft_proj_selector={k}): the output of the projection head's first {k} "
+        f"layer(s), which the classifiers fine-tune with f (from the pretrained head, or for "
+        f"scratch from its initial weights)."
+    )
 
 
 def _run_rates(rep: dict, chosen: str) -> list[str]:

@@ -6,10 +6,12 @@
 * the compute dtype of a config;
 * what a checkpoint holds (`state_tree`) and what it must agree with to be restored
   (`checkpoint_meta`, `check_meta`);
-* `restore_encoder`: the pretrained encoder f from a pretraining checkpoint.
+* `restore_encoder`: the pretrained encoder f from a pretraining checkpoint, with the first
+  projection-head layers the downstream stage keeps (`start_variables`).
 """
 
 import functools
+import re
 from typing import Any
 
 import jax
@@ -19,6 +21,7 @@ from flax.training import train_state
 
 from simclr_jax import cpu_conv, models, optim, parallel
 from simclr_jax.checkpoint import Checkpointer
+from simclr_jax.config import ft_proj_selector
 from simclr_jax.errors import CheckpointError
 
 # fold_in tags of the config seed. Pretraining: model init, data order, augmentation. The two
@@ -164,8 +167,38 @@ def abstract_pretrain_tree(config) -> dict:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
 
 
+def kept_head(head: dict, layers: int) -> dict:
+    """The entries (dense<i>, bn<i>) of the projection head's layers 1..`layers` in `head` (its
+    'params' or 'batch_stats' collection), by name."""
+    keep = {}
+    for name, value in head.items():
+        index = re.fullmatch(r"(?:dense|bn)(\d+)", name)
+        if index is None:
+            raise ValueError(f"unexpected projection head entry {name!r}")
+        if int(index.group(1)) <= layers:
+            keep[name] = value
+    return keep
+
+
+def start_variables(variables: dict, layers: int) -> dict:
+    """What a downstream run starts from, from a SimCLR model's variables ({'params',
+    'batch_stats'} of f and g): {'params', 'batch_stats'} of f, and with `layers` > 0 'head':
+    {'params', 'batch_stats'} of the projection head's first `layers` layers."""
+    start = {
+        "params": variables["params"]["encoder"],
+        "batch_stats": variables["batch_stats"]["encoder"],
+    }
+    if layers > 0:
+        start["head"] = {
+            c: kept_head(dict(variables[c].get("head", {})), layers)
+            for c in ("params", "batch_stats")
+        }
+    return start
+
+
 def restore_encoder(config, source: str) -> tuple[dict, int]:
-    """The pretrained f from the newest checkpoint in `source`: ({'params', 'batch_stats'}, step).
+    """The pretrained f from the newest checkpoint in `source`, with the projection head's first
+    downstream.ft_proj_selector layers (`start_variables`): (variables, step).
 
     Raises CheckpointError when `source` holds no readable checkpoint, or one made for another
     model or data (checked on the metadata first, so a shape mismatch never hides the cause).
@@ -181,5 +214,4 @@ def restore_encoder(config, source: str) -> tuple[dict, int]:
             f"pretrain with this --workdir), or point --config.restore at a finished run."
         )
     tree, _, step = found
-    encoder = {"params": tree["params"]["encoder"], "batch_stats": tree["batch_stats"]["encoder"]}
-    return encoder, int(step)
+    return start_variables(tree, ft_proj_selector(config)), int(step)

@@ -75,6 +75,35 @@ def test_load_encoder_matches_the_models_own_encode(run):
     jax.tree.map(np.testing.assert_array_equal, enc.encoder_variables, f)
 
 
+def test_load_encoder_gives_each_head_layer_as_the_model_does(run, tmp_path):
+    """encoder(images, layer=k): the output of the first k head layers, as the model's own apply
+    gives it (0 = h, head_layers = z); by default the run's downstream.ft_proj_selector, and a
+    downstream-only workdir's own when load_encoder follows its config.restore."""
+    workdir, config, ds = run["workdir"], run["config"], run["ds"]
+    enc = simclr_jax.load_encoder(workdir)
+    assert enc.layer == 0 and config.model.head_layers == 3
+    images = ds.test.read(np.arange(12))
+    model = models.build_model(config.model, dtype=compute_dtype(config))
+    x = encoder.preprocess(images, augment.spec_from_config(config))
+    h, z = model.apply(enc.variables, x, train=False)
+    want_1 = model.apply(enc.variables, x, False, 1, method="features")
+    np.testing.assert_allclose(enc(images, layer=1), want_1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(enc(images, layer=0), h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(enc(images, layer=3), z, rtol=1e-5, atol=1e-5)
+    assert want_1.shape == (12, h.shape[1])  # hidden dim 0: the feature dim
+    with pytest.raises(ValueError, match="layer must be in 0..3"):
+        enc(images, layer=4)
+    # A workdir that ran only the downstream stage at selector 2, from this run's encoder.
+    downstream_dir = tmp_path / "downstream"
+    downstream_dir.mkdir()
+    other = json.loads(open(os.path.join(workdir, "config.json")).read())
+    other["restore"], other["downstream"]["ft_proj_selector"] = workdir, 2
+    (downstream_dir / "config.json").write_text(json.dumps(other))
+    chained = simclr_jax.load_encoder(str(downstream_dir))
+    assert chained.layer == 2
+    np.testing.assert_array_equal(chained(images), enc(images, layer=2))
+
+
 def test_the_portable_export_is_the_final_state(run):
     workdir = run["workdir"]
     path = os.path.join(workdir, encoder.EXPORT_FILE)
