@@ -12,7 +12,7 @@ This module owns the distillation step, the teacher's restore (the final checkpo
 downstream run `distill.teacher` in the workdir), the two student runs (phases 'distill' and
 'distill_labels', checkpoints in <workdir>/checkpoints/<phase>, resumable, stopped like the
 others) and what their checkpoints depend on. It builds on the shared parts (train_state,
-classifier.train's loop and checkpoints, classifier's model, step and evaluation, stream,
+runs' loop and checkpoints, classifier's model, step and evaluation, stream,
 augment, optim); it never imports pretrain.py or downstream.py.
 """
 
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from simclr_jax import augment, classifier, data, loop, losses, optim, parallel, stream
+from simclr_jax import augment, classifier, data, loop, losses, optim, parallel, runs, stream
 from simclr_jax.checkpoint import Checkpointer
 from simclr_jax.config import scaled_learning_rate
 from simclr_jax.errors import CheckpointError
@@ -105,7 +105,7 @@ def teacher_steps(config, ds) -> int:
     """The final step of the downstream run distill.teacher names (its budget on the subset)."""
     dc = config.downstream
     subset = data.labelled_subset(ds.train_labels, dc.label_fraction, ds.num_classes, config.seed)
-    spe = len(classifier.epoch_indices(subset, dc.batch_size)) // dc.batch_size
+    spe = len(runs.epoch_indices(subset, dc.batch_size)) // dc.batch_size
     long = config.distill.teacher.endswith("_long")
     return int((dc.long_epochs if long else dc.epochs) * spe)
 
@@ -147,12 +147,7 @@ def run_meta(config, phase: str, origin: dict) -> dict:
     return {
         **checkpoint_meta(config, phase),
         "run": {
-            **classifier.transfer_meta(config),  # the data it learns from, under transfer
-            "seed": config.seed,
-            "precision": config.precision,
-            "max_train_examples": config.data.max_train_examples,
-            "normalisation": [list(config.data.mean), list(config.data.std)],
-            "flip_prob": config.augment.flip_prob,
+            **runs.shared_meta(config),  # seed, precision, data cut, flip, the transfer set
             "student": model_identity(student_model(config).to_dict()),
             "distill": {k: config.distill[k] for k in keys},
             **origin,
@@ -160,27 +155,12 @@ def run_meta(config, phase: str, origin: dict) -> dict:
     }
 
 
-def _train(config, workdir: str, writer, loop_spec, parts: tuple) -> float:
-    """One student run with its checkpoints in workdir/checkpoints/<phase>; its wall seconds.
-    parts: (initial state, pmapped step, inputs, evaluator, metadata)."""
-    state, p_step, inputs, evaluator, meta = parts
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints", loop_spec.phase)
-    ckpt = classifier.open_run_checkpoints(directory, config, meta)
-    try:
-        result = classifier.train(
-            config, state, ckpt, meta, p_step, inputs, loop_spec, writer, evaluator
-        )
-    finally:
-        ckpt.close()
-    return result.wall_s
-
-
 def _distill_parts(config, ds, student, teacher_vars):
     """(loop spec, optimizer, pmapped distill step, inputs, peak lr) of the 'distill' run."""
     dc = config.distill
     spe = stream.steps_per_epoch(len(ds.pretrain), dc.batch_size)
     total = int(dc.epochs * spe)
-    every = spe * classifier.eval_every(dc.epochs)
+    every = spe * runs.eval_every(dc.epochs)
     loop_spec = loop.LoopSpec(DISTILL, total, spe, every, every, dc.batch_size)
     schedule = optim.make_schedule(dc, spe, total)
     step_fn = functools.partial(
@@ -213,13 +193,13 @@ def _labels_parts(config, ds, ids):
     section.learning_rate = config.distill.labels_learning_rate
     spe = len(ids) // section.batch_size
     epochs = config.distill.labels_epochs
-    total, every = int(epochs * spe), spe * classifier.eval_every(epochs)
+    total, every = int(epochs * spe), spe * runs.eval_every(epochs)
     loop_spec = loop.LoopSpec(LABELS, total, spe, every, every, section.batch_size)
     schedule = optim.make_schedule(section, spe, total)
     _, p_step = classifier.make_classifier_step(
         config, schedule, ds.num_classes, model_cfg=student_model(config)
     )
-    inputs = classifier.labelled_inputs(config, ds, ids)
+    inputs = runs.labelled_inputs(config, ds, ids)
     peak = scaled_learning_rate(section.learning_rate, section.batch_size, section.lr_scaling)
     return loop_spec, optim.make_optimizer(section, schedule), p_step, inputs, peak
 
@@ -233,7 +213,7 @@ def run(config, ds, workdir: str, writer) -> dict:
     log.info("Teacher: %s, step %d.", teacher_id["dir"], teacher_id["step"])
     dc = config.downstream
     subset = data.labelled_subset(ds.train_labels, dc.label_fraction, ds.num_classes, config.seed)
-    ids = classifier.epoch_indices(subset, dc.batch_size)
+    ids = runs.epoch_indices(subset, dc.batch_size)
     student = classifier.build_model(config, ds.num_classes, student_model(config))
     spec = augment.spec_from_config(config)
     test = classifier.make_evaluator(student, spec, ds.test, config.data)
@@ -258,5 +238,5 @@ def run(config, ds, workdir: str, writer) -> dict:
 
         meta = run_meta(config, phase, origins[phase])
         run_parts = (state, p_step, inputs, evaluator, meta)
-        walls[phase] = _train(config, workdir, writer, loop_spec, run_parts)
+        walls[phase] = runs.train_in_workdir(config, workdir, writer, loop_spec, run_parts)
     return {"teacher": teacher_id, "train_wall_s": walls}

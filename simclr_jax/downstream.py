@@ -1,8 +1,9 @@
 """The downstream comparison: does SimCLR pretraining help when labels are few?
 
-Orchestration only (the parts live in `classifier.py`, `evaluate.py` and `train_state.py`). Every
-method sees the same class-balanced labelled subset of the train split and is scored on the whole
-test split; every record carries the subset's fingerprint (`data.subset_digest`):
+Orchestration only (the parts live in `classifier.py`, `runs.py`, `evaluate.py` and
+`train_state.py`). Every method sees the same class-balanced labelled subset of the train split
+and is scored on the whole test split; every record carries the subset's fingerprint
+(`data.subset_digest`):
 
 * baselines: chance; raw pixels (linear probe, kNN); the same encoder at its random
   initialisation, frozen (linear probe, kNN);
@@ -16,7 +17,6 @@ test split; every record carries the subset's fingerprint (`data.subset_digest`)
 """
 
 import logging
-import os
 import time
 
 import numpy as np
@@ -29,6 +29,7 @@ from simclr_jax import (
     loop,
     optim,
     probe,
+    runs,
     stops,
 )
 from simclr_jax.config import ft_proj_selector, run_learning_rate, scaled_learning_rate
@@ -65,15 +66,15 @@ def compare(config, ds, workdir: str, writer, subset: np.ndarray, starts: dict) 
     them in the checkpoints' metadata. Returns {phase: wall seconds of this invocation}.
     """
     dc = config.downstream
-    ids = classifier.epoch_indices(subset, dc.batch_size)  # (n_epoch,) train indices
+    ids = runs.epoch_indices(subset, dc.batch_size)  # (n_epoch,) train indices
     spe = len(ids) // dc.batch_size
-    inputs, spec = classifier.labelled_inputs(config, ds, ids), augment.spec_from_config(config)
+    inputs, spec = runs.labelled_inputs(config, ds, ids), augment.spec_from_config(config)
     digest = {"subset": data.subset_digest(ids)}
     walls = {}
     for suffix, epochs in budgets(config):
         total = int(epochs * spe)
         steps = {}  # peak lr -> (tx, model, p_step): runs at one rate share one compiled step
-        log_every = spe * classifier.eval_every(epochs)  # records (and checkpoints) per evaluation
+        log_every = spe * runs.eval_every(epochs)  # records (and checkpoints) per evaluation
         ckpt_every = dc.checkpoint_every if dc.checkpoint_every > 0 else log_every
         test = None  # one compiled test evaluation for both runs (their models are the same)
         for run in (FINETUNE, SCRATCH):
@@ -95,16 +96,10 @@ def _train_run(config, workdir: str, writer, epochs: int, loop_spec, parts, inpu
     """One classifier run with its checkpoints in workdir/checkpoints/<phase>; its wall seconds.
     parts: (initial state, pmapped step, evaluator, what identifies the starting encoder)."""
     state, p_step, evaluator, encoder_id = parts
-    meta = classifier.run_meta(config, loop_spec.phase, epochs, encoder_id)
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints", loop_spec.phase)
-    ckpt = classifier.open_run_checkpoints(directory, config, meta)
-    try:
-        result = classifier.train(
-            config, state, ckpt, meta, p_step, inputs, loop_spec, writer, evaluator
-        )
-    finally:
-        ckpt.close()
-    return result.wall_s
+    meta = runs.run_meta(config, loop_spec.phase, epochs, encoder_id)
+    return runs.train_in_workdir(
+        config, workdir, writer, loop_spec, (state, p_step, inputs, evaluator, meta)
+    )
 
 
 def _run_step(config, ds, phase: str, spe: int, total: int, cache: dict):

@@ -20,6 +20,7 @@ from simclr_jax import (
     parallel,
     pipeline,
     report,
+    runs,
     sources,
     stream,
     train_state,
@@ -118,8 +119,8 @@ def test_random_init_bn_statistics_are_the_labelled_images():
 
 def test_epoch_indices_repeat_a_subset_smaller_than_a_batch():
     subset = np.array([3, 7, 9])
-    np.testing.assert_array_equal(classifier.epoch_indices(subset, 2), subset)
-    assert classifier.epoch_indices(subset, 8).tolist() == [3, 7, 9] * 3
+    np.testing.assert_array_equal(runs.epoch_indices(subset, 2), subset)
+    assert runs.epoch_indices(subset, 8).tolist() == [3, 7, 9] * 3
 
 
 # ----------------------------------------------------------------------------- classifier step
@@ -293,8 +294,8 @@ def test_a_run_without_its_own_learning_rate_takes_the_shared_one():
     dc = _config(**{"downstream.runs.scratch_long.learning_rate": 0.3}).downstream
     assert config_lib.run_learning_rate(dc, "scratch_long") == 0.3
     assert config_lib.run_learning_rate(dc, "scratch") == dc.learning_rate == 0.01
-    meta = {p: classifier.run_meta(_config(), p, 2, None) for p in ("scratch", "scratch_long")}
-    other = classifier.run_meta(_config(**{"downstream.runs.scratch_long.learning_rate": 0.3}),
+    meta = {p: runs.run_meta(_config(), p, 2, None) for p in ("scratch", "scratch_long")}
+    other = runs.run_meta(_config(**{"downstream.runs.scratch_long.learning_rate": 0.3}),
                                 "scratch_long", 2, None)  # fmt: skip
     assert other["run"] != meta["scratch_long"]["run"]
     assert other["run"]["downstream"]["learning_rate"] == 0.3

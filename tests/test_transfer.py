@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from simclr_jax import classifier, data, pipeline, report
 from simclr_jax import config as config_lib
+from simclr_jax import data, pipeline, report, runs
 from simclr_jax.checkpoint import Checkpointer
 from simclr_jax.errors import ConfigError, DataError
 from tests.folder_fixture import write_folder
@@ -127,22 +127,22 @@ def test_a_changed_transfer_dataset_starts_the_classifier_runs_anew(tmp_path):
     write_folder(first, corrupt=0, unlabelled=0)
     write_folder(second, corrupt=0, unlabelled=0, seed=1)  # other pixels, same layout
     config_a, config_b = _transfer_config(first), _transfer_config(second)
-    meta_a = classifier.run_meta(config_a, "finetune", 1, None)
-    meta_b = classifier.run_meta(config_b, "finetune", 1, None)
+    meta_a = runs.run_meta(config_a, "finetune", 1, None)
+    meta_b = runs.run_meta(config_b, "finetune", 1, None)
     assert meta_a["run"]["downstream_data"]["test"]["source"] == f"folder:{first}/test"
     assert meta_a["run"]["downstream_data"] != meta_b["run"]["downstream_data"]
     # Without a transfer dataset the metadata is today's (runs written before still resume).
     plain = data.with_stats(tiny_config(), data.load(tiny_config().data))
-    assert "downstream_data" not in classifier.run_meta(plain, "finetune", 1, None)["run"]
+    assert "downstream_data" not in runs.run_meta(plain, "finetune", 1, None)["run"]
 
     directory = str(tmp_path / "checkpoints" / "finetune")
     ckpt = Checkpointer(directory, async_save=False)
     ckpt.save(1, {"w": np.zeros(3, np.float32)}, meta_a)
     ckpt.close()
-    kept = classifier.open_run_checkpoints(directory, config_a, meta_a)  # the same dataset
+    kept = runs.open_run_checkpoints(directory, config_a, meta_a)  # the same dataset
     assert kept.steps() == [1]
     kept.close()
-    anew = classifier.open_run_checkpoints(directory, config_b, meta_b)  # another one
+    anew = runs.open_run_checkpoints(directory, config_b, meta_b)  # another one
     assert anew.steps() == []
     anew.close()
 
