@@ -1,9 +1,7 @@
 """SimCLRv2's fine-tuning from a projection-head layer (downstream.ft_proj_selector): the model's
 kept head layers, their copy from pretraining, the frozen features they give, the config's
-errors, and a classifier run at selector 1 that resumes bitwise and gives the same records on 1
-and 8 simulated devices."""
-
-import os
+errors. A whole run at selector 1 (resumed after a stop, and on 1 and 8 simulated devices) is
+tests/test_transfer.py's first test, which runs the downstream stage at selector 1."""
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +14,6 @@ from simclr_jax import config as config_lib
 from simclr_jax.errors import ConfigError
 from tests.helpers import TINY_FLAGS, run_cli, tiny_config
 from tests.test_models import apply, images, init, make_cfg
-from tests.test_stops import _numbers, _signalled
 
 LAYERS = 3  # the demo's head depth
 
@@ -106,79 +103,3 @@ def test_a_bad_selector_on_the_command_line_is_one_line_before_any_work(tmp_path
         in (last[-1])
     ), out.stderr[-2000:]
     assert "Traceback" not in out.stderr and not workdir.exists()
-
-
-# ----------------------------------------------------------------------------- a run at selector 1
-
-# 4 pretraining steps, then the downstream stage alone at selector 1: 3 epochs of one step (11
-# labels at batch 32: the subset repeated), checkpoints at every epoch.
-FLAGS = [
-    *TINY_FLAGS,
-    "--config.pretrain.num_steps=4",
-    "--config.downstream.epochs=3",
-    "--config.downstream.linear_folds=0",
-    "--config.downstream.knn_k=5",
-]
-SELECTED = [*FLAGS, "--mode=downstream", "--config.downstream.ft_proj_selector=1"]
-
-
-@pytest.fixture(scope="module")
-def encoder_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("selector") / "pre")
-    out = run_cli([*FLAGS, "--mode=pretrain", "--workdir", workdir])
-    assert out.returncode == 0, out.stderr[-3000:]
-    return workdir
-
-
-def _checkpoint_structure(workdir, run, step):
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-    from etils import epath  # noqa: PLC0415
-
-    path = epath.Path(os.path.join(workdir, "checkpoints", run, str(step), "state"))
-    return ocp.PyTreeCheckpointHandler().metadata(path).tree
-
-
-def _downstream(encoder_run, workdir, devices):
-    out = run_cli([*SELECTED, f"--config.restore={encoder_run}", "--workdir", workdir], devices)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
-
-
-def test_selector_1_resumes_bitwise_and_is_the_same_on_1_and_8_devices(encoder_run, tmp_path):
-    """One uninterrupted run on 1 device; one stopped in the fine-tuned run and rerun (bitwise
-    the same records); one on 8 devices (the same, up to float32 drift)."""
-    ref = str(tmp_path / "ref")
-    _downstream(encoder_run, ref, devices=1)
-    want = _numbers(ref)
-    # The classifier keeps head layer 1: its checkpoint holds it, and the report says so.
-    for run in ("finetune", "scratch"):
-        params = _checkpoint_structure(ref, run, 3)["params"]
-        assert set(params) == {"encoder", "proj", "head"} and set(params["proj"]) == {
-            "dense1",
-            "bn1",
-        }
-    with open(os.path.join(ref, "report.md")) as f:
-        assert "head layer 1 of 3" in f.read()
-    phases = {r["phase"] for r in want}
-    assert {"finetune", "scratch", "linear", "knn", "linear_random"} <= phases
-
-    # Stopped during the fine-tuned run's step 2, then rerun: the same records, bitwise.
-    stopped = str(tmp_path / "stopped")
-    flags = [*SELECTED, f"--config.restore={encoder_run}"]
-    out = _signalled(stopped, "finetune@2", "SIGTERM", devices=1, flags=flags)
-    assert out.returncode == 143 and "at step 2; checkpoint saved" in out.stderr, out.stderr[-3000:]
-    _downstream(encoder_run, stopped, devices=1)
-    assert _numbers(stopped) == want
-
-    # 8 devices: the same records, up to float32 summation order.
-    num_test = next(r["num_test"] for r in want if r["phase"] == "chance")
-    other = str(tmp_path / "dev8")
-    _downstream(encoder_run, other, devices=8)
-    got = _numbers(other)
-    assert [(r["phase"], r["step"]) for r in got] == [(r["phase"], r["step"]) for r in want]
-    for a, b in zip(got, want, strict=True):
-        what = f"{b['phase']} step {b['step']}"
-        if "loss" in b:  # a classifier's train loss: float32 drift only
-            np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-3, err_msg=what)
-        if "test_acc" in b:  # at most one test image flips
-            assert abs(a["test_acc"] - b["test_acc"]) <= 1.5 / num_test, what

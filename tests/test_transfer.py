@@ -2,9 +2,9 @@
 
 `--mode=downstream --config.restore=RUN --config.downstream.data.name=folder` on a finished tiny
 digits run: every record is the folder's (sizes, classes, chance, baselines), the report names
-both datasets; a stop and its rerun on 8 simulated devices end with the 1-device run's records;
-a changed transfer dataset starts the classifier runs anew; bad values are one-line errors before
-any work."""
+both datasets; the classifiers keep head layer 1 (downstream.ft_proj_selector=1); a stop and its
+rerun on 8 simulated devices end with the 1-device run's records; a changed transfer dataset
+starts the classifier runs anew; bad values are one-line errors before any work."""
 
 import json
 import os
@@ -30,6 +30,9 @@ TRANSFER = [
     "--config.downstream.learning_rate=0.3",
     "--config.downstream.linear_folds=0",
     "--config.downstream.knn_k=5",
+    # SimCLRv2's fine-tuning from head layer 1: the one command-line run of a selector > 0 (its
+    # resume and device invariance are checked here, with the transfer's).
+    "--config.downstream.ft_proj_selector=1",
 ]
 
 
@@ -50,6 +53,14 @@ def _flags(pretrained, workdir):
     run, images = pretrained
     data_dir = f"--config.downstream.data.data_dir={images}"
     return [*TINY_FLAGS, *TRANSFER, data_dir, f"--config.restore={run}", "--workdir", workdir]
+
+
+def _checkpoint_structure(workdir, run, step):
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+    from etils import epath  # noqa: PLC0415
+
+    path = epath.Path(os.path.join(workdir, "checkpoints", run, str(step), "state"))
+    return ocp.PyTreeCheckpointHandler().metadata(path).tree
 
 
 def _records(workdir):
@@ -89,6 +100,12 @@ def test_a_finished_run_is_evaluated_on_a_folder_alike_on_1_and_8_devices_and_af
     assert "Pretrained on digits (train), evaluated on folder (train 100% labelled / test" in md
     config = json.load(open(os.path.join(one, "config.json")))
     assert config["downstream"]["data"]["identity"]["test"]["num_examples"] == 9
+    # The classifiers keep head layer 1 (selector 1): their checkpoints hold it, the report says so.
+    assert "head layer 1 of 3" in md
+    for run in ("finetune", "scratch"):
+        params = _checkpoint_structure(one, run, 3)["params"]
+        assert set(params) == {"encoder", "proj", "head"}, run
+        assert set(params["proj"]) == {"dense1", "bn1"}, run
 
     # On 8 devices, stopped during the fine-tuning's second step, then rerun: it resumes, and
     # ends with the 1-device run's records (8 devices sum in another order: float32 drift).
