@@ -62,6 +62,12 @@ def _abstract_global(target: Any) -> Any:
     return jax.tree.map(abstract, target)
 
 
+def has_steps(directory: str) -> bool:
+    """Whether `directory` holds checkpoint step directories (a cheap look before any restore;
+    whether one of them is readable is the restore's to find out)."""
+    return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+
+
 class Checkpointer:
     """A CheckpointManager over `directory` with the state/meta layout described above."""
 

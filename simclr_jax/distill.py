@@ -34,12 +34,12 @@ from simclr_jax.train_state import (
     DISTILL_DATA_KEY,
     DISTILL_INIT_KEY,
     INIT_KEY,
+    abstract_state_tree,
     checked_restore,
     checkpoint_meta,
     create_state,
     model_identity,
     seed_key,
-    state_tree,
 )
 
 log = logging.getLogger(__name__)
@@ -116,10 +116,7 @@ def restore_teacher(config, ds, workdir: str) -> tuple[dict, dict]:
     directory, total = teacher_dir(workdir, config), teacher_steps(config, ds)
     model = classifier.build_model(config, ds.num_classes)  # the classifier stage's own network
     tx = optim.make_optimizer(config.downstream, optax.constant_schedule(0.0))
-    key, size = seed_key(config.seed, INIT_KEY), config.data.image_size
-    shapes = jax.eval_shape(lambda: state_tree(create_state(model, tx, key, size)))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+    target = abstract_state_tree(model, tx, seed_key(config.seed, INIT_KEY), config.data.image_size)
     ckpt = Checkpointer(directory, create=False, async_save=False)
     try:
         found = checked_restore(ckpt, target, config) if os.path.isdir(directory) else None

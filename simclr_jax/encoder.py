@@ -31,7 +31,7 @@ import numpy as np
 from flax import serialization
 
 from simclr_jax import augment, data, models
-from simclr_jax.checkpoint import Checkpointer
+from simclr_jax.checkpoint import Checkpointer, has_steps
 from simclr_jax.errors import CheckpointError
 from simclr_jax.train_state import abstract_pretrain_tree, checked_restore, compute_dtype
 from simclr_jax.workdirs import CONFIG_FILE
@@ -155,10 +155,6 @@ def read_config(directory: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def _has_steps(directory: str) -> bool:
-    return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
-
-
 def _restore(config, directory: str) -> tuple[dict, int]:
     """The model's variables (f and g) of the newest checkpoint in `directory` made for `config`."""
     ckpt = Checkpointer(directory, create=False, async_save=False)
@@ -178,11 +174,11 @@ def _locate(path: str) -> tuple[str, str, str]:
     if os.path.isfile(path):
         return "export", path, os.path.dirname(path)
     ckpt_dir = os.path.join(path, "checkpoints", "pretrain")
-    if _has_steps(ckpt_dir):  # a workdir: its checkpoints are the newest state
+    if has_steps(ckpt_dir):  # a workdir: its checkpoints are the newest state
         return "checkpoint", ckpt_dir, path
     if os.path.isfile(os.path.join(path, EXPORT_FILE)):  # a workdir holding the export only
         return "export", os.path.join(path, EXPORT_FILE), path
-    if _has_steps(path):  # <workdir>/checkpoints/pretrain
+    if has_steps(path):  # <workdir>/checkpoints/pretrain
         return "checkpoint", path, os.path.dirname(os.path.dirname(path))
     return "", path, path
 

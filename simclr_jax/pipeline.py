@@ -41,8 +41,7 @@ def encoder_source(config, workdir: str) -> str:
     ckpt_root = os.path.join(where, "checkpoints", "pretrain")
     if config.restore and os.path.isdir(ckpt_root):  # --config.restore=<a workdir>
         where = ckpt_root
-    steps = [d for d in os.listdir(where) if d.isdigit()] if os.path.isdir(where) else []
-    if not steps:
+    if not checkpoint.has_steps(where):
         raise CheckpointError(
             f"--mode=downstream needs a pretraining checkpoint, and {where} holds none. Run "
             f"--mode=pretrain (or all) with this --workdir first, or point --config.restore at a "
@@ -128,6 +127,13 @@ def _pretrain_stage(config, ds, workdir: str, writer) -> dict:
     return {"wall_s": result.wall_s, "images_per_s": result.images_per_s, **result.last_record}
 
 
+def _write_report(workdir: str, summary: dict) -> None:
+    """report.md / report.json from the workdir's files; its headline numbers into `summary`."""
+    rep = report.write(workdir)
+    summary.update(report.summary(rep), wall_s=rep["wall_s"])
+    log.info("Report: %s", os.path.join(os.path.abspath(workdir), report.REPORT_MD))
+
+
 def _downstream_stage(config, ds, workdir: str, writer, source: str) -> dict:
     """The comparison, the nearest-neighbour picture, then the report (written by process 0, from
     the workdir's files)."""
@@ -137,9 +143,7 @@ def _downstream_stage(config, ds, workdir: str, writer, source: str) -> dict:
     with stops.doing("downstream: the nearest-neighbours picture"):
         pictures.write_neighbours(config, ds, workdir, source, primary=writer.enabled)
     if writer.enabled:
-        rep = report.write(workdir)
-        summary.update(report.summary(rep), wall_s=rep["wall_s"])
-        log.info("Report: %s", os.path.join(os.path.abspath(workdir), report.REPORT_MD))
+        _write_report(workdir, summary)
     return summary
 
 
@@ -148,8 +152,7 @@ def teacher_source(config, workdir: str) -> str:
     early if it holds no checkpoint (whether it is the run's final one is checked once the data is
     loaded: distill.restore_teacher)."""
     where = os.path.join(os.path.abspath(workdir), "checkpoints", config.distill.teacher)
-    steps = [d for d in os.listdir(where) if d.isdigit()] if os.path.isdir(where) else []
-    if not steps:
+    if not checkpoint.has_steps(where):
         raise CheckpointError(
             f"--mode=distill needs the downstream run '{config.distill.teacher}' as its teacher, "
             f"and {where} holds no checkpoint. Run --mode=downstream (or all) with this --workdir "
@@ -164,9 +167,7 @@ def _distill_stage(config, ds, workdir: str, writer) -> dict:
 
     summary = distill.run(config, ds, workdir, writer)
     if writer.enabled:
-        rep = report.write(workdir)
-        summary.update(report.summary(rep), wall_s=rep["wall_s"])
-        log.info("Report: %s", os.path.join(os.path.abspath(workdir), report.REPORT_MD))
+        _write_report(workdir, summary)
     return summary
 
 

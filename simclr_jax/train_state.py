@@ -157,12 +157,15 @@ def abstract_pretrain_tree(config) -> dict:
     The optimizer state's structure depends on the optimizer, not on the schedule's values, so a
     constant schedule stands in for pretraining's.
     """
-    model = simclr_model(config)
     tx = optim.make_optimizer(config.pretrain, optax.constant_schedule(0.0))
     key = seed_key(config.seed, INIT_KEY)
-    shapes = jax.eval_shape(
-        lambda: state_tree(create_state(model, tx, key, config.data.image_size))
-    )
+    return abstract_state_tree(simclr_model(config), tx, key, config.data.image_size)
+
+
+def abstract_state_tree(model, tx, key, image_size: int) -> dict:
+    """Shapes, dtypes and placement (default device) of the checkpoint tree of `create_state(model,
+    tx, key, image_size)`, traced only: a restore target that compiles no initialisation."""
+    shapes = jax.eval_shape(lambda: state_tree(create_state(model, tx, key, image_size)))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
 
