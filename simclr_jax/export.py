@@ -221,6 +221,24 @@ def _describe(config, f: models.ResNet, *, head: bool, fc: dict | None, source, 
     }
 
 
+def _classifier_head(variables, spec: dict, config, step: int) -> tuple[dict, dict]:
+    """({torch key: array} of a classifier's fc, its description in the JSON): the projection
+    head's first k = ft_proj_selector layers (the Classifier's 'proj') then the linear layer, as
+    fc.<n>; the linear layer alone, as fc, where k = 0."""
+    params, stats, kept = variables["params"], variables["batch_stats"], ft_proj_selector(config)
+    tensors = {}
+    if kept:
+        tensors = _state_dict(params["proj"], stats["proj"], _head_module, "fc", step)
+    length = _head_length(kept, spec["layers"], spec["bn_output"])
+    tensors |= _state_dict(params["head"], {}, _head_module, f"fc.{length}" if kept else "fc")
+    num_classes, in_dim = params["head"]["kernel"].shape[::-1]  # (in, out) -> (out, in)
+    return tensors, {
+        "num_classes": int(num_classes),
+        "kept_head_layers": kept,
+        "in_dim": int(in_dim),
+    }
+
+
 def export(
     run: str, out: str, *, head: bool = False, classifier_run: str = "", overwrite: bool = False
 ) -> dict:
@@ -246,15 +264,9 @@ def export(
     if head:
         tensors |= _state_dict(params["head"], stats["head"], _head_module, "head", step_bn)
     if classifier_run:
-        spec, kept = _head_spec(config, f), ft_proj_selector(config)
-        if kept:
-            tensors |= _state_dict(params["proj"], stats["proj"], _head_module, "fc", step_bn)
-        length = _head_length(kept, spec["layers"], spec["bn_output"])
-        linear = f"fc.{length}" if kept else "fc"
-        tensors |= _state_dict(params["head"], {}, _head_module, linear, step_bn)
-        num_classes, in_dim = params["head"]["kernel"].shape[::-1]
-        fc = {"run": classifier_run, "num_classes": int(num_classes), "kept_head_layers": kept}
-        fc["in_dim"] = int(in_dim)
+        fc_tensors, fc = _classifier_head(variables, _head_spec(config, f), config, step_bn)
+        tensors |= fc_tensors
+        fc["run"] = classifier_run
     meta = _describe(config, f, head=head, fc=fc, source=source, step=step)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     # Both written whole before either replaces what was there (with --overwrite).
