@@ -44,7 +44,7 @@ import sys
 
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from simclr_jax import classifier, data, encoder, models
 from simclr_jax.checkpoint import Checkpointer, has_steps
@@ -270,7 +270,9 @@ def export(
     meta = _describe(config, f, head=head, fc=fc, source=source, step=step)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     # Both written whole before either replaces what was there (with --overwrite).
-    save_file(tensors, out + ".tmp", metadata={"simclr_jax": json.dumps(meta)})
+    # safetensors' save_file makes its file private (0600); written here, it gets the JSON's mode.
+    with open(out + ".tmp", "wb") as file:
+        file.write(save(tensors, metadata={"simclr_jax": json.dumps(meta)}))
     with open(json_path + ".tmp", "w") as file:
         json.dump(meta, file, indent=2)
     os.replace(out + ".tmp", out)

@@ -175,6 +175,7 @@ def test_the_demo_encoder_and_head_give_load_encoders_h_and_z_in_pytorch(
     assert (meta["arch"], meta["base_channels"], meta["stem"]) == ("resnet18", 8, "cifar")
     assert meta["mean"] == list(enc.config.data.mean) and not meta["stock_torchvision"]
     assert json.load(open(tmp_path / "digits.json")) == meta
+    assert os.stat(out).st_mode == os.stat(tmp_path / "digits.json").st_mode  # the umask's
     keys = [k for k in load_file(out) if not k.startswith("head.")]
     assert len(keys) == TORCHVISION_KEYS["resnet18"]  # torchvision's keys, fc left out
     images = data.load(enc.config.data).test.read(np.arange(64))  # (64, 16, 16, 3) uint8
