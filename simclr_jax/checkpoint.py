@@ -13,6 +13,7 @@ reads it back. Callers see single-device arrays either way.
 import contextlib
 import logging
 import os
+import pathlib
 import shutil
 import signal
 import sys
@@ -159,6 +160,13 @@ class Checkpointer:
         )
         out = self._mngr.restore(step, args=args)
         return jax.tree.map(lambda x: x.addressable_data(0), out["state"]), out["meta"]
+
+    def shapes(self, step: int) -> Any:
+        """The shape of every array of the state saved at `step`, from orbax's description of the
+        tree (no array is read): what a restore target that depends on a size needs first."""
+        path = pathlib.Path(self.directory, str(step), "state")
+        tree = ocp.StandardCheckpointHandler().metadata(path).tree
+        return jax.tree.map(lambda leaf: tuple(leaf.shape), tree)
 
     def read_meta(self, step: int) -> dict:
         return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[

@@ -12,11 +12,14 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from simclr_jax import augment, cpu_conv, data, models, parallel, stream
+from simclr_jax import augment, cpu_conv, data, models, optim, parallel, stream
 from simclr_jax.config import ft_proj_selector
 from simclr_jax.train_state import (
+    INIT_KEY,
     TrainState,
+    abstract_state_tree,
     compute_dtype,
+    seed_key,
 )
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,14 @@ def build_model(config, num_classes: int, model_cfg=None):
         conv=cpu_conv.conv_module(),  # the CPU's faster filter gradient of narrow convolutions
         proj_layers=ft_proj_selector(config),
     )
+
+
+def abstract_tree(config, num_classes: int) -> dict:
+    """The restore target of a downstream classifier run's checkpoint (`build_model`'s network,
+    downstream's optimizer), traced only: what the distillation's teacher and the export read."""
+    model = build_model(config, num_classes)
+    tx = optim.make_optimizer(config.downstream, optax.constant_schedule(0.0))
+    return abstract_state_tree(model, tx, seed_key(config.seed, INIT_KEY), config.data.image_size)
 
 
 def make_classifier_step(config, schedule, num_classes: int, devices=None, model_cfg=None):

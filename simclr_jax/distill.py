@@ -22,7 +22,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
 from simclr_jax import augment, classifier, data, loop, losses, optim, parallel, runs, stream
@@ -33,8 +32,6 @@ from simclr_jax.train_state import (
     DISTILL_AUGMENT_KEY,
     DISTILL_DATA_KEY,
     DISTILL_INIT_KEY,
-    INIT_KEY,
-    abstract_state_tree,
     checked_restore,
     checkpoint_meta,
     create_state,
@@ -114,9 +111,7 @@ def restore_teacher(config, ds, workdir: str) -> tuple[dict, dict]:
     """(the teacher's {'params', 'batch_stats'}, {'dir', 'step'}): the final checkpoint of the
     downstream run distill.teacher in `workdir`; CheckpointError when there is none."""
     directory, total = teacher_dir(workdir, config), teacher_steps(config, ds)
-    model = classifier.build_model(config, ds.num_classes)  # the classifier stage's own network
-    tx = optim.make_optimizer(config.downstream, optax.constant_schedule(0.0))
-    target = abstract_state_tree(model, tx, seed_key(config.seed, INIT_KEY), config.data.image_size)
+    target = classifier.abstract_tree(config, ds.num_classes)  # the classifier stage's network
     ckpt = Checkpointer(directory, create=False, async_save=False)
     try:
         found = checked_restore(ckpt, target, config) if os.path.isdir(directory) else None

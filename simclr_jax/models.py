@@ -162,6 +162,7 @@ class ResNet(nn.Module):
 
 
 BN_MOMENTUM = 0.9  # running statistic = m * running + (1 - m) * batch's
+BN_EPSILON = 1e-5  # torch's BatchNorm default as well
 
 
 def _batch_norm(train: bool, axis_name: str | None, dtype: Any) -> Callable[..., nn.Module]:
@@ -171,7 +172,7 @@ def _batch_norm(train: bool, axis_name: str | None, dtype: Any) -> Callable[...,
         nn.BatchNorm,
         use_running_average=not train,
         momentum=BN_MOMENTUM,
-        epsilon=1e-5,
+        epsilon=BN_EPSILON,
         axis_name=axis_name,
         dtype=dtype,
         param_dtype=jnp.float32,
