@@ -75,6 +75,22 @@ TINY_FLAGS = [
 ]
 
 
+# The session's shared finished run (tests/conftest.py, finished_run): 256 digits, batch 32 = 8
+# steps an epoch; 2 epochs with the kNN monitor after each; a short downstream stage (11 labels:
+# one classifier step an epoch, 3 epochs).
+FINISHED_STEPS = 16
+FINISHED_FLAGS = [
+    *TINY_FLAGS,
+    f"--config.pretrain.num_steps={FINISHED_STEPS}",
+    "--config.pretrain.knn_every=1",
+    "--config.pretrain.log_every=4",
+    "--config.pretrain.checkpoint_every=4",
+    "--config.downstream.epochs=3",
+    "--config.downstream.linear_folds=0",
+    "--config.downstream.knn_k=5",
+]
+
+
 def max_param_diff(a, b) -> tuple[float, str]:
     """(max |a - b| over the leaves of two trees of the same structure, the worst leaf's path)."""
     import jax

@@ -1,9 +1,10 @@
-"""What a user gets from a finished run (one tiny `run.py` run, shared): the encoder in their own
+"""What a user gets from a finished run (the session's shared tiny `run.py` run): the encoder in their own
 code (`load_encoder`, checked against the model's own `encode`), the pictures (made from the run's
 own data and keys), and the console (log lines above the progress bars, the closing summary)."""
 
 import json
 import os
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -14,26 +15,17 @@ import simclr_jax
 from simclr_jax import augment, data, encoder, models, pictures, plots, report, sources
 from simclr_jax.errors import CheckpointError
 from simclr_jax.train_state import DATA_KEY, compute_dtype, restore_encoder, seed_key
-from tests.helpers import TINY_FLAGS, checkpoint_tree, run_cli
+from tests.helpers import FINISHED_STEPS, checkpoint_tree
 
-STEPS = 16  # two epochs of 256 images at batch 32: the kNN monitor runs twice
+STEPS = FINISHED_STEPS  # two epochs of 256 images at batch 32: the kNN monitor runs twice
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("after") / "run")
-    args = [
-        *TINY_FLAGS,
-        f"--config.pretrain.num_steps={STEPS}",
-        "--config.pretrain.knn_every=1",
-        "--config.downstream.epochs=2",
-        "--config.downstream.linear_iters=20",
-        "--workdir",
-        workdir,
-    ]
-    out = run_cli(args)
-    assert out.returncode == 0, out.stderr[-3000:]
+def run(finished_run):
+    """The session's shared finished run (read only: tests that change it copy it)."""
+    workdir = finished_run["workdir"]
     config = encoder.read_config(workdir)
+    out = SimpleNamespace(stdout=finished_run["stdout"], stderr=finished_run["stderr"])
     return {"workdir": workdir, "out": out, "config": config, "ds": data.load(config.data)}
 
 
@@ -277,6 +269,7 @@ def test_log_lines_print_above_the_progress_bars(run):
     # Logged while a bar is on screen (one per classifier epoch): each starts a line of its own,
     # where a plain print would continue the bar's line.
     logged = [line for line in err.split("\n") if "test acc" in line and "epoch" in line]
-    assert len(logged) == 4
+    epochs = run["config"].downstream.epochs
+    assert len(logged) == 2 * epochs  # fine-tuned and scratch
     for line in logged:
         assert line.split("\r")[-1].startswith("I"), repr(line)

@@ -13,22 +13,12 @@ import sys
 import pytest
 
 from simclr_jax.report import FROZEN
-from tests.helpers import REPO, TINY_FLAGS, checkpoint_tree, run_cli
+from tests.helpers import FINISHED_FLAGS, FINISHED_STEPS, REPO, checkpoint_tree, run_cli
 from tests.test_resume import _assert_same_tree
 
-# digits shrunk: 256 images, batch 32 = 8 steps an epoch; 2 epochs with a kNN check after each;
-# a short downstream stage (11 labels: one classifier step an epoch, 3 epochs).
-STEPS = 16
-FLAGS = [
-    *TINY_FLAGS,
-    f"--config.pretrain.num_steps={STEPS}",
-    "--config.pretrain.knn_every=1",
-    "--config.pretrain.log_every=4",
-    "--config.pretrain.checkpoint_every=4",
-    "--config.downstream.epochs=3",
-    "--config.downstream.linear_folds=0",
-    "--config.downstream.knn_k=5",
-]
+# The session's shared finished run's settings (tests/helpers.py): 2 epochs of 8 steps with a kNN
+# check after each, a 3-epoch downstream stage.
+STEPS, FLAGS = FINISHED_STEPS, FINISHED_FLAGS
 
 
 def _signalled(workdir, point, signame, *extra, devices=2, flags=FLAGS):
@@ -64,11 +54,9 @@ def _steps(workdir, phase):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("ref") / "run")
-    out = run_cli([*FLAGS, "--workdir", workdir])
-    assert out.returncode == 0, out.stderr[-3000:]
-    return workdir
+def reference(finished_run):
+    """The uninterrupted run: the session's shared one (read only)."""
+    return finished_run["workdir"]
 
 
 @pytest.mark.parametrize(
