@@ -163,6 +163,7 @@ def demo_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.torch
 def test_the_demo_encoder_and_head_give_load_encoders_h_and_z_in_pytorch(
     demo_run, docs, tmp_path, monkeypatch
 ):
@@ -190,6 +191,7 @@ def test_the_demo_encoder_and_head_give_load_encoders_h_and_z_in_pytorch(
     assert float(np.std(want_h)) > 0.01  # features that differ from image to image
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(
     "name, stem, image_size",
     [("resnet50", "imagenet", 32)],
@@ -209,6 +211,7 @@ def test_an_export_gives_load_encoders_features_in_pytorch(docs, tmp_path, name,
     assert _max_diff(h, encoder.load_encoder(run)(images)) <= TOLERANCE
 
 
+@pytest.mark.torch
 def test_the_ten_torchvision_lines_load_a_width_1_export_with_the_cifar_stem(
     docs, tmp_path, monkeypatch
 ):
@@ -251,6 +254,7 @@ def _classifier_workdir(workdir: str, kept: int, calibrate: bool = True):
     return config, variables, flax_model
 
 
+@pytest.mark.torch
 def test_a_classifier_export_gives_its_logits_in_pytorch(docs, tmp_path):
     """A fine-tuned classifier that kept the projection head's first layer: fc =
     Sequential(Linear, BN, ReLU, Linear)."""
