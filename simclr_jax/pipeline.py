@@ -178,10 +178,11 @@ def run(config, workdir: str, mode: str = "all") -> dict:
     the encoder source of --mode=downstream, the data); a run that fails before any work leaves
     the workdir as it found it, and a second run on a workdir in use stops at once.
     """
+    config_lib.check_values(config, mode)  # first: a bad distributed section never starts it
     parallel.initialize_distributed(config.distributed)
     if jax.process_index() != 0:  # process 0 reports progress; the others only warn
         logging.getLogger("simclr_jax").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
-    config_lib.validate(config, mode)
+    config_lib.check_batch_sizes(config)  # over every process's devices
     if config.restore and not os.path.isabs(os.path.expanduser(config.restore)):
         config = copy.deepcopy(config)  # recorded absolute: config.json is read from elsewhere
         with config.unlocked():

@@ -77,7 +77,7 @@ def test_the_distillation_loss_is_the_numpy_transcription_and_leaves_the_teacher
         ("distill.labels_learning_rate", -1.0, "must be > 0"),
         ("distill.learning_rate", 0.0, "must be > 0"),
         ("distill.optimizer", "adam", "must be one of"),
-        ("distill.model.name", "vgg", "unknown model"),
+        ("distill.model.name", "vgg", "must be one of"),
         ("distill.model.width", -0.5, "must be >= 0"),
         ("distill.batch_size", 30, "does not split over 8 devices"),
     ],

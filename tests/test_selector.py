@@ -82,14 +82,21 @@ def test_the_kept_head_layers_are_the_pretrained_ones_by_name(pretrained, k):
     np.testing.assert_array_equal(logits, 0.0)  # zero-initialised head
 
 
-@pytest.mark.parametrize("k, layers", [(-1, 3), (4, 3), (2, 1)])
-def test_a_bad_selector_is_a_config_error_naming_the_key(k, layers):
+@pytest.mark.parametrize(
+    "k, layers, want",
+    [
+        (-2, 3, r"must be >= -1 \(-1 = model\.head_layers\), got -2"),
+        (4, 3, r"must be an integer in -1\.\.model\.head_layers=3 .*got 4"),
+        (2, 1, r"must be an integer in -1\.\.model\.head_layers=1 .*got 2"),
+    ],
+)
+def test_a_bad_selector_is_a_config_error_naming_the_key(k, layers, want):
     config = tiny_config(**{"downstream.ft_proj_selector": k, "model.head_layers": layers})
-    want = rf"config\.downstream\.ft_proj_selector: .* 0\.\.model\.head_layers={layers} .*got {k}"
-    with pytest.raises(ConfigError, match=want):
+    with pytest.raises(ConfigError, match=rf"config\.downstream\.ft_proj_selector: {want}"):
         config_lib.validate(config)
-    config.downstream.ft_proj_selector = layers  # z: allowed, as in the official code
-    config_lib.validate(config)
+    for ok in (layers, -1):  # z, and -1, the official code's 'last layer': allowed
+        config.downstream.ft_proj_selector = ok
+        config_lib.validate(config)
 
 
 def test_a_bad_selector_on_the_command_line_is_one_line_before_any_work(tmp_path):
@@ -99,7 +106,7 @@ def test_a_bad_selector_on_the_command_line_is_one_line_before_any_work(tmp_path
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()
     assert (
-        "config.downstream.ft_proj_selector: must be an integer in 0..model.head_layers=3"
+        "config.downstream.ft_proj_selector: must be an integer in -1..model.head_layers=3"
         in (last[-1])
     ), out.stderr[-2000:]
     assert "Traceback" not in out.stderr and not workdir.exists()

@@ -1,0 +1,164 @@
+"""Bad input is refused before any work, in one line that names the key and the fix; legal but odd
+settings are warned of once, in the log and the report (docs/inputs.md):
+
+* every leaf key of every configs/*.py against values derived from its type and its rule (NaN,
+  inf, far out of range, just outside its range, the wrong type, an unknown choice), in process;
+* a few of them on the command line: exit 2, one stderr line, the workdir untouched;
+"""
+
+import importlib
+import math
+import os
+
+import ml_collections
+import pytest
+
+from simclr_jax import config as config_lib
+from simclr_jax.errors import ConfigError
+from tests.helpers import REPO, TINY_FLAGS, run_cli, tiny_config
+
+CONFIG_NAMES = sorted(
+    f[:-3] for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py") and f[0] != "_"
+)
+# Keys that any value of their type may take, with the reason. None today: every key has a rule
+# by its meaning (free text is still checked to be a string).
+ALLOWED: dict[str, str] = {}
+
+
+def _defaults() -> dict:
+    """{key: (a config that has it, its value there)} over every leaf of every shipped config."""
+    out = {}
+    for name in CONFIG_NAMES:
+        for key, value in config_lib.leaves(
+            importlib.import_module(f"configs.{name}").get_config()
+        ):
+            out.setdefault(key, (name, value))
+    return out
+
+
+DEFAULTS = _defaults()
+
+
+def test_every_config_key_has_a_rule():
+    """A key added to a config without a rule in config.RULES fails here (and so is validated
+    by its meaning before it ships)."""
+    missing = [k for k in DEFAULTS if config_lib.rule_for(k) is None and k not in ALLOWED]
+    assert not missing, f"config keys without a rule in simclr_jax/config.py RULES: {missing}"
+
+
+def _outside(rule) -> list:
+    """Values just outside the rule's range: its open bounds, one below / above its closed ones."""
+    step = 1 if rule.kind == config_lib.INT else 0.5
+    out = []
+    if rule.lo is not None:
+        out += [rule.lo] if rule.open_lo and not rule.zero_ok else []
+        below = rule.lo - step
+        out += [] if rule.zero_ok and below == 0 else [below]
+    if rule.hi is not None:
+        out += [rule.hi] if rule.open_hi else []
+        out.append(rule.hi + step)
+    return out
+
+
+def _bad_values(key: str, default) -> list:
+    """What a key must refuse, derived from the type of its shipped value and from its rule."""
+    rule = config_lib.rule_for(key)
+    nan, inf = math.nan, math.inf
+    if isinstance(default, bool):
+        return ["yes", 1, None]
+    if isinstance(default, str):
+        return [123, None] + (["no-such-choice"] if rule.choices else []) + [" "] * rule.nonempty
+    if isinstance(default, tuple | list):
+        n = max(rule.lengths or (1,))
+        bad = [(x,) * n for x in (nan, inf, -inf, -1e9, "x", None, *_outside(rule))]
+        lengths = [(0.5,) * (n + 1)] if rule.lengths else []  # a length it does not take
+        return bad + ["x", None, 5, *lengths] + ([] if 0 in rule.lengths else [()])
+    big = -(10**9) if isinstance(default, int) else -1e9
+    bad = [nan, inf, -inf, big, "x", None, True, *_outside(rule)]
+    return bad + ([1.5] if isinstance(default, int) else [])
+
+
+def _with(name: str, key: str, value) -> ml_collections.ConfigDict:
+    """Config `name` with `key` set to `value`, whatever its type (a ConfigDict built from a dict
+    takes any value; ml_collections' own type check would refuse some before ours could)."""
+    d = importlib.import_module(f"configs.{name}").get_config().to_dict()
+    node = d
+    *path, last = key.split(".")
+    for part in path:
+        node = node[part]
+    node[last] = value
+    return ml_collections.ConfigDict(d)
+
+
+@pytest.mark.parametrize("key", sorted(DEFAULTS))
+def test_each_key_refuses_its_bad_values_naming_itself(key):
+    name, default = DEFAULTS[key]
+    config_lib.validate(_with(name, key, default))  # the shipped value passes
+    for value in _bad_values(key, default):
+        with pytest.raises(ConfigError) as err:
+            config_lib.validate(_with(name, key, value))
+        message = str(err.value)
+        assert message.startswith(f"config.{key}: ") and "\n" not in message, (value, message)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"data.std": ()}, "config.data.std: set both data.mean and data.std"),
+        ({"data.mean": ()}, "config.data.mean: set both data.mean and data.std"),
+        ({"model.width": 0.1}, "config.model.width: tiny has 8 base channels, so width 0.1"),
+        ({"distill.model.width": 0.01}, "config.distill.model.width: tiny has 8 base channels"),
+        ({"pretrain.epochs": 0, "pretrain.num_steps": 0}, "config.pretrain.epochs: set"),
+        (
+            {"distributed.num_processes": 2, "distributed.process_id": 2},
+            "config.distributed.process_id: must be below distributed.num_processes=2",
+        ),
+    ],
+)
+def test_keys_that_only_fail_together_name_the_key_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")) as err:
+        config_lib.validate(tiny_config(**overrides))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "flag, want",
+    [
+        pytest.param(
+            "--config.pretrain.temperature=inf",
+            "config.pretrain.temperature: must be a finite number > 0 (NT-Xent's tau: 0.5 on "
+            "CIFAR-10, 0.1 on ImageNet), got inf",
+            id="temperature",
+        ),
+        pytest.param(
+            "--config.data.std=(0,0,0)",
+            "config.data.std: must be () or 3 numbers in (0, 1] (per channel, of pixels in "
+            "[0, 1]: divide 0..255 statistics by 255; () = computed), got (0, 0, 0)",
+            id="std",
+        ),
+        pytest.param(
+            "--config.pretrain.num_steps=-1",
+            "config.pretrain.num_steps: must be >= 0 (0 = pretrain.epochs; > 0 overrides it), "
+            "got -1",
+            id="num_steps",
+        ),
+        pytest.param(
+            "--config.pretrain.momentum=nan",
+            "config.pretrain.momentum: must be a finite number in [0, 1) (at 1 the velocity "
+            "never decays), got nan",
+            id="momentum",
+        ),
+    ],
+)
+def test_a_bad_value_on_the_command_line_is_one_line_and_touches_nothing(tmp_path, flag, want):
+    """One subprocess per case (~5 s each: jax's import): exit 2, one stderr line, and a workdir
+    that holds a file is left as it was."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("mine")
+    out = run_cli([*TINY_FLAGS, flag, "--workdir", str(workdir)], timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr == f"error: {want}\n"
+    assert os.listdir(workdir) == ["notes.txt"] and (workdir / "notes.txt").read_text() == "mine"
+
+    # (A converged fit, flagged as one: tests/test_evaluate.py, against scikit-learn.)
