@@ -184,7 +184,8 @@ def _table(rep: dict) -> list[str]:
         if key.startswith("knn"):
             what += f" (k={r.get('k', cfg['knn_k'])}, T={cfg['knn_temperature']:g})"
         elif r.get("preprocessing"):
-            what += f" ({r['preprocessing']}, L2 {r['l2']:g})"
+            flag = ", not converged" if r.get("not_converged") else ""
+            what += f" ({r['preprocessing']}, L2 {r['l2']:g}{flag})"
         cell = f"**{_pct(r.get('test_acc'))}**" if ours else _pct(r.get("test_acc"))
         lines.append(
             f"| {what} | {n} | {cell} | {_num(r.get('test_loss'))} | {_secs(r.get('wall_s'))} |"
@@ -337,7 +338,20 @@ def _pictures(rep: dict) -> list[str]:
     return lines
 
 
+def _warnings(rep: dict) -> list[str]:
+    """What the run was warned of (report.run_warnings), where there is anything."""
+    found = rep.get("warnings") or []
+    return ["## Warnings", "", *(f"- {w}" for w in found), ""] if found else []
+
+
 def markdown(rep: dict, accuracy_png: str = "accuracy.png", loss_png: str = "loss.png") -> str:
-    lines = _header(rep) + _table(rep) + _findings(rep) + _pretraining(rep) + _protocol(rep)
+    lines = (
+        _header(rep)
+        + _warnings(rep)
+        + _table(rep)
+        + _findings(rep)
+        + _pretraining(rep)
+        + _protocol(rep)
+    )
     lines += [f"![classifier accuracy]({accuracy_png})", "", f"![classifier loss]({loss_png})", ""]
     return "\n".join(lines + _per_epoch(rep) + _pictures(rep))

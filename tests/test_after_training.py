@@ -280,3 +280,15 @@ def test_log_lines_print_above_the_progress_bars(run):
     assert len(logged) == 4
     for line in logged:
         assert line.split("\r")[-1].startswith("I"), repr(line)
+
+
+def test_a_legal_but_odd_setting_is_warned_of_once_in_the_log_and_the_report(run):
+    """The tiny run's classifier batch (the demo's 24) is larger than its 11 labelled images
+    (checks.py)."""
+    workdir, err = run["workdir"], run["out"].stderr
+    note = "downstream.batch_size=24 is larger than the 11 labelled images"
+    assert err.count(note) == 1, err[-3000:]
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    assert any(w.startswith(note) for w in config["warnings"])
+    md = open(os.path.join(workdir, report.REPORT_MD)).read()
+    assert "## Warnings" in md and f"- {note}" in md

@@ -4,17 +4,23 @@ settings are warned of once, in the log and the report (docs/inputs.md):
 * every leaf key of every configs/*.py against values derived from its type and its rule (NaN,
   inf, far out of range, just outside its range, the wrong type, an unknown choice), in process;
 * a few of them on the command line: exit 2, one stderr line, the workdir untouched;
+* what needs the data (checks.py), and the report's list of warnings.
 """
 
 import importlib
+import json
+import logging
 import math
 import os
 
 import ml_collections
+import numpy as np
 import pytest
+from PIL import Image
 
+from simclr_jax import checks, data, pipeline, report
 from simclr_jax import config as config_lib
-from simclr_jax.errors import ConfigError
+from simclr_jax.errors import ConfigError, DataError
 from tests.helpers import REPO, TINY_FLAGS, run_cli, tiny_config
 
 CONFIG_NAMES = sorted(
@@ -160,5 +166,80 @@ def test_a_bad_value_on_the_command_line_is_one_line_and_touches_nothing(tmp_pat
     assert out.returncode == 2, out.stderr[-3000:]
     assert out.stderr == f"error: {want}\n"
     assert os.listdir(workdir) == ["notes.txt"] and (workdir / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- with the data
+
+
+def _one_class_folder(root) -> str:
+    for split, count in (("train", 4), ("test", 2)):
+        os.makedirs(os.path.join(root, split, "cat"))
+        for i in range(count):
+            pixels = np.full((12, 12, 3), 40 * i, np.uint8)
+            Image.fromarray(pixels).save(os.path.join(root, split, "cat", f"{i}.png"))
+    return str(root)
+
+
+def test_a_labelled_split_with_one_class_is_refused_before_the_workdir(tmp_path):
+    root = _one_class_folder(tmp_path / "images")
+    config = tiny_config(**{"data.name": "folder", "data.data_dir": root})
+    workdir = tmp_path / "run"
+    with pytest.raises(DataError, match=r"train holds one class, so every accuracy") as err:
+        pipeline.run(config, str(workdir), "all")
+    assert "\n" not in str(err.value) and not workdir.exists()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    config = tiny_config()
+    return config, data.load(config.data)
+
+
+def test_legal_but_odd_settings_are_warned_of_once(digits, caplog):
+    config, ds = digits  # tiny: batch 32 over 11 labelled images, 4 steps of a 10-epoch warm-up
+    with caplog.at_level(logging.WARNING, logger="simclr_jax.checks"):
+        notes = checks.check(config, "all", ds, ds)
+    assert [r.getMessage() for r in caplog.records] == list(notes)
+    assert notes[0].startswith("pretrain.warmup_epochs=10 is 80 steps and pretraining has 4")
+    assert notes[1].startswith("downstream.batch_size=32 is larger than the 11 labelled images")
+    assert len(notes) == 2  # the classifier run has one step: no warm-up to speak of
+    assert checks.check(config, "pretrain", ds, None) == notes[:1]  # only the stage it runs
+    config.pretrain.knn_every = 1  # 4 steps of 8 an epoch: the monitor would never run
+    assert "the kNN monitor never runs" in checks.check(config, "pretrain", ds, None)[1]
+    from configs import digits_simclr
+
+    demo = digits_simclr.get_config()
+    demo_data = data.load(demo.data)
+    assert checks.check(demo, "all", demo_data, demo_data) == ()  # the demo's are all plain
+    assert checks.check(demo, "distill", demo_data, demo_data) == ()
+
+
+def test_a_distill_batch_larger_than_its_images_is_refused(digits):
+    config, ds = digits
+    config = tiny_config(**{"distill.batch_size": 512})  # 256 images to distil over
+    with pytest.raises(
+        ConfigError, match=r"config\.distill\.batch_size=512 is larger than the 256"
+    ):
+        checks.check(config, "distill", ds, ds)
+
+
+def test_the_report_lists_the_warnings_and_the_probe_that_did_not_converge(tmp_path):
+    config = json.loads(tiny_config().to_json())
+    config["warnings"] = ["downstream.batch_size=32 is larger than the 11 labelled images"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    note = "the final fit had not converged after 20 L-BFGS iterations"
+    record = {"step": 20, "phase": "linear", "test_acc": 0.5, "l2": 0.01}
+    record.update(preprocessing="raw", not_converged=note, converged=False)
+    curve = {"step": 1, "phase": "finetune", "epoch": 1, "test_acc": 0.4, "test_loss": 1.0}
+    curve.update(accuracy=0.3, loss=1.2)  # a classifier curve for the plots to draw
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(curve) + "\n")
+    rep = report.write(str(tmp_path))
+    assert rep["warnings"] == [
+        config["warnings"][0],
+        f"SimCLR encoder, frozen: logistic regression: {note}",
+    ]
+    md = (tmp_path / "report.md").read_text()
+    assert "## Warnings\n\n- downstream.batch_size=32 is larger than" in md
+    assert "(raw, L2 0.01, not converged)" in md
 
     # (A converged fit, flagged as one: tests/test_evaluate.py, against scikit-learn.)
