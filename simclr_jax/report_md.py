@@ -136,15 +136,16 @@ def _datasets_line(rep: dict) -> str:
 
 def features_line(cfg: dict) -> str:
     """Which representation the frozen rows and the classifiers read (downstream.ft_proj_selector:
-    0 = h, k = the projection head's k-th layer)."""
-    k = (cfg.get("downstream") or {}).get("ft_proj_selector", 0)
-    if not k:
+    0 = h, k = the projection head's k-th layer, -1 = the last: head_layers)."""
+    given = (cfg.get("downstream") or {}).get("ft_proj_selector", 0)
+    if not given:
         return "Features (frozen rows and classifiers' input): h (downstream.ft_proj_selector=0)."
     n = cfg["model"]["head_layers"]
+    k = n if given == -1 else given  # config.resolve_selector (that module imports jax)
     what = "z" if k == n else "after its BN and ReLU"
     return (
         f"Features (frozen rows and classifiers' input): head layer {k} of {n} ({what}; "
-        f"downstream.ft_proj_selector={k}): the output of the projection head's first {k} "
+        f"downstream.ft_proj_selector={given}): the output of the projection head's first {k} "
         f"layer(s), which the classifiers fine-tune with f (from the pretrained head, or for "
         f"scratch from its initial weights)."
     )
