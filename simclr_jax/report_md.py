@@ -223,10 +223,12 @@ def _student_rows(rep: dict) -> list[str]:
         dist, flag = cfg["distill"], " (not converged)" if r["not_converged"] else ""
         lr = f", lr {r['learning_rate']:g}" if r.get("learning_rate") is not None else ""
         if key == "distill":
+            resized = dist.get("student_view") == "resized_crop"  # else the classifiers' crop
+            view = ", random resized crop views" if resized else ""
             what = (
                 f"Student ({_student(cfg)}) distilled from {dist['teacher']}, T="
                 f"{dist['temperature']:g}, {r['epoch'][-1]} epochs over the pretraining images "
-                f"(labels unused){lr}{flag}"
+                f"(labels unused{view}){lr}{flag}"
             )
             labels = f"{n} (the teacher's)"
         else:
