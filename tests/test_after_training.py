@@ -90,8 +90,9 @@ def test_load_encoder_gives_each_head_layer_as_the_model_does(run, tmp_path):
     np.testing.assert_allclose(enc(images, layer=1), want_1, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(enc(images, layer=0), h, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(enc(images, layer=3), z, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(enc(images, layer=-1), enc(images, layer=3))  # the official -1
     assert want_1.shape == (12, h.shape[1])  # hidden dim 0: the feature dim
-    with pytest.raises(ValueError, match="layer must be in 0..3"):
+    with pytest.raises(ValueError, match="layer must be in 0..3 or -1"):
         enc(images, layer=4)
     # A workdir that ran only the downstream stage at selector 2, from this run's encoder.
     downstream_dir = tmp_path / "downstream"

@@ -4,7 +4,7 @@ settings are warned of once, in the log and the report (docs/inputs.md):
 * every leaf key of every configs/*.py against values derived from its type and its rule (NaN,
   inf, far out of range, just outside its range, the wrong type, an unknown choice), in process;
 * a few of them on the command line: exit 2, one stderr line, the workdir untouched;
-* what needs the data (checks.py), and the report's list of warnings.
+* what needs the data (checks.py), the report's warnings, the public encoder's inputs.
 """
 
 import importlib
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simclr_jax import checks, data, pipeline, report
+from simclr_jax import checks, data, encoder, models, pipeline, report
 from simclr_jax import config as config_lib
-from simclr_jax.errors import ConfigError, DataError
+from simclr_jax.errors import ConfigError, DataError, InputError
 from tests.helpers import REPO, TINY_FLAGS, run_cli, tiny_config
 
 CONFIG_NAMES = sorted(
@@ -243,3 +243,36 @@ def test_the_report_lists_the_warnings_and_the_probe_that_did_not_converge(tmp_p
     assert "(raw, L2 0.01, not converged)" in md
 
     # (A converged fit, flagged as one: tests/test_evaluate.py, against scikit-learn.)
+
+
+# ----------------------------------------------------------------------------- the public API
+
+
+def _encoder():
+    """An Encoder without variables: its inputs are refused before anything runs."""
+    config = tiny_config()
+    return encoder.Encoder(models.build_model(config.model), None, config, None, "nowhere")
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (
+            np.zeros((16, 16, 3), np.uint8),
+            r"got shape \(16, 16, 3\) \(one image: pass images\[None\]\)",
+        ),
+        (np.zeros((0, 16, 16, 3), np.uint8), r"images holds no pixels \(shape \(0, 16, 16, 3\)\)"),
+        (np.full((2, 16, 16, 3), np.nan, np.float32), "NaN or infinite pixels"),
+        (np.full((2, 16, 16, 3), np.inf, np.float32), "NaN or infinite pixels"),
+        (np.zeros((2, 16, 16, 3), np.int32), "must be uint8 or float in"),
+        (
+            np.zeros((2, 16, 16, 3), np.uint8),
+            r"layer must be in 0\.\.3 or -1 \(0 = h, 3 or -1 = z\)",
+        ),
+    ],
+    ids=["one image", "empty", "nan", "inf", "int32", "layer -2"],
+)
+def test_the_encoder_refuses_what_is_not_a_batch_of_finite_images(images, message):
+    layer = -2 if "layer" in message else None
+    with pytest.raises(InputError, match=message):
+        _encoder()(images, layer=layer)
