@@ -18,6 +18,7 @@ from simclr_jax.config import ft_proj_selector, run_learning_rate
 from simclr_jax.train_state import (
     CLASSIFIER_AUGMENT_KEY,
     CLASSIFIER_DATA_KEY,
+    changed_keys,
     check_meta,
     checked_restore,
     checkpoint_meta,
@@ -141,18 +142,6 @@ def _plain_tree(tree):
     return [_plain_tree(v) for v in tree] if isinstance(tree, list | tuple) else tree
 
 
-def _changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, tuple]]:
-    """(dotted key, (old, new)) for every leaf that differs between two nested dicts."""
-    out = []
-    for k in sorted(set(old) | set(new), key=str):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changes(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append((f"{prefix}{k}", (a, b)))
-    return out
-
-
 def open_run_checkpoints(directory: str, config, meta: dict) -> Checkpointer:
     """A Checkpointer for one classifier run. Checkpoints of a run with other downstream
     settings (or another pretrained encoder) are deleted, so the run starts anew; a checkpoint
@@ -171,7 +160,9 @@ def open_run_checkpoints(directory: str, config, meta: dict) -> Checkpointer:
     log.warning(
         "%s holds a classifier run with other settings (%s): starting it anew.",
         directory,
-        "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in _changes(old.get("run") or {}, meta["run"])),
+        "; ".join(
+            f"{k}: {a} -> {b}" for k, (a, b) in changed_keys(old.get("run") or {}, meta["run"])
+        ),
     )
     ckpt.close()
     if jax.process_index() == 0:

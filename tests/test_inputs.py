@@ -4,7 +4,8 @@ settings are warned of once, in the log and the report (docs/inputs.md):
 * every leaf key of every configs/*.py against values derived from its type and its rule (NaN,
   inf, far out of range, just outside its range, the wrong type, an unknown choice), in process;
 * a few of them on the command line: exit 2, one stderr line, the workdir untouched;
-* what needs the data (checks.py), the report's warnings, the public encoder's inputs.
+* what needs the data (checks.py), the report's warnings, the public encoder's inputs, the
+  messages that named the wrong problem (an unknown tfds name, a checkpoint of other data).
 """
 
 import importlib
@@ -18,9 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simclr_jax import checks, data, encoder, models, pipeline, report
+from simclr_jax import checks, data, encoder, models, pipeline, report, splits
 from simclr_jax import config as config_lib
-from simclr_jax.errors import ConfigError, DataError, InputError
+from simclr_jax.errors import CheckpointError, ConfigError, DataError, InputError
+from simclr_jax.train_state import check_meta, checkpoint_meta
 from tests.helpers import REPO, TINY_FLAGS, run_cli, tiny_config
 
 CONFIG_NAMES = sorted(
@@ -243,6 +245,42 @@ def test_the_report_lists_the_warnings_and_the_probe_that_did_not_converge(tmp_p
     assert "(raw, L2 0.01, not converged)" in md
 
     # (A converged fit, flagged as one: tests/test_evaluate.py, against scikit-learn.)
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def test_an_unknown_tfds_name_says_so_not_that_it_is_unprepared(tmp_path):
+    config = tiny_config(**{"data.name": "cifar100x", "data.data_dir": str(tmp_path / "none")})
+    with pytest.raises(DataError) as err:
+        data.load(config.data)
+    message = str(err.value)
+    assert message.startswith("config.data.name='cifar100x' is not a tfds dataset: did you mean")
+    assert "'cifar100'" in message and "prepare" not in message and "\n" not in message
+    splits.check_tfds_name("cifar10")  # a known name passes (prepared or not)
+
+
+def test_a_checkpoint_of_other_data_or_model_names_what_differs():
+    config = tiny_config()
+    ident = {"source": "digits/train", "num_examples": 256, "fingerprint": "a" * 16}
+    with config.unlocked():
+        config.data.identity = {"pretrain": ident, "train": ident, "test": dict(ident)}
+    meta = json.loads(json.dumps(checkpoint_meta(config, "pretrain")))
+    meta["data_identity"]["train"]["num_examples"] = 200
+    meta["data_identity"]["test"]["fingerprint"] = "b" * 16
+    with pytest.raises(CheckpointError) as err:
+        check_meta(meta, config, "/w")
+    message = str(err.value)
+    assert "was trained on other data: its " in message
+    assert "its train split was digits/train (200 images), the config now reads" in message
+    assert "its test split digits/train holds other images now (the same 256" in message
+    assert "{" not in message and "\n" not in message
+    meta = json.loads(json.dumps(checkpoint_meta(config, "pretrain")))
+    meta["model"]["width"] = 0.25
+    with pytest.raises(
+        CheckpointError, match=r"another model: model\.width 0\.25 \(config: 0\.125\)"
+    ):
+        check_meta(meta, config, "/w")
 
 
 # ----------------------------------------------------------------------------- the public API
