@@ -5,7 +5,8 @@ settings are warned of once, in the log and the report (docs/inputs.md):
   inf, far out of range, just outside its range, the wrong type, an unknown choice), in process;
 * a few of them on the command line: exit 2, one stderr line, the workdir untouched;
 * what needs the data (checks.py), the report's warnings, the public encoder's inputs, the
-  messages that named the wrong problem (an unknown tfds name, a checkpoint of other data).
+  messages that named the wrong problem (an unknown tfds name, a checkpoint of other data), the
+  linear probe's convergence flag.
 """
 
 import importlib
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simclr_jax import checks, data, encoder, models, pipeline, report, splits
+from simclr_jax import checks, data, encoder, models, pipeline, probe, report, splits
 from simclr_jax import config as config_lib
 from simclr_jax.errors import CheckpointError, ConfigError, DataError, InputError
 from simclr_jax.train_state import check_meta, checkpoint_meta
@@ -244,6 +245,18 @@ def test_the_report_lists_the_warnings_and_the_probe_that_did_not_converge(tmp_p
     assert "## Warnings\n\n- downstream.batch_size=32 is larger than" in md
     assert "(raw, L2 0.01, not converged)" in md
 
+
+def test_the_linear_probe_says_when_its_fits_did_not_converge():
+    """~7 s on a busy 2-core machine: compiling the L-BFGS fit for its few iterations."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 4)), np.arange(40) % 2
+    x[:, 0] += 4 * y  # separable: at a small penalty 5 L-BFGS steps are far from the optimum
+    short = probe.linear_probe(x, y, x, y, 2, l2_grid=(1e-4, 1e-3), folds=2, iters=5, seed=0)
+    assert not short["converged"] and short["grad_max"] > probe.GRAD_TOL
+    assert short["cv_fits"] >= 4 and short["cv_unconverged"] == short["cv_fits"]
+    note = probe.convergence_note(short)
+    assert note.startswith("the final fit had not converged after 5 L-BFGS iterations")
+    assert f"{short['cv_fits']} of the {short['cv_fits']} cross-validation fits" in note
     # (A converged fit, flagged as one: tests/test_evaluate.py, against scikit-learn.)
 
 
