@@ -181,6 +181,11 @@ def _distill() -> ml_collections.ConfigDict:
     d.labels_epochs = 100
     d.labels_learning_rate = 0.1  # peak, scaled with downstream.batch_size by its lr_scaling
     d.chosen_on = ""  # what the distill settings were chosen on ('' = settings_chosen_on)
+    # The view both networks see: 'translate' (the classifiers' reflect-pad-and-translate crop and
+    # flip; the default, what every distill number so far used) or 'resized_crop' (the official
+    # SimCLRv2 distillation's random resized crop over augment.crop_scale_min..1 and flip, colour
+    # off).
+    d.student_view = "translate"
     return d
 
 

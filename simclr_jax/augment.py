@@ -3,9 +3,10 @@
 * single-image ops `op(key, image, ...) -> image` on float32 (H, W, C) images in [0, 1]: random
   resized crop, flip, colour jitter, grayscale, Gaussian blur, the classifier's pad-crop-flip;
 * `simclr_view`, the SimCLR pipeline crop -> flip -> colour jitter -> grayscale -> blur;
-* the batched entry points `two_views` (pretraining) and `downstream_batch` (classifier): uint8
-  batches, one key per example from its *global* index, so a view never depends on how many
-  devices run the step.
+* the batched entry points `two_views` (pretraining), `downstream_batch` (classifier) and
+  `resized_crop_flip_batch` (the distilled student's view, when asked for): uint8 batches, one
+  key per example from its *global* index, so a view never depends on how many devices run the
+  step.
 
 Every op is jit- and vmap-able: static shapes, random application via `jnp.where` (under vmap a
 `lax.cond` becomes a select anyway), a clip to [0, 1] after each op. Colour arithmetic is
@@ -296,6 +297,21 @@ def two_views(key, step, images_uint8, example_ids, cfg):
     images = jnp.concatenate([images_uint8, images_uint8])  # (2B, H, W, 3)
     views = jax.vmap(lambda k, image: simclr_view(k, image, cfg))(view_keys, images)
     return views[:batch], views[batch:]  # (B, S, S, 3) each
+
+
+def resized_crop_flip_batch(key, step, images_uint8, example_ids, image_size, scale_min, flip_prob):
+    """(B, H, W, 3) uint8 -> float32 (B, S, S, 3) in [0, 1]: a random resized crop (area in
+    [scale_min, 1]) and a flip with probability flip_prob, no colour: the official SimCLRv2
+    distillation's view (its preprocessing with colour distortion off). Per-example keys as
+    two_views."""
+    keys = example_keys(key, step, example_ids)
+
+    def view(k, image):
+        crop_key, flip_key = jax.random.split(k)
+        image = random_resized_crop(crop_key, _to_float(image), image_size, scale=(scale_min, 1.0))
+        return random_flip(flip_key, image, flip_prob)
+
+    return jax.vmap(view)(keys, images_uint8)
 
 
 def downstream_batch(

@@ -4,9 +4,11 @@ Self-Supervised Models are Strong Semi-Supervised Learners", section 2, eq. 2).
 A student network (the teacher's architecture, or a smaller one: `distill.model`), from scratch,
 learns the fine-tuned teacher's temperature-softened predictions over the pretraining split
 (labelled and unlabelled images; labels unused): `losses.distillation_loss`, the teacher in
-inference mode on the very view the student sees (the classifier's crop and flip), as the
-official code does. Its baseline: the same student, from the same initial weights, trained on the
-labelled subset's hard labels alone ('distill_labels'), with the classifier's step.
+inference mode on the very view the student sees, as the official code does. That view is
+distill.student_view: by default the classifiers' pad-and-translate crop and flip; 'resized_crop'
+is the official distillation's random resized crop and flip (colour off). Its baseline: the same
+student, from the same initial weights, trained on the labelled subset's hard labels alone
+('distill_labels'), with the classifier's step.
 
 This module owns the distillation step, the teacher's restore (the final checkpoint of the
 downstream run `distill.teacher` in the workdir), the two student runs (phases 'distill' and
@@ -52,18 +54,24 @@ LABELLED_KEYS += ("weight_decay", "momentum")
 
 
 def distill_step(
-    state, batch, aug_key, teacher_vars, *, student, teacher, spec, schedule, temperature
+    state, batch, aug_key, teacher_vars, *, student, teacher, spec, schedule, temperature, view
 ):
     """One distillation step on this device's share of the global batch (inside pmap over AXIS).
 
     batch: {'images': (n, H, W, 3) uint8, 'ids': (n,) int32 positions in the pretraining split};
     teacher_vars: the teacher's {'params', 'batch_stats'} (replicated). Both networks see the same
-    augmented view; the teacher in inference mode, the student with global BN. 'accuracy' is the
-    student's agreement with the teacher's top class.
+    augmented view (`view`: distill.student_view, `student_view`); the teacher in inference mode,
+    the student with global BN. 'accuracy' is the student's agreement with the teacher's top class.
     """
-    x = augment.downstream_batch(
-        aug_key, state.step, batch["images"], batch["ids"], True, spec.image_size, spec.flip_prob
-    )
+    images, ids = batch["images"], batch["ids"]
+    if view == "resized_crop":  # the official distillation's: random resized crop, flip
+        x = augment.resized_crop_flip_batch(
+            aug_key, state.step, images, ids, spec.image_size, spec.crop_scale_min, spec.flip_prob
+        )
+    else:  # 'translate': the classifiers' pad-and-translate crop and flip
+        x = augment.downstream_batch(
+            aug_key, state.step, images, ids, True, spec.image_size, spec.flip_prob
+        )
     x = data.normalize(x, spec)
     t_logits = teacher.apply(teacher_vars, x, train=False)  # (n, C)
 
@@ -92,6 +100,12 @@ def student_model(config):
     if config.distill.model.width:
         model.width = config.distill.model.width
     return model
+
+
+def student_view(config) -> str:
+    """distill.student_view: 'translate' (the default, and what configs written before the key
+    ran) or 'resized_crop'."""
+    return config.distill.get("student_view", "translate")
 
 
 def teacher_dir(workdir: str, config) -> str:
@@ -136,12 +150,15 @@ def run_meta(config, phase: str, origin: dict) -> dict:
     """Checkpoint metadata of a student run: the model and data (checked strictly), and what the
     run depends on (the student's architecture, its keys, where it learns from)."""
     keys = DISTILL_KEYS if phase == DISTILL else LABELS_KEYS
+    settings = {k: config.distill[k] for k in keys}
+    if phase == DISTILL and student_view(config) != "translate":  # left out at the default, so
+        settings["student_view"] = student_view(config)  # runs written before still resume
     return {
         **checkpoint_meta(config, phase),
         "run": {
             **runs.shared_meta(config),  # seed, precision, data cut, flip, the transfer set
             "student": model_identity(student_model(config).to_dict()),
-            "distill": {k: config.distill[k] for k in keys},
+            "distill": settings,
             **origin,
         },
     }
@@ -162,6 +179,7 @@ def _distill_parts(config, ds, student, teacher_vars):
         spec=augment.spec_from_config(config),
         schedule=schedule,
         temperature=float(dc.temperature),
+        view=student_view(config),
     )
     p_step = jax.pmap(step_fn, axis_name=parallel.AXIS, donate_argnums=(0,))
     reader, replicated = stream.Reader(ds.pretrain), parallel.replicate(teacher_vars)

@@ -184,6 +184,10 @@ def _linear_record(config, ds, writer, features, phase: str, sizes: dict) -> dic
     wall = time.perf_counter() - t0
     writer.drop_phase(phase)
     log.info("%s: test acc %.4f (l2 %g, %.1fs).", phase, res["test_acc"], res["l2"], wall)
+    note = probe.convergence_note(res)  # None when every L-BFGS fit converged
+    if note:
+        log.warning("%s: %s", phase, note)
+        res["not_converged"] = note  # the report lists it with the run's warnings
     return writer.write(dc.linear_iters, phase, {**res, **sizes, "wall_s": wall})
 
 

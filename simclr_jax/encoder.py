@@ -11,7 +11,8 @@ flax.serialization), which `load_encoder` reads as well.
     g1 = encoder(images, layer=1)           # the projection head's first layer's output
 
 `encoder(images)` returns the features of the run's downstream.ft_proj_selector (`Encoder.layer`:
-0 = h, k = the k-th head layer's output), what its downstream stage read.
+0 = h, k = the k-th head layer's output; -1, the official code's 'last layer', is head_layers),
+what its downstream stage read. `images` is always a batch: one image is `image[None]`.
 
 Images go through the evaluations' preprocessing (`preprocess`), and f runs with BatchNorm in
 inference mode: the features are those the linear probe and the kNN classifier of the run see.
@@ -32,7 +33,8 @@ from flax import serialization
 
 from simclr_jax import augment, data, models
 from simclr_jax.checkpoint import Checkpointer, has_steps
-from simclr_jax.errors import CheckpointError
+from simclr_jax.config import ft_proj_selector, resolve_selector
+from simclr_jax.errors import CheckpointError, InputError
 from simclr_jax.train_state import abstract_pretrain_tree, checked_restore, compute_dtype
 from simclr_jax.workdirs import CONFIG_FILE
 
@@ -58,20 +60,28 @@ def _embed(model, variables, pixels, *, spec_items: tuple, projection: bool, lay
 
 
 def _pixels(images) -> np.ndarray | jax.Array:
-    """uint8 as they are; float in [0, 1] scaled to [0, 255] (kept float: no rounding);
-    one channel repeated to three, as the data loader does."""
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"images must be (N, H, W, 3) or (N, H, W, 1), got shape {images.shape}")
+    """A batch of images as f's evaluation reads them: uint8 as they are; float in [0, 1] scaled
+    to [0, 255] (kept float: no rounding); one channel repeated to three, as the data loader does.
+    Raises InputError for what is not a non-empty (N, H, W, 3) or (N, H, W, 1) batch of finite
+    pixels: a single (H, W, 3) image would otherwise read as H images of W x 3 pixels."""
+    shape = tuple(images.shape)
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        one = " (one image: pass images[None])" if len(shape) == 3 and shape[-1] in (1, 3) else ""
+        raise InputError(
+            f"images must be a batch (N, H, W, 3) or (N, H, W, 1), got shape {shape}{one}"
+        )
+    if 0 in shape:
+        raise InputError(f"images holds no pixels (shape {shape}): pass at least one image")
     if images.shape[-1] == 1:
         images = jnp.repeat(images, 3, axis=-1)
     if images.dtype == jnp.uint8:
         return images
     if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise ValueError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype}")
+        raise InputError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype}")
+    if not bool(jnp.all(jnp.isfinite(images))):
+        raise InputError("images hold NaN or infinite pixels: pass finite values in [0, 1]")
     if float(jnp.max(images)) > 1.0 + 1e-3 or float(jnp.min(images)) < -1e-3:
-        raise ValueError("float images must be in [0, 1] (pass uint8 for pixels in 0..255)")
+        raise InputError("float images must be in [0, 1] (pass uint8 for pixels in 0..255)")
     return images.astype(jnp.float32) * 255.0
 
 
@@ -111,11 +121,12 @@ class Encoder:
     def __call__(
         self, images, projection: bool = False, batch_size: int = 256, layer: int | None = None
     ):
-        layer = self.layer if layer is None else int(layer)
-        if not 0 <= layer <= self.config.model.head_layers:
-            raise ValueError(
-                f"layer must be in 0..{self.config.model.head_layers} (0 = h), got {layer}"
+        layers = self.config.model.head_layers
+        if layer is not None and not -1 <= int(layer) <= layers:
+            raise InputError(
+                f"layer must be in 0..{layers} or -1 (0 = h, {layers} or -1 = z), got {layer}"
             )
+        layer = self.layer if layer is None else resolve_selector(layer, layers)
         pixels = _pixels(
             images if isinstance(images, np.ndarray | jax.Array) else np.asarray(images)
         )
@@ -207,7 +218,7 @@ def load_encoder(path: str, _chain: tuple[str, ...] = ()) -> Encoder:
             restore = os.path.join(path, os.path.expanduser(config.restore))  # abs stays abs
             # The features this workdir's downstream stage read, not those of the run it restored
             return dataclasses.replace(
-                load_encoder(restore, (*_chain, path)), layer=_selector(config)
+                load_encoder(restore, (*_chain, path)), layer=ft_proj_selector(config)
             )
         raise CheckpointError(
             f"{path} holds no pretrained encoder: pass a workdir of a pretraining run, its "
@@ -221,9 +232,4 @@ def load_encoder(path: str, _chain: tuple[str, ...] = ()) -> Encoder:
         with open(where, "rb") as f:
             variables = jax.tree.map(jnp.asarray, serialization.msgpack_restore(f.read()))
         step = None
-    return Encoder(model, variables, config, step, where, layer=_selector(config))
-
-
-def _selector(config) -> int:
-    """A run config's downstream.ft_proj_selector (0 where the config predates it)."""
-    return int((config.get("downstream") or {}).get("ft_proj_selector", 0))
+    return Encoder(model, variables, config, step, where, layer=ft_proj_selector(config))

@@ -26,5 +26,10 @@ class WorkdirError(UserError, RuntimeError):
     """The workdir cannot be used as asked; the message says why and what to do."""
 
 
+class InputError(UserError, ValueError):
+    """Arrays passed to the public API (`load_encoder`'s encoder) that it cannot read: the message
+    says which shape or values it needs."""
+
+
 class Divergence(UserError, FloatingPointError):
     """The loss became NaN or Inf; the message names the first bad step."""

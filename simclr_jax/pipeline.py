@@ -1,8 +1,9 @@
 """The run, per --mode: check the config, the encoder (or teacher) source and the data (the
-pretraining data and the downstream stage's transfer dataset, downstream.data, where one is named)
-before anything is written, then take the workdir (one run at a time), pretrain, then the
-downstream comparison, the pictures and the report (--mode=distill: the distillation stage on a
-workdir that holds the downstream run, then the report). What run.py calls."""
+pretraining data and the downstream stage's transfer dataset, downstream.data, where one is named;
+what the data allows: `checks.py`) before anything is written, then take the workdir (one run at
+a time), pretrain, then the downstream comparison, the pictures and the report (--mode=distill:
+the distillation stage on a workdir that holds the downstream run, then the report). What run.py
+calls."""
 
 import copy
 import logging
@@ -13,6 +14,7 @@ import jax
 
 from simclr_jax import (
     checkpoint,
+    checks,
     data,
     encoder,
     parallel,
@@ -178,10 +180,11 @@ def run(config, workdir: str, mode: str = "all") -> dict:
     the encoder source of --mode=downstream, the data); a run that fails before any work leaves
     the workdir as it found it, and a second run on a workdir in use stops at once.
     """
+    config_lib.check_values(config, mode)  # first: a bad distributed section never starts it
     parallel.initialize_distributed(config.distributed)
     if jax.process_index() != 0:  # process 0 reports progress; the others only warn
         logging.getLogger("simclr_jax").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
-    config_lib.validate(config, mode)
+    config_lib.check_batch_sizes(config)  # over every process's devices
     if config.restore and not os.path.isabs(os.path.expanduser(config.restore)):
         config = copy.deepcopy(config)  # recorded absolute: config.json is read from elsewhere
         with config.unlocked():
@@ -194,16 +197,23 @@ def run(config, workdir: str, mode: str = "all") -> dict:
     with stops.recording():  # a signal is acted on at the next stop point (stops.py)
         ds = _load_data(config)
         transfer = _load_transfer(config, ds) if mode != "pretrain" else None
+        warnings = checks.check(config, mode, ds, transfer)  # refuses, or warns once, here
         stops.check("loading the data")
-        return _run_stages(config, (ds, transfer), workdir, mode, source)
+        return _run_stages(config, (ds, transfer), workdir, mode, source, warnings)
 
 
-def _run_stages(config, datasets, workdir: str, mode: str, source: str | None) -> dict:
+def _run_stages(
+    config, datasets, workdir: str, mode: str, source: str | None, warnings: tuple
+) -> dict:
     """The stages of `mode` in `workdir`, under its lock; a stop during the pictures or the report
     ends the run once they are written (130 / 143). datasets: (pretraining, downstream) data (the
-    downstream one is None in --mode=pretrain)."""
+    downstream one is None in --mode=pretrain); warnings: `checks.check`'s, which config.json
+    records for the report."""
     ds, transfer = datasets
     config = data.with_stats(config, ds, transfer)  # the input normalisation, -> config.json
+    if warnings:
+        with config.unlocked():
+            config.warnings = list(warnings)
     created = workdirs.first_missing(workdir)  # what a failure before any work removes again
     workdirs.check_writable(workdir)  # creates it: the lock lives there
     summary = {"workdir": os.path.abspath(workdir), "mode": mode}

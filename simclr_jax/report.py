@@ -190,8 +190,21 @@ def build(workdir: str) -> dict:
         **{run: rep[run]["wall_s"] for run in RUNS + STUDENTS},
         **{p: (frozen[p] or {}).get("wall_s") for p in FROZEN[1:]},
     }
+    rep["warnings"] = run_warnings(config, frozen)
     rep["summary"] = summary(rep)
     return rep
+
+
+def run_warnings(config: dict, frozen: dict) -> list[str]:
+    """What the run was warned of, one line each: the settings that were legal but odd
+    (config.json's `warnings`, from checks.py) and the linear probes whose fits had not converged
+    (their records' `not_converged`)."""
+    out = list(config.get("warnings") or [])
+    names = {key: what for key, what, _ in report_md.ROWS}
+    for phase, r in frozen.items():
+        if r and r.get("not_converged"):
+            out.append(f"{names.get(phase, phase)}: {r['not_converged']}")
+    return out
 
 
 def _acc(rep: dict, key: str) -> float | None:

@@ -136,15 +136,16 @@ def _datasets_line(rep: dict) -> str:
 
 def features_line(cfg: dict) -> str:
     """Which representation the frozen rows and the classifiers read (downstream.ft_proj_selector:
-    0 = h, k = the projection head's k-th layer)."""
-    k = (cfg.get("downstream") or {}).get("ft_proj_selector", 0)
-    if not k:
+    0 = h, k = the projection head's k-th layer, -1 = the last: head_layers)."""
+    given = (cfg.get("downstream") or {}).get("ft_proj_selector", 0)
+    if not given:
         return "Features (frozen rows and classifiers' input): h (downstream.ft_proj_selector=0)."
     n = cfg["model"]["head_layers"]
+    k = n if given == -1 else given  # config.resolve_selector (that module imports jax)
     what = "z" if k == n else "after its BN and ReLU"
     return (
         f"Features (frozen rows and classifiers' input): head layer {k} of {n} ({what}; "
-        f"downstream.ft_proj_selector={k}): the output of the projection head's first {k} "
+        f"downstream.ft_proj_selector={given}): the output of the projection head's first {k} "
         f"layer(s), which the classifiers fine-tune with f (from the pretrained head, or for "
         f"scratch from its initial weights)."
     )
@@ -184,7 +185,8 @@ def _table(rep: dict) -> list[str]:
         if key.startswith("knn"):
             what += f" (k={r.get('k', cfg['knn_k'])}, T={cfg['knn_temperature']:g})"
         elif r.get("preprocessing"):
-            what += f" ({r['preprocessing']}, L2 {r['l2']:g})"
+            flag = ", not converged" if r.get("not_converged") else ""
+            what += f" ({r['preprocessing']}, L2 {r['l2']:g}{flag})"
         cell = f"**{_pct(r.get('test_acc'))}**" if ours else _pct(r.get("test_acc"))
         lines.append(
             f"| {what} | {n} | {cell} | {_num(r.get('test_loss'))} | {_secs(r.get('wall_s'))} |"
@@ -221,10 +223,12 @@ def _student_rows(rep: dict) -> list[str]:
         dist, flag = cfg["distill"], " (not converged)" if r["not_converged"] else ""
         lr = f", lr {r['learning_rate']:g}" if r.get("learning_rate") is not None else ""
         if key == "distill":
+            resized = dist.get("student_view") == "resized_crop"  # else the classifiers' crop
+            view = ", random resized crop views" if resized else ""
             what = (
                 f"Student ({_student(cfg)}) distilled from {dist['teacher']}, T="
                 f"{dist['temperature']:g}, {r['epoch'][-1]} epochs over the pretraining images "
-                f"(labels unused){lr}{flag}"
+                f"(labels unused{view}){lr}{flag}"
             )
             labels = f"{n} (the teacher's)"
         else:
@@ -337,7 +341,20 @@ def _pictures(rep: dict) -> list[str]:
     return lines
 
 
+def _warnings(rep: dict) -> list[str]:
+    """What the run was warned of (report.run_warnings), where there is anything."""
+    found = rep.get("warnings") or []
+    return ["## Warnings", "", *(f"- {w}" for w in found), ""] if found else []
+
+
 def markdown(rep: dict, accuracy_png: str = "accuracy.png", loss_png: str = "loss.png") -> str:
-    lines = _header(rep) + _table(rep) + _findings(rep) + _pretraining(rep) + _protocol(rep)
+    lines = (
+        _header(rep)
+        + _warnings(rep)
+        + _table(rep)
+        + _findings(rep)
+        + _pretraining(rep)
+        + _protocol(rep)
+    )
     lines += [f"![classifier accuracy]({accuracy_png})", "", f"![classifier loss]({loss_png})", ""]
     return "\n".join(lines + _per_epoch(rep) + _pictures(rep))

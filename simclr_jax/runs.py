@@ -14,10 +14,11 @@ from jax.experimental import multihost_utils
 
 from simclr_jax import data, loop, parallel, stream
 from simclr_jax.checkpoint import Checkpointer
-from simclr_jax.config import run_learning_rate
+from simclr_jax.config import ft_proj_selector, run_learning_rate
 from simclr_jax.train_state import (
     CLASSIFIER_AUGMENT_KEY,
     CLASSIFIER_DATA_KEY,
+    changed_keys,
     check_meta,
     checked_restore,
     checkpoint_meta,
@@ -28,7 +29,9 @@ from simclr_jax.train_state import (
 log = logging.getLogger(__name__)
 
 EVAL_POINTS = 20  # test evaluations of a long classifier run (every epoch of a short one)
-# The downstream keys a classifier checkpoint depends on: change one and the run starts anew.
+# The downstream keys a classifier checkpoint depends on: change one and the run starts anew
+# (and ft_proj_selector, which head layers the classifier keeps, as the run reads it:
+# `_selector_key`).
 RUN_KEYS = (
     "epochs",
     "label_fraction",
@@ -39,11 +42,7 @@ RUN_KEYS = (
     "warmup_epochs",
     "weight_decay",
     "momentum",
-    "ft_proj_selector",  # which head layers the classifier keeps: another model
 )
-# RUN_KEYS left out of the metadata at these values, so runs written before the key existed
-# (which ran at that value) still resume.
-ABSENT_AT = {"ft_proj_selector": 0}
 
 
 # ----------------------------------------------------------------------------- labelled inputs
@@ -108,6 +107,7 @@ def run_meta(config, phase: str, epochs: int, encoder: dict | None) -> dict:
             **shared_meta(config),
             "downstream": {
                 **_run_keys(dc),
+                **_selector_key(config),
                 "epochs": epochs,
                 "learning_rate": run_learning_rate(dc, phase),  # this run's own
             },
@@ -117,9 +117,15 @@ def run_meta(config, phase: str, epochs: int, encoder: dict | None) -> dict:
 
 
 def _run_keys(dc) -> dict:
-    """RUN_KEYS' values in `dc`, those at their ABSENT_AT value left out."""
-    out = {k: _plain(dc.get(k, ABSENT_AT.get(k))) for k in RUN_KEYS}
-    return {k: v for k, v in out.items() if k not in ABSENT_AT or v != ABSENT_AT[k]}
+    """RUN_KEYS' values in `dc`."""
+    return {k: _plain(dc[k]) for k in RUN_KEYS}
+
+
+def _selector_key(config) -> dict:
+    """The selector as the run reads it: -1 is model.head_layers (the same run, the same
+    checkpoints); left out at 0, so runs written before the key existed (at 0) still resume."""
+    k = ft_proj_selector(config)
+    return {"ft_proj_selector": k} if k else {}
 
 
 def _plain(value):
@@ -134,18 +140,6 @@ def _plain_tree(tree):
     if isinstance(tree, dict):
         return {k: _plain_tree(v) for k, v in tree.items()}
     return [_plain_tree(v) for v in tree] if isinstance(tree, list | tuple) else tree
-
-
-def _changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, tuple]]:
-    """(dotted key, (old, new)) for every leaf that differs between two nested dicts."""
-    out = []
-    for k in sorted(set(old) | set(new), key=str):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changes(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append((f"{prefix}{k}", (a, b)))
-    return out
 
 
 def open_run_checkpoints(directory: str, config, meta: dict) -> Checkpointer:
@@ -166,7 +160,9 @@ def open_run_checkpoints(directory: str, config, meta: dict) -> Checkpointer:
     log.warning(
         "%s holds a classifier run with other settings (%s): starting it anew.",
         directory,
-        "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in _changes(old.get("run") or {}, meta["run"])),
+        "; ".join(
+            f"{k}: {a} -> {b}" for k, (a, b) in changed_keys(old.get("run") or {}, meta["run"])
+        ),
     )
     ckpt.close()
     if jax.process_index() == 0:

@@ -8,6 +8,7 @@ validation split, caching, statistics) is `data.py`'s.
 """
 
 import contextlib
+import difflib
 import logging
 import os
 import shlex
@@ -244,10 +245,32 @@ def open_tfds_split(builder, name: str, where: str, split: str, canvas: int):
         ) from err
 
 
+def check_tfds_name(name: str) -> None:
+    """DataError, one line with the nearest known name, when tfds knows no dataset `name` (its
+    'name/config:version' forms are judged by the name): checked before anything says 'not
+    prepared', which would send the user to prepare a dataset that does not exist."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.registered import DatasetNotFoundError
+
+    base = name.split("/")[0].split(":")[0]
+    try:
+        tfds.builder_cls(base)
+    except DatasetNotFoundError:
+        known = tfds.list_builders(with_community_datasets=False)
+        close = difflib.get_close_matches(base, known, n=1)
+        hint = f"did you mean {close[0]!r}? Else set " if close else "set "
+        raise DataError(
+            f"config.data.name={name!r} is not a tfds dataset: {hint}'digits', 'folder' (with "
+            f"config.data.data_dir=DIR) or a tfds image dataset's name (`tfds.list_builders()` "
+            f"lists them)."
+        ) from None
+
+
 def prepared_builder(name: str, where: str):
     """The tfds builder of `name` prepared in `where`, in a format tfds.data_source reads."""
     import tensorflow_datasets as tfds
 
+    check_tfds_name(name)
     if not os.path.isdir(where):  # checked first: tfds would report an empty dataset
         raise _not_prepared(name, where, "the directory does not exist")
     try:

@@ -108,6 +108,33 @@ def _plain(tree):
     return tree
 
 
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[tuple[str, tuple]]:
+    """(dotted key, (old, new)) for every leaf that differs between two nested dicts."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", (a, b)))
+    return out
+
+
+def _split_change(role: str, got: dict | None, want: dict) -> str:
+    """One clause on how a split's identity changed: another source or size, or other contents."""
+    same = ("source", "num_examples")
+    if got and all(got.get(k) == want[k] for k in same):  # the same files, rewritten
+        return (
+            f"its {role} split {want['source']} holds other images now (the same "
+            f"{want['num_examples']}, other contents)"
+        )
+    was = f"{got.get('source')} ({got.get('num_examples')} images)" if got else "not recorded"
+    return (
+        f"its {role} split was {was}, the config now reads {want['source']} "
+        f"({want['num_examples']} images)"
+    )
+
+
 def check_meta(meta: dict, config, where: str) -> None:
     """Raises CheckpointError when the checkpoint metadata `meta` (in `where`) is not `config`'s.
     A checkpoint written before the data identity was recorded is checked on the rest."""
@@ -115,21 +142,25 @@ def check_meta(meta: dict, config, where: str) -> None:
     got_data, want_data = meta.get("data_identity"), want.get("data_identity")
     if got_data and want_data and got_data != want_data:
         changed = [k for k in want_data if got_data.get(k) != want_data[k]]
+        clauses = "; ".join(_split_change(k, got_data.get(k), want_data[k]) for k in changed)
         raise CheckpointError(
-            f"The checkpoint in {where} was trained on other data: its {', '.join(changed)} "
-            f"split(s) were {[got_data.get(k) for k in changed]}, the config now reads "
-            f"{[want_data[k] for k in changed]}. Resuming would go on in another order over other "
-            f"images: point config.data at the data it was trained on, or use another --workdir."
+            f"The checkpoint in {where} was trained on other data: {clauses}. Resuming would go "
+            f"on in another order over other images: point config.data at the data it was "
+            f"trained on, or use another --workdir."
         )
     for key in ("model", "data"):
         got = meta.get(key)
         if key == "model" and isinstance(got, dict):
             got = model_identity(got)
         if got != want[key]:
+            if isinstance(got, dict):
+                diffs = changed_keys(got, want[key])
+                said = ", ".join(f"{key}.{k} {a!r} (config: {b!r})" for k, (a, b) in diffs)
+            else:  # nothing readable recorded
+                said = f"{got!r} (config: {want[key]!r})"
             raise CheckpointError(
-                f"The checkpoint in {where} was made for {key} {meta.get(key)} but the config asks "
-                f"for {want[key]}. Use the config the checkpoint was trained with, or another "
-                f"--workdir / --config.restore."
+                f"The checkpoint in {where} was made for another {key}: {said}. Use the config "
+                f"the checkpoint was trained with, or another --workdir / --config.restore."
             )
 
 

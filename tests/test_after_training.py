@@ -82,8 +82,9 @@ def test_load_encoder_gives_each_head_layer_as_the_model_does(run, tmp_path):
     np.testing.assert_allclose(enc(images, layer=1), want_1, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(enc(images, layer=0), h, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(enc(images, layer=3), z, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(enc(images, layer=-1), enc(images, layer=3))  # the official -1
     assert want_1.shape == (12, h.shape[1])  # hidden dim 0: the feature dim
-    with pytest.raises(ValueError, match="layer must be in 0..3"):
+    with pytest.raises(ValueError, match="layer must be in 0..3 or -1"):
         enc(images, layer=4)
     # A workdir that ran only the downstream stage at selector 2, from this run's encoder.
     downstream_dir = tmp_path / "downstream"
@@ -273,3 +274,15 @@ def test_log_lines_print_above_the_progress_bars(run):
     assert len(logged) == 2 * epochs  # fine-tuned and scratch
     for line in logged:
         assert line.split("\r")[-1].startswith("I"), repr(line)
+
+
+def test_a_legal_but_odd_setting_is_warned_of_once_in_the_log_and_the_report(run):
+    """The tiny run's classifier batch (the demo's 24) is larger than its 11 labelled images
+    (checks.py)."""
+    workdir, err = run["workdir"], run["out"].stderr
+    note = "downstream.batch_size=24 is larger than the 11 labelled images"
+    assert err.count(note) == 1, err[-3000:]
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    assert any(w.startswith(note) for w in config["warnings"])
+    md = open(os.path.join(workdir, report.REPORT_MD)).read()
+    assert "## Warnings" in md and f"- {note}" in md

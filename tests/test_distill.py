@@ -77,7 +77,7 @@ def test_the_distillation_loss_is_the_numpy_transcription_and_leaves_the_teacher
         ("distill.labels_learning_rate", -1.0, "must be > 0"),
         ("distill.learning_rate", 0.0, "must be > 0"),
         ("distill.optimizer", "adam", "must be one of"),
-        ("distill.model.name", "vgg", "unknown model"),
+        ("distill.model.name", "vgg", "must be one of"),
         ("distill.model.width", -0.5, "must be >= 0"),
         ("distill.batch_size", 30, "does not split over 8 devices"),
     ],
@@ -207,3 +207,56 @@ def test_the_demo_config_distils_with_the_rates_its_validation_search_picked():
     d = config.distill
     assert (d.teacher, d.learning_rate, d.labels_learning_rate) == ("finetune_long", 0.3, 0.1)
     assert d.chosen_on.startswith("validation")
+
+
+def test_the_official_distillation_view_is_a_resized_crop_and_flip_without_colour():
+    """distill.student_view='resized_crop': each example's view a function of its global id (not
+    of how the batch is split), colour untouched, traced through the distillation step; recorded
+    in the run's checkpoint metadata (so a change starts the run anew), left out at the default
+    (so runs written before resume)."""
+    import functools
+
+    import optax
+
+    from simclr_jax import augment, classifier, distill, parallel, train_state
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (4, 20, 20, 1), np.uint8).repeat(3, -1)  # (4, 20, 20, 3)
+    key, ids = jax.random.PRNGKey(0), np.arange(4)
+    batch_views = jax.jit(augment.resized_crop_flip_batch, static_argnums=(4, 5, 6))
+    views = batch_views(key, 3, grey, ids, 16, 0.3, 0.5)
+    reordered = batch_views(key, 3, grey[::-1], ids[::-1], 16, 0.3, 0.5)
+    np.testing.assert_array_equal(views[::-1], reordered)  # each view follows its example's id
+    assert views.shape == (4, 16, 16, 3) and 0 <= float(views.min()) <= float(views.max()) <= 1
+    np.testing.assert_array_equal(views[..., 0], views[..., 2])  # no colour jitter, no hue
+
+    config = tiny_config(**{"distill.student_view": "resized_crop"})
+    model = classifier.build_model(config, 10)
+    spec = augment.spec_from_config(config)
+    step = functools.partial(
+        distill.distill_step,
+        student=model,
+        teacher=model,
+        spec=spec,
+        schedule=optax.constant_schedule(0.1),
+        temperature=1.0,
+        view="resized_crop",
+    )
+    tx = optax.sgd(0.1)
+    state = jax.eval_shape(lambda: train_state.create_state(model, tx, jax.random.PRNGKey(0), 16))
+    teacher = {"params": state.params, "batch_stats": state.batch_stats}
+    batch = {"images": jnp.asarray(grey[None]), "ids": jnp.asarray(ids[None], jnp.int32)}
+    stacked = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype), (state, teacher))
+    _, metrics = jax.eval_shape(
+        jax.vmap(step, axis_name=parallel.AXIS),
+        stacked[0],
+        batch,
+        jax.ShapeDtypeStruct((1, 2), jnp.uint32),
+        stacked[1],
+    )
+    assert metrics["loss"].shape == (1,)
+
+    got = distill.run_meta(config, distill.DISTILL, {})["run"]["distill"]
+    assert got["student_view"] == "resized_crop"
+    plain = distill.run_meta(tiny_config(), distill.DISTILL, {})["run"]["distill"]
+    assert "student_view" not in plain and set(got) - set(plain) == {"student_view"}

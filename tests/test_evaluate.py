@@ -80,6 +80,8 @@ def test_linear_probe_fit_matches_scikit_learn():
     sk = LogisticRegression(C=1.0 / (l2 * len(y)), tol=1e-10, max_iter=10_000)
     sk.fit((x - mean) / std, y)
     assert res["l2"] == l2 and res["cv_loss"] is None
+    assert res["converged"] and res["grad_max"] <= probe.GRAD_TOL and res["cv_fits"] == 0
+    assert probe.convergence_note(res) is None  # nothing to warn of
     assert res["test_acc"] == pytest.approx(sk.score((xt - mean) / std, yt))
     probs = sk.predict_proba((x - mean) / std)
     sk_loss = -np.mean(np.log(probs[np.arange(len(y)), y]))

@@ -135,7 +135,7 @@ def test_cli_pretrains_and_writes_outputs(tmp_path):
     "flag, message",
     [
         ("--config.pretrain.batch_size=33", "does not split over 2 devices"),
-        ("--config.model.name=resnet7", "unknown model 'resnet7'"),
+        ("--config.model.name=resnet7", "config.model.name: must be one of ('resnet18', "),
         ("--config.pretrain.no_such_key=1", "no_such_key"),
         ("--config.augment.flip_prob=1.5", "augment.flip_prob"),
         ("--config.data.name=no_such_dataset_xyz", "no_such_dataset_xyz"),

@@ -1,7 +1,10 @@
 """SimCLRv2's fine-tuning from a projection-head layer (downstream.ft_proj_selector): the model's
 kept head layers, their copy from pretraining, the frozen features they give, the config's
-errors. A whole run at selector 1 (resumed after a stop, and on 1 and 8 simulated devices) is
+errors, and -1 (the official code's 'last layer') read as model.head_layers everywhere. A whole
+run at selector 1 (resumed after a stop, and on 1 and 8 simulated devices) is
 tests/test_transfer.py's first test, which runs the downstream stage at selector 1."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from simclr_jax import classifier, models, train_state
+from simclr_jax import classifier, models, report_md, runs, train_state
 from simclr_jax import config as config_lib
 from simclr_jax.errors import ConfigError
 from tests.helpers import TINY_FLAGS, run_cli, tiny_config
@@ -82,14 +85,34 @@ def test_the_kept_head_layers_are_the_pretrained_ones_by_name(pretrained, k):
     np.testing.assert_array_equal(logits, 0.0)  # zero-initialised head
 
 
-@pytest.mark.parametrize("k, layers", [(-1, 3), (4, 3), (2, 1)])
-def test_a_bad_selector_is_a_config_error_naming_the_key(k, layers):
+@pytest.mark.parametrize(
+    "k, layers, want",
+    [
+        (-2, 3, r"must be >= -1 \(-1 = model\.head_layers\), got -2"),
+        (4, 3, r"must be an integer in -1\.\.model\.head_layers=3 .*got 4"),
+        (2, 1, r"must be an integer in -1\.\.model\.head_layers=1 .*got 2"),
+    ],
+)
+def test_a_bad_selector_is_a_config_error_naming_the_key(k, layers, want):
     config = tiny_config(**{"downstream.ft_proj_selector": k, "model.head_layers": layers})
-    want = rf"config\.downstream\.ft_proj_selector: .* 0\.\.model\.head_layers={layers} .*got {k}"
-    with pytest.raises(ConfigError, match=want):
+    with pytest.raises(ConfigError, match=rf"config\.downstream\.ft_proj_selector: {want}"):
         config_lib.validate(config)
-    config.downstream.ft_proj_selector = layers  # z: allowed, as in the official code
-    config_lib.validate(config)
+    for ok in (layers, -1):  # z, and -1, the official code's 'last layer': allowed
+        config.downstream.ft_proj_selector = ok
+        config_lib.validate(config)
+
+
+def test_selector_minus_one_is_the_last_head_layer_everywhere():
+    """-1 reads as model.head_layers in what the stage reads (config.ft_proj_selector: the
+    classifier's kept layers, the probes' features, load_encoder's default layer), in the runs'
+    checkpoint metadata (the same run as at 3) and in the report."""
+    last, minus_one = (tiny_config(**{"downstream.ft_proj_selector": k}) for k in (3, -1))
+    assert config_lib.ft_proj_selector(minus_one) == config_lib.ft_proj_selector(last) == 3
+    assert classifier.build_model(minus_one, 10).proj_layers == 3
+    assert runs.run_meta(minus_one, "finetune", 1, None) == runs.run_meta(last, "finetune", 1, None)
+    line = report_md.features_line(json.loads(minus_one.to_json()))
+    assert line.startswith("Features (frozen rows and classifiers' input): head layer 3 of 3 (z; ")
+    assert "downstream.ft_proj_selector=-1)" in line
 
 
 def test_a_bad_selector_on_the_command_line_is_one_line_before_any_work(tmp_path):
@@ -99,7 +122,7 @@ def test_a_bad_selector_on_the_command_line_is_one_line_before_any_work(tmp_path
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()
     assert (
-        "config.downstream.ft_proj_selector: must be an integer in 0..model.head_layers=3"
+        "config.downstream.ft_proj_selector: must be an integer in -1..model.head_layers=3"
         in (last[-1])
     ), out.stderr[-2000:]
     assert "Traceback" not in out.stderr and not workdir.exists()
