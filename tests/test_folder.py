@@ -59,9 +59,10 @@ def test_a_folder_of_mixed_files_pretrains_evaluates_and_reports(folder, tmp_pat
     n_pretrain = 3 * 6 + wrote["unlabelled"]
     assert f"Loaded folder: {n_pretrain} pretraining (train+unlabelled)" in out.stderr
     assert os.path.exists(os.path.join(workdir, "report.md"))
-    # Images without labels: the online linear head is off by default, and the log says why.
+    # Images without labels: the online linear head is off by default, and both say why.
     why = f"{wrote['unlabelled']} of the {n_pretrain} pretraining images (data.pretrain_split="
     assert f"online linear head (pretrain.online_probe) is off: {why}" in out.stderr
+    assert f"Online linear head: off ({why}" in open(os.path.join(workdir, "report.md")).read()
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in records if r["phase"] == "pretrain"] == [2, 4]
     linear = [r for r in records if r["phase"] == "linear"][0]
