@@ -303,30 +303,36 @@ def prepare_part(name, args, config, data) -> dict:
     return {"call": call, "flops": flops, "compile_s": compile_s}
 
 
-def time_parts(prepared: dict, args, peak) -> dict[str, list[float]]:
+def time_parts(prepared: dict, args, peak) -> dict[str, dict[str, list[float]]]:
     """Seconds of each part's calls, timed in turn (round-robin, `args.steps` rounds), the
-    machine's peak measured before and after."""
+    machine's peak measured before and after: {part: {'wall': [...], 'cpu': [...]}}. 'cpu' is
+    this process's CPU time over the call (all its threads): the work done, which other
+    processes on a shared machine slow far less than the wall time."""
     import jax
 
-    times = {name: [] for name in prepared}
+    times = {name: {"wall": [], "cpu": []} for name in prepared}
     peak.measure()
     with jax.transfer_guard("disallow"):  # the batch lives on the devices: no copies per step
         for _ in range(args.steps):
             for name, part in prepared.items():
-                times[name] += timed(part["call"], 1)
+                cpu = time.process_time()
+                times[name]["wall"] += timed(part["call"], 1)
+                times[name]["cpu"].append(time.process_time() - cpu)
     peak.measure()
     return times
 
 
-def part_row(name: str, part: dict, times: list[float], args) -> dict:
+def part_row(name: str, part: dict, times: dict[str, list[float]], args) -> dict:
     import jax
 
-    sec = statistics.median(times)
+    sec = statistics.median(times["wall"])
     total = part["flops"] * jax.device_count()
     return {
         "part": name,
         "ms_per_step": 1e3 * sec,
-        "ms_all": [1e3 * t for t in times],
+        "ms_all": [1e3 * t for t in times["wall"]],
+        "cpu_ms_per_step": 1e3 * statistics.median(times["cpu"]),
+        "cpu_ms_all": [1e3 * t for t in times["cpu"]],
         "images_per_s": args.batch / sec,
         "gflop_per_step": total / 1e9,
         "gflop_per_s": total / sec / 1e9,
@@ -334,17 +340,21 @@ def part_row(name: str, part: dict, times: list[float], args) -> dict:
     }
 
 
-def probe_cost(times: dict[str, list[float]]) -> dict | None:
-    """The online linear head's cost per step, where both pretrain parts ran: the ratio of their
-    median times and the median of the per-round ratios (the calls of a round ran back to back)."""
+def probe_cost(times: dict) -> dict | None:
+    """The online linear head's cost per step, where both pretrain parts ran, in wall and in CPU
+    time: the ratio of their medians and the median of the rounds' ratios (the two calls of a
+    round ran back to back)."""
     if "pretrain" not in times or "pretrain_probe" not in times:
         return None
-    on, off = times["pretrain_probe"], times["pretrain"]
-    return {
-        "ratio_of_medians": statistics.median(on) / statistics.median(off),
-        "median_round_ratio": statistics.median(a / b for a, b in zip(on, off, strict=True)),
-        "ms_per_step_added": 1e3 * (statistics.median(on) - statistics.median(off)),
-    }
+    out = {}
+    for clock in ("wall", "cpu"):
+        on, off = times["pretrain_probe"][clock], times["pretrain"][clock]
+        out[clock] = {
+            "ratio_of_medians": statistics.median(on) / statistics.median(off),
+            "median_round_ratio": statistics.median(a / b for a, b in zip(on, off, strict=True)),
+            "ms_per_step_added": 1e3 * (statistics.median(on) - statistics.median(off)),
+        }
+    return out
 
 
 def max_rss_gib() -> float | None:
@@ -453,12 +463,11 @@ def print_table(result: dict) -> None:
         )
     if "augment_share_of_pretrain" in result:
         print(f"augmentation / pretrain step: {result['augment_share_of_pretrain']:.1%}")
-    cost = result.get("online_probe_cost")
-    if cost:
+    for clock, cost in (result.get("online_probe_cost") or {}).items():
         print(
-            f"online linear head: pretrain_probe / pretrain {cost['ratio_of_medians']:.4f} "
-            f"(medians), {cost['median_round_ratio']:.4f} (median of the rounds' ratios), "
-            f"{cost['ms_per_step_added']:+.1f} ms/step"
+            f"online linear head, {clock} time: pretrain_probe / pretrain "
+            f"{cost['ratio_of_medians']:.4f} (medians), {cost['median_round_ratio']:.4f} (median "
+            f"of the rounds' ratios), {cost['ms_per_step_added']:+.1f} ms/step"
         )
 
 
