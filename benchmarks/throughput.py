@@ -3,17 +3,22 @@
 For a given model, global batch, precision and device count it times (median of --steps runs
 after --warmup, each ended by block_until_ready):
 
-  augment     making the two views of a batch (the first lines of pretrain_step);
-  pretrain    the full pretrain step, built as `pretrain.run` builds it (pmapped over
-              parallel.AXIS, train state donated), run under jax.transfer_guard('disallow');
-  classifier  the downstream classifier step (`classifier.classifier_step`), built the same way;
+  augment         making the two views of a batch (the first lines of pretrain_step);
+  pretrain        the full pretrain step, built as `pretrain.run` builds it (pmapped over
+                  parallel.AXIS, train state donated), run under jax.transfer_guard('disallow');
+  pretrain_probe  the same step with the online linear head (pretrain.online_probe) training
+                  beside the encoder (not among the default parts: --parts pretrain,pretrain_probe
+                  gives its cost per step, the ratio of the two);
+  classifier      the downstream classifier step (`classifier.classifier_step`), built the same way;
 
 each on one fixed batch made on the devices beforehand (`device_data`: this process's rows of a
 global batch, as `pretrain.batches` streams them), so that the step alone is timed, not the
-reading of its batches; and reports ms/step, images/s and model FLOP utilisation (MFU): the
+reading of its batches. Every part is compiled and warmed up first, then the parts are timed in
+turn, one call each per round (so that the load of a shared machine hits them alike, and two
+parts compare call by call). It reports ms/step, images/s and model FLOP utilisation (MFU): the
 step's FLOPs from XLA's cost analysis, over the step time, over the machine's peak measured in
 the same run (the best of a large matmul, in the same precision, jitted on one device and pmapped
-over all of them; measured between the parts, so that load on a shared machine hits both alike).
+over all of them; measured before and after the timed rounds).
 
 Writes benchmarks/results/<device>-<n>dev-<model>[-w<width>]-b<batch>-<precision>[-<tag>].json
 and prints a short table. On CPU, --devices sets XLA_FLAGS=--xla_force_host_platform_device_count
@@ -25,6 +30,8 @@ again (535,000 4 KiB pages a step at batch 128).
 
   python benchmarks/throughput.py --model resnet18 --batch 256 --precision float32 --devices 2
   python benchmarks/throughput.py --model tiny --batch 64 --steps 3 --parts pretrain
+  python benchmarks/throughput.py --model resnet18 --width 0.125 --image-size 16 --batch 256 \
+      --devices 2 --parts pretrain,pretrain_probe --steps 20     # the digits config's step
 """
 
 import argparse
@@ -47,7 +54,8 @@ MALLOC = {
     "default": "",
 }
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-PARTS = ("augment", "pretrain", "classifier")
+PARTS = ("augment", "pretrain", "pretrain_probe", "classifier")
+DEFAULT_PARTS = ("augment", "pretrain", "classifier")
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:
@@ -56,6 +64,7 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--model", default="resnet18", help="resnet18 | resnet34 | resnet50 | tiny")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier")
     p.add_argument("--batch", type=int, default=256, help="global batch (source images)")
+    p.add_argument("--image-size", type=int, default=32, help="side of the views (data.image_size)")
     p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--devices", type=int, default=0, help="CPU: simulated devices (0: as set)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs after compilation")
@@ -102,7 +111,7 @@ def set_cpu_convs(name: str, environ=os.environ) -> str:
 def parse_args(argv=None):
     p = argument_parser(__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=5, help="timed runs per part (median)")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated of {PARTS}")
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS), help=f"comma-separated of {PARTS}")
     p.add_argument("--peak-size", type=int, default=2048, help="side of the peak matmul")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     p.add_argument("--out", default=RESULTS, help="directory of the JSON result")
@@ -150,6 +159,7 @@ def make_config(args):
     c.precision = args.precision
     c.model.name = args.model
     c.model.width = args.width
+    c.data.image_size = args.image_size
     c.data.mean, c.data.std = (0.5,) * 3, (0.29,) * 3  # of the random uint8 images
     c.pretrain.batch_size = args.batch
     c.downstream.batch_size = args.batch
@@ -222,13 +232,15 @@ def device_data(config, batch: int):
 
 
 def build_step(part: str, config, state_key=None):
-    """(p_step, replicated state) of the 'pretrain' or 'classifier' part, built exactly as
-    pretrain.run / downstream.compare build them (no state without a key)."""
+    """(p_step, replicated state) of the 'pretrain', 'pretrain_probe' (with the online linear
+    head, 10 classes) or 'classifier' part, built exactly as pretrain.run / downstream.compare
+    build them (no state without a key)."""
     from simclr_jax import classifier, optim, parallel, pretrain, train_state
 
-    section = config.pretrain if part == "pretrain" else config.downstream
+    pretraining = part.startswith("pretrain")
+    section = config.pretrain if pretraining else config.downstream
     schedule = optim.make_schedule(section, 100, 1000)
-    if part == "pretrain":
+    if pretraining:
         model, p_step = pretrain.make_step(config, schedule)
     else:
         model, p_step = classifier.make_classifier_step(config, schedule, num_classes=10)
@@ -236,6 +248,8 @@ def build_step(part: str, config, state_key=None):
     if state_key is not None:
         tx = optim.make_optimizer(section, schedule)
         state = train_state.create_state(model, tx, state_key, config.data.image_size)
+        if part == "pretrain_probe":
+            state = state.replace(probe=pretrain.probe_state(config, schedule, 10))
         state = parallel.replicate(state)
     return p_step, state
 
@@ -254,14 +268,15 @@ def build_augment(config):
     return jax.pmap(views, axis_name=parallel.AXIS)
 
 
-def run_part(name, args, config, data, peak) -> dict:
-    """Compiles, warms up and times one part; returns its row of the results."""
+def prepare_part(name, args, config, data) -> dict:
+    """Builds, compiles and warms up one part: {'call': one timed call, 'flops': per device,
+    'compile_s'}."""
     import jax
     import jax.numpy as jnp
 
     from simclr_jax import parallel, train_state
 
-    pretrain_batch, classifier_batch, aug_key = data
+    pretrain_batch, labelled_batch, aug_key = data
     key = train_state.seed_key(0, train_state.INIT_KEY)
     t0 = time.perf_counter()
     if name == "augment":
@@ -272,7 +287,7 @@ def run_part(name, args, config, data, peak) -> dict:
         call = lambda: fn(*call_args)  # noqa: E731
     else:
         p_step, state = build_step(name, config, key)
-        batch = pretrain_batch if name == "pretrain" else classifier_batch
+        batch = pretrain_batch if name == "pretrain" else labelled_batch  # the head reads labels
         step_args = (batch, aug_key)
         flops = lowered_flops(p_step, (state, *step_args))
         holder = {"state": state}
@@ -285,22 +300,61 @@ def run_part(name, args, config, data, peak) -> dict:
     compile_s = time.perf_counter() - t0
     for _ in range(args.warmup):
         jax.block_until_ready(call())
+    return {"call": call, "flops": flops, "compile_s": compile_s}
+
+
+def time_parts(prepared: dict, args, peak) -> dict[str, dict[str, list[float]]]:
+    """Seconds of each part's calls, timed in turn (round-robin, `args.steps` rounds), the
+    machine's peak measured before and after: {part: {'wall': [...], 'cpu': [...]}}. 'cpu' is
+    this process's CPU time over the call (all its threads): the work done, which other
+    processes on a shared machine slow far less than the wall time."""
+    import jax
+
+    times = {name: {"wall": [], "cpu": []} for name in prepared}
     peak.measure()
     with jax.transfer_guard("disallow"):  # the batch lives on the devices: no copies per step
-        times = timed(call, args.steps)
+        for _ in range(args.steps):
+            for name, part in prepared.items():
+                cpu = time.process_time()
+                times[name]["wall"] += timed(part["call"], 1)
+                times[name]["cpu"].append(time.process_time() - cpu)
     peak.measure()
-    n_dev = jax.device_count()
-    sec = statistics.median(times)
-    total = flops * n_dev
+    return times
+
+
+def part_row(name: str, part: dict, times: dict[str, list[float]], args) -> dict:
+    import jax
+
+    sec = statistics.median(times["wall"])
+    total = part["flops"] * jax.device_count()
     return {
         "part": name,
         "ms_per_step": 1e3 * sec,
-        "ms_all": [1e3 * t for t in times],
+        "ms_all": [1e3 * t for t in times["wall"]],
+        "cpu_ms_per_step": 1e3 * statistics.median(times["cpu"]),
+        "cpu_ms_all": [1e3 * t for t in times["cpu"]],
         "images_per_s": args.batch / sec,
         "gflop_per_step": total / 1e9,
         "gflop_per_s": total / sec / 1e9,
-        "compile_s": compile_s,
+        "compile_s": part["compile_s"],
     }
+
+
+def probe_cost(times: dict) -> dict | None:
+    """The online linear head's cost per step, where both pretrain parts ran, in wall and in CPU
+    time: the ratio of their medians and the median of the rounds' ratios (the two calls of a
+    round ran back to back)."""
+    if "pretrain" not in times or "pretrain_probe" not in times:
+        return None
+    out = {}
+    for clock in ("wall", "cpu"):
+        on, off = times["pretrain_probe"][clock], times["pretrain"][clock]
+        out[clock] = {
+            "ratio_of_medians": statistics.median(on) / statistics.median(off),
+            "median_round_ratio": statistics.median(a / b for a, b in zip(on, off, strict=True)),
+            "ms_per_step_added": 1e3 * (statistics.median(on) - statistics.median(off)),
+        }
+    return out
 
 
 def max_rss_gib() -> float | None:
@@ -333,11 +387,12 @@ def main(argv=None):
 
     peak = Peak(args.peak_size, train_state.compute_dtype(config))
     peak.measure()
-    rows = []
+    prepared = {}
     for name in args.parts:
-        row = run_part(name, args, config, data, peak)
-        rows.append(row)
-        print(f"{name}: {row['ms_per_step']:.1f} ms/step (compile {row['compile_s']:.0f} s)")
+        prepared[name] = prepare_part(name, args, config, data)
+        print(f"{name}: compiled in {prepared[name]['compile_s']:.0f} s")
+    times = time_parts(prepared, args, peak)
+    rows = [part_row(name, prepared[name], times[name], args) for name in args.parts]
     peak_flops = statistics.median(peak.samples)
     for row in rows:
         row["mfu"] = row["gflop_per_s"] * 1e9 / peak_flops
@@ -347,6 +402,7 @@ def main(argv=None):
         "device_count": n_dev,
         "model": args.model,
         "width": args.width,
+        "image_size": args.image_size,
         "global_batch": args.batch,
         "precision": args.precision,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -364,6 +420,8 @@ def main(argv=None):
         result["augment_share_of_pretrain"] = (
             by_name["augment"]["ms_per_step"] / by_name["pretrain"]["ms_per_step"]
         )
+    if probe_cost(times):
+        result["online_probe_cost"] = probe_cost(times)
     write(result, args)
     print_table(result)
     return result
@@ -371,9 +429,10 @@ def main(argv=None):
 
 def write(result: dict, args) -> str:
     width = "" if args.width == 1 else f"-w{args.width:g}"
+    size = "" if args.image_size == 32 else f"-{args.image_size}px"
     tag = f"-{args.tag}" if args.tag else ""
     name = (
-        f"{result['device']}-{result['device_count']}dev-{args.model}{width}-b{args.batch}-"
+        f"{result['device']}-{result['device_count']}dev-{args.model}{width}{size}-b{args.batch}-"
         f"{args.precision}{tag}.json"
     )
     return save_json(result, args.out, name)
@@ -404,6 +463,12 @@ def print_table(result: dict) -> None:
         )
     if "augment_share_of_pretrain" in result:
         print(f"augmentation / pretrain step: {result['augment_share_of_pretrain']:.1%}")
+    for clock, cost in (result.get("online_probe_cost") or {}).items():
+        print(
+            f"online linear head, {clock} time: pretrain_probe / pretrain "
+            f"{cost['ratio_of_medians']:.4f} (medians), {cost['median_round_ratio']:.4f} (median "
+            f"of the rounds' ratios), {cost['ms_per_step_added']:+.1f} ms/step"
+        )
 
 
 if __name__ == "__main__":

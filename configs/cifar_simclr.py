@@ -120,6 +120,12 @@ def _pretrain() -> ml_collections.ConfigDict:
     p.checkpoint_every = 1000  # steps between orbax checkpoints (and one at the end)
     p.keep_checkpoints = 3
     p.knn_every = 0  # epochs between kNN monitor evaluations (0 = off)
+    # Online linear evaluation, as the official code's lineareval_while_pretraining: a linear
+    # head on stop_gradient(h) of the first view, trained on the labels in the same step with
+    # its own optimizer (never through the encoder); its train accuracy is logged every log_every
+    # steps, its test accuracy at each kNN-monitor point. None: on where every pretraining image
+    # has a label, off otherwise (docs/online_probe.md).
+    p.online_probe = ml_collections.FieldReference(None, field_type=bool)
     return p
 
 

@@ -2,7 +2,9 @@
 that is readable, skipping damaged ones with a warning.
 
 A checkpoint holds the unreplicated train state as a dict {step, params, batch_stats, opt_state}
-plus JSON metadata (the config sections that define the model and data). Nothing else is needed to
+plus JSON metadata (the config sections that define the model and data), and optionally further
+items of their own (`extra`: pretraining's online linear head), which a restore reads where the
+step holds them and that readers of the state alone never touch. Nothing else is needed to
 resume exactly: the data order and every augmentation key are functions of (seed, step).
 
 Saving and restoring are collective in a multi-process run: every process calls them with its own
@@ -82,27 +84,32 @@ class Checkpointer:
         )
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
-    def save(self, step: int, tree: Any, meta: dict) -> None:
-        """Starts an (async) save; a save for an already-saved step is a no-op."""
+    def save(self, step: int, tree: Any, meta: dict, extra: dict | None = None) -> None:
+        """Starts an (async) save; a save for an already-saved step is a no-op. `extra`: {name:
+        tree} saved as items of their own beside the state."""
         if step in self._mngr.all_steps():
             return
+        items = {k: ocp.args.StandardSave(_to_global(t)) for k, t in (extra or {}).items()}
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(_to_global(tree)), meta=ocp.args.JsonSave(meta)
+            state=ocp.args.StandardSave(_to_global(tree)), meta=ocp.args.JsonSave(meta), **items
         )
         self._mngr.save(step, args=args, force=True)
 
     def steps(self) -> list[int]:
         return sorted(self._mngr.all_steps())
 
-    def restore_latest(self, target: Any) -> tuple[Any, dict, int] | None:
+    def restore_latest(
+        self, target: Any, extra: dict | None = None
+    ) -> tuple[Any, dict, int] | None:
         """Newest readable checkpoint as (tree, meta, step); damaged ones are skipped with a warning.
 
-        `target` is a tree of arrays with the wanted structure, shapes and placement.
+        `target` is a tree of arrays with the wanted structure, shapes and placement; `extra`
+        ({name: target}) the items of their own to read too (`restore`).
         Returns None when there is no checkpoint, or none that can be read.
         """
         for step in reversed(self.steps()):
             try:
-                tree, meta = self.restore(step, target)
+                tree, meta = self.restore(step, target, extra)
             except Exception as err:  # truncated / corrupt files: fall back to the one before
                 log.warning(
                     "Checkpoint step %d in %s is unreadable (%s: %s); set aside in %s, trying an "
@@ -118,7 +125,7 @@ class Checkpointer:
         return None
 
     def restore_matching(
-        self, target: Any, check: Callable[[dict], None]
+        self, target: Any, check: Callable[[dict], None], extra: dict | None = None
     ) -> tuple[Any, dict, int] | None:
         """`restore_latest`, for checkpoints whose metadata `check` accepts (it raises otherwise).
 
@@ -134,7 +141,7 @@ class Checkpointer:
                 meta = None
             if meta is not None:
                 check(meta)
-        found = self.restore_latest(target)
+        found = self.restore_latest(target, extra)
         if found is not None:
             check(found[1])
         return found
@@ -153,13 +160,27 @@ class Checkpointer:
         self._mngr.reload()
         return dest
 
-    def restore(self, step: int, target: Any) -> tuple[Any, dict]:
-        """The tree of `step` as single-device arrays on this process's first local device."""
+    def restore(self, step: int, target: Any, extra: dict | None = None) -> tuple[Any, dict]:
+        """The tree of `step` as single-device arrays on this process's first local device.
+
+        `extra` ({name: target}): those of the items saved with `save(..., extra)` that the step
+        holds are read too and returned in the tree (a dict) under their names; one that the
+        step lacks (a checkpoint written without it) is left out of the tree."""
+        held = {k: t for k, t in (extra or {}).items() if self.holds(step, k)}
         args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract_global(target)), meta=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(_abstract_global(target)),
+            meta=ocp.args.JsonRestore(),
+            **{k: ocp.args.StandardRestore(_abstract_global(t)) for k, t in held.items()},
         )
         out = self._mngr.restore(step, args=args)
-        return jax.tree.map(lambda x: x.addressable_data(0), out["state"]), out["meta"]
+        tree = jax.tree.map(lambda x: x.addressable_data(0), out["state"])
+        for name in held:
+            tree[name] = jax.tree.map(lambda x: x.addressable_data(0), out[name])
+        return tree, out["meta"]
+
+    def holds(self, step: int, item: str) -> bool:
+        """Whether the checkpoint of `step` has the item `item` (a directory of its own)."""
+        return os.path.isdir(os.path.join(self.directory, str(step), item))
 
     def shapes(self, step: int) -> Any:
         """The shape of every array of the state saved at `step`, from orbax's description of the

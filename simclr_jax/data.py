@@ -86,14 +86,17 @@ def normalize(images, spec):
 
 def with_stats(config, ds: Dataset, transfer: Dataset | None = None):
     """A copy of `config` whose data.mean / data.std are the pretraining split's channel
-    statistics where they were left () (the encoder's input normalisation, `normalize`), and
-    whose data.identity is what its checkpoints record of the data (`identity`); with a
-    `transfer` dataset (downstream.data), downstream.data.identity is its identity."""
+    statistics where they were left () (the encoder's input normalisation, `normalize`), whose
+    data.identity is what its checkpoints record of the data (`identity`), and whose
+    data.pretrain_unlabelled counts the pretraining images without a label (the online linear
+    head trains only where there are none: pretrain.online_probe); with a `transfer` dataset
+    (downstream.data), downstream.data.identity is its identity."""
     config = copy.deepcopy(config)
     with config.unlocked():
         if not tuple(config.data.mean) or not tuple(config.data.std):
             config.data.mean, config.data.std = ds.channel_stats()
         config.data.identity = identity(ds)
+        config.data.pretrain_unlabelled = int(np.sum(ds.pretrain.labels < 0))
         if transfer is not None and is_transfer(config):
             config.downstream.data.identity = identity(transfer)
     return config

@@ -153,9 +153,10 @@ def knn_predictions(
 
 def knn_eval(
     feature_fn, variables, ds, data_cfg, num_classes: int, k: int, temperature: float
-) -> float:
+) -> tuple[float, np.ndarray]:
     """Features of the labelled train split and the test split with the frozen encoder (read
-    from `ds`'s sources in chunks), then knn_accuracy."""
+    from `ds`'s sources in chunks), then knn_accuracy: (accuracy, the test split's features
+    (m, F), for other evaluations of the same encoder)."""
     tr = extract_features(feature_fn, variables, stream.Reader(ds.train), len(ds.train), data_cfg)
     te = extract_features(feature_fn, variables, stream.Reader(ds.test), len(ds.test), data_cfg)
-    return knn_accuracy(tr, ds.train_labels, te, ds.test_labels, num_classes, k, temperature)
+    return knn_accuracy(tr, ds.train_labels, te, ds.test_labels, num_classes, k, temperature), te

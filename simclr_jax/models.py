@@ -10,6 +10,7 @@ This module owns the architectures only; the NT-Xent loss lives in `losses.py`.
 * `SimCLRModel`: `__call__(x, train) -> (h, z)`.
 * `Classifier`: `__call__(x, train) -> logits` (B, num_classes), optionally with the first
   head layers kept between f and its linear layer (`proj`, SimCLRv2's `ft_proj_selector`).
+* `online_probe_head`: pretraining's online linear head, h -> logits (`pretrain.online_probe`).
 
 Both `SimCLRModel` and `Classifier` hold the encoder under the same name, 'encoder', so
 `variables['params']['encoder']` and `variables['batch_stats']['encoder']` of a pretrained
@@ -330,3 +331,9 @@ def build_model(
         raise ValueError(f"proj_layers must be in 0..{head.num_layers}, got {proj_layers}")
     proj = head if proj_layers else None
     return Classifier(encoder=encoder, num_classes=num_classes, proj=proj, proj_layers=proj_layers)
+
+
+def online_probe_head(num_classes: int) -> nn.Dense:
+    """Pretraining's online linear head: h (B, F) -> logits (B, num_classes), float32. Its kernel
+    starts as the official code's supervised head's (normal, stddev 0.01), its bias at zero."""
+    return nn.Dense(num_classes, dtype=jnp.float32, kernel_init=nn.initializers.normal(0.01))

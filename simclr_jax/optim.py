@@ -26,8 +26,14 @@ def make_schedule(section, steps_per_epoch: int, total_steps: int) -> optax.Sche
     )
 
 
-def make_optimizer(section, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """section: a pretrain/downstream config section with optimizer, weight_decay, momentum."""
+def make_optimizer(
+    section, schedule: optax.Schedule, trust_ratio: bool = True
+) -> optax.GradientTransformation:
+    """section: a pretrain/downstream config section with optimizer, weight_decay, momentum.
+
+    trust_ratio=False: LARS without its layer-wise trust ratio anywhere (momentum SGD with the
+    learning rate inside the momentum, and weight decay on the kernels), as the official LARS
+    treats the variables it excludes (pretraining's online linear head)."""
     wd, name = section.weight_decay, section.optimizer
     if name == "lars":
         # As the official SimCLR LARS: biases and BN params skip both decay and trust-ratio scaling.
@@ -36,7 +42,7 @@ def make_optimizer(section, schedule: optax.Schedule) -> optax.GradientTransform
             weight_decay=wd,
             weight_decay_mask=decay_mask,
             trust_coefficient=0.001,
-            trust_ratio_mask=decay_mask,
+            trust_ratio_mask=decay_mask if trust_ratio else False,
             momentum=section.momentum,
         )
     if name == "sgd":

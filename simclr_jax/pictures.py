@@ -3,7 +3,8 @@
 
 * `views.png`: the first images of pretraining's first batch and their two views, made by the
   step's own augmentation (`augment.two_views`, the run's seed keys and config);
-* `pretrain.png`: loss, learning rate and kNN-monitor accuracy against the step (metrics.jsonl);
+* `pretrain.png`: loss, learning rate, and the kNN monitor's and the online linear head's
+  accuracy against the step (metrics.jsonl);
 * `neighbours.png`: test images and their nearest training images by cosine similarity of h,
   from the pretrained encoder f (frozen, BN in inference mode), as the kNN evaluation sees them.
 """

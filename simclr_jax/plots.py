@@ -11,6 +11,9 @@ import numpy as np
 
 # The pictures' file names in the workdir (pictures.py writes them, report.md links them).
 VIEWS_PNG, PRETRAIN_PNG, NEIGHBOURS_PNG = "views.png", "pretrain.png", "neighbours.png"
+# The online linear head's record keys (pretrain.PROBE_*, repeated: that module imports jax).
+PROBE_LOSS, PROBE_ACC = "online_probe_loss", "online_probe_acc"
+PROBE_TEST_ACC = "online_probe_test_acc"
 
 LABELS = {"finetune": "fine-tuned from SimCLR f", "scratch": "from scratch"}
 COLORS = {"finetune": "tab:blue", "scratch": "tab:orange"}
@@ -120,16 +123,20 @@ def _loss_panel(ax, steps, loss) -> None:
     ax.set(xlabel="step", ylabel="NT-Xent loss", title="pretraining loss")
 
 
+def curve(records: list[dict], key: str) -> list[tuple]:
+    """(step, value) of the records that have `key`, by step."""
+    return [(r["step"], r[key]) for r in records if r.get(key) is not None]
+
+
 def pretrain_curves(records: list[dict], path: str, title: str, chance: float | None = None):
     """Pretraining against the step, one panel each: the NT-Xent loss (axis robust to outliers;
     points beyond it drawn as triangles on its edge), the learning rate and, when the run logged
-    it, the kNN-monitor test accuracy (chance level dashed). Returns the figure."""
-    from matplotlib.ticker import PercentFormatter
-
+    them, the accuracies read while it trains: the kNN monitor's and the online linear head's on
+    the test split, the head's on the train views (chance level dashed). Returns the figure."""
     records = sorted(records, key=lambda r: r["step"])
     steps = [r["step"] for r in records]
-    knn = [(r["step"], r["knn_acc"]) for r in records if r.get("knn_acc") is not None]
-    panels = 2 + bool(knn)
+    knn, head_train = curve(records, "knn_acc"), curve(records, PROBE_ACC)
+    panels = 2 + bool(knn or head_train)
     fig = _figure(4.2 * panels, 3.6)
     axes = fig.subplots(1, panels, squeeze=False)[0]
 
@@ -138,23 +145,35 @@ def pretrain_curves(records: list[dict], path: str, title: str, chance: float | 
     ax.plot(steps, [r.get("learning_rate") for r in records], color="tab:green")
     ax.set(xlabel="step", ylabel="learning rate", title="learning-rate schedule")
     ax.set_ylim(bottom=0)
-
-    if knn:
-        ax = axes[2]
-        xs, ys = zip(*knn, strict=True)
-        ax.plot(xs, ys, "o-", color="tab:purple", label="kNN monitor (test)")
-        if chance is not None:
-            ax.axhline(chance, color="gray", linestyle="--", label=f"chance ({100 * chance:.0f}%)")
-        ax.set_ylim(0, 1)
-        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-        ax.set(xlabel="step", ylabel="kNN test accuracy", title="kNN monitor (frozen f)")
-        ax.legend(loc="best")
+    if panels == 3:
+        _accuracy_panel(axes[2], knn, curve(records, PROBE_TEST_ACC), head_train, chance)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     return fig
+
+
+def _accuracy_panel(ax, knn, head_test, head_train, chance) -> None:
+    """The kNN monitor (test), the online linear head (test, and train views dashed), chance."""
+    from matplotlib.ticker import PercentFormatter
+
+    lines = (
+        (knn, "o-", "tab:purple", "kNN monitor (test)"),
+        (head_test, "s-", "tab:red", "online linear head (test)"),
+        (head_train, "--", "tab:red", "online linear head (train views)"),
+    )
+    for points, style, color, label in lines:
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, style, color=color, label=label)
+    if chance is not None:
+        ax.axhline(chance, color="gray", linestyle=":", label=f"chance ({100 * chance:.0f}%)")
+    ax.set_ylim(0, 1)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set(xlabel="step", ylabel="top-1 accuracy", title="while pretraining: kNN, linear head")
+    ax.legend(loc="best", fontsize="small")
 
 
 def neighbours_grid(

@@ -1,6 +1,14 @@
 """SimCLR pretraining: the pmapped step (two views of this device's rows, f and g, NT-Xent over
-the global batch, LARS update), the kNN monitor, and the run that streams its batches
-(`stream.py`), resumes from, and writes, orbax checkpoints.
+the global batch, LARS update), the online linear head, the kNN monitor, and the run that streams
+its batches (`stream.py`), resumes from, and writes, orbax checkpoints.
+
+The online linear head (`pretrain.online_probe`; the official code's lineareval_while_pretraining,
+solo-learn's online linear evaluation): a linear layer on stop_gradient(h) of the first view,
+trained on the labels inside the same pmapped step with an optax optimizer of its own
+(`probe_state`). It lives in the train state's `probe` field and in a checkpoint item of its own;
+nothing of it reaches the encoder's loss, gradient, optimizer or BN statistics, so the encoder
+trains bitwise as without it. Its loss and train accuracy join the step's metrics, its test
+accuracy the kNN monitor's points.
 """
 
 import functools
@@ -8,6 +16,8 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 from jax import lax
 
 from simclr_jax import augment, data, evaluate, loop, losses, models, optim, parallel, stream
@@ -17,6 +27,7 @@ from simclr_jax.train_state import (
     AUGMENT_KEY,
     DATA_KEY,
     INIT_KEY,
+    PROBE_INIT_KEY,
     TrainState,
     checked_restore,
     checkpoint_meta,
@@ -29,12 +40,20 @@ from simclr_jax.train_state import (
 
 log = logging.getLogger(__name__)
 
+# The online linear head's record keys (metrics.jsonl, pretrain.png, report.json): its
+# cross-entropy and top-1 accuracy on the train views (each step's, averaged like the other step
+# metrics), and its top-1 accuracy on the test split at the kNN monitor's points.
+PROBE_LOSS, PROBE_ACC = "online_probe_loss", "online_probe_acc"
+PROBE_TEST_ACC = "online_probe_test_acc"
+PROBE_ITEM = "probe"  # its checkpoint item (Checkpointer.save's `extra`)
+
 
 def pretrain_step(state, batch, aug_key, *, model, aug_cfg, temperature, schedule):
     """One SimCLR step on this device's share of the global batch (inside pmap over AXIS).
 
     batch: {'images': (n, H, W, 3) uint8, 'ids': (n,) int32}, this device's rows of the step's
-    global batch and their global positions (`stream.Order`), from which the views' keys fold.
+    global batch and their global positions (`stream.Order`), from which the views' keys fold;
+    with the online linear head (`state.probe`), also 'labels' (n,) int32.
     """
     ids = batch["ids"]
     v1, v2 = augment.two_views(aug_key, state.step, batch["images"], ids, aug_cfg)  # (n,S,S,3) x2
@@ -42,17 +61,77 @@ def pretrain_step(state, batch, aug_key, *, model, aug_cfg, temperature, schedul
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
-        (_, z), updates = model.apply(variables, views, train=True, mutable=["batch_stats"])
+        (h, z), updates = model.apply(variables, views, train=True, mutable=["batch_stats"])
         z1, z2 = jnp.split(z, 2)  # (n, D) each
         partial_loss, metrics = losses.nt_xent_with_metrics(z1, z2, temperature, parallel.AXIS)
         # The official scale, 2L (losses.OBJECTIVE_SCALE); metrics['loss'] reports L.
-        return losses.OBJECTIVE_SCALE * partial_loss, (metrics, updates["batch_stats"])
+        return losses.OBJECTIVE_SCALE * partial_loss, (metrics, updates["batch_stats"], h)
 
-    grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, (metrics, batch_stats, h) = jax.grad(loss_fn, has_aux=True)(state.params)
     grads = lax.psum(grads, parallel.AXIS)  # partial losses sum to L, so their grads sum too
     metrics["learning_rate"] = schedule(state.step)
+    probe = state.probe
+    if probe is not None:  # h of the forward pass above: BN's statistics move once
+        h1 = lax.stop_gradient(jnp.split(h, 2)[0])  # (n, F): the first view's
+        probe, probe_metrics = probe_step(probe, h1, batch["labels"])
+        metrics.update(probe_metrics)
     # Global BN: the running statistics are already identical on every device.
-    return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats, probe=probe), metrics
+
+
+def probe_step(probe: TrainState, h, labels):
+    """One update of the online linear head on this device's rows (inside pmap over AXIS):
+    h (n, F) float32, labels (n,) int32. Its gradient is the global batch's mean cross-entropy's
+    (averaged over the devices, apart from the encoder's); the accuracy is before the update."""
+
+    def loss_fn(params):
+        logits = probe.apply_fn({"params": params}, h)  # (n, C)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(probe.params)
+    grads = lax.pmean(grads, parallel.AXIS)  # equal rows per device: the global mean's gradient
+    acc = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+    metrics = {PROBE_LOSS: lax.pmean(loss, parallel.AXIS), PROBE_ACC: lax.pmean(acc, parallel.AXIS)}
+    return probe.apply_gradients(grads=grads), metrics
+
+
+def probe_state(config, schedule, num_classes: int) -> TrainState:
+    """The online linear head, fresh: `models.online_probe_head` on h, initialised from its own
+    seed key, with an optimizer of its own: pretraining's (optimizer, learning-rate schedule,
+    momentum, weight decay on the kernel), LARS without its trust ratio, as the official code
+    trains its supervised head beside the encoder."""
+    head = models.online_probe_head(num_classes)
+    feat_dim = models.build_encoder(config.model).feat_dim
+    key = seed_key(config.seed, PROBE_INIT_KEY)
+    params = head.init(key, jnp.zeros((1, feat_dim), jnp.float32))["params"]
+    tx = optim.make_optimizer(config.pretrain, schedule, trust_ratio=False)
+    return TrainState.create(apply_fn=head.apply, params=params, tx=tx)
+
+
+def probe_tree(probe: TrainState) -> dict:
+    """What the online linear head's checkpoint item holds."""
+    return {"step": probe.step, "params": probe.params, "opt_state": probe.opt_state}
+
+
+def probe_accuracy(probe: TrainState, features, labels) -> float:
+    """Top-1 accuracy of the online linear head (unreplicated) on features (m, F), labels (m,)."""
+    logits = probe.apply_fn({"params": probe.params}, jnp.asarray(features))  # (m, C)
+    return float(np.mean(np.asarray(jnp.argmax(logits, axis=-1)) == np.asarray(labels)))
+
+
+def online_probe(config, source) -> bool:
+    """Whether pretraining trains the online linear head on `source` (ds.pretrain): as
+    pretrain.online_probe says, or where it is unset (None), whether every image has a label.
+    Raises ConfigError when it is asked for on images without labels."""
+    asked = config.pretrain.get("online_probe")
+    missing = int(np.sum(np.asarray(source.labels) < 0))
+    if asked and missing:
+        raise ConfigError(
+            f"config.pretrain.online_probe=True, but {missing} of the {len(source)} pretraining "
+            f"images (data.pretrain_split={config.data.pretrain_split!r}) have no label: leave it "
+            f"unset or set it False, or pretrain on a labelled split."
+        )
+    return bool(asked) if asked is not None else not missing
 
 
 def make_step(config, schedule, devices=None):
@@ -82,34 +161,67 @@ def total_steps(section, spe: int) -> int:
     return int(section.num_steps) if section.num_steps > 0 else int(section.epochs * spe)
 
 
-def step_and_initial_state(config, spe: int, n_steps: int) -> tuple:
+def step_and_initial_state(config, spe: int, n_steps: int, num_classes: int | None = None):
     """(pmapped step, fresh unreplicated state) of a pretraining run of `n_steps` steps, `spe` per
-    epoch: its LR schedule, model, optimizer and the seed's init key."""
+    epoch: its LR schedule, model, optimizer and the seed's init key; with `num_classes`, the
+    online linear head's state in the state's `probe` (`probe_state`)."""
     schedule = optim.make_schedule(config.pretrain, spe, n_steps)
     model, p_step = make_step(config, schedule)
     tx = optim.make_optimizer(config.pretrain, schedule)
-    return p_step, create_state(model, tx, seed_key(config.seed, INIT_KEY), config.data.image_size)
+    state = create_state(model, tx, seed_key(config.seed, INIT_KEY), config.data.image_size)
+    if num_classes is not None:
+        state = state.replace(probe=probe_state(config, schedule, num_classes))
+    return p_step, state
 
 
 def restore_or_init(ckpt: Checkpointer, state: TrainState, config) -> tuple[TrainState, int]:
-    """The newest readable checkpoint's state, or `state` itself (a fresh start)."""
+    """The newest readable checkpoint's state, or `state` itself (a fresh start). With the online
+    linear head, the head's item too; from a checkpoint without one, the head starts afresh
+    (`fresh_probe_at`) while the encoder resumes."""
     had_checkpoints = bool(ckpt.steps())  # damaged ones are set aside by the restore
-    found = checked_restore(ckpt, state_tree(state), config)
+    extra = None if state.probe is None else {PROBE_ITEM: probe_tree(state.probe)}
+    found = checked_restore(ckpt, state_tree(state), config, extra)
     if found is None:
         if had_checkpoints:
             log.warning("No usable checkpoint in %s: starting from scratch.", ckpt.directory)
         return state, 0
     tree, _, step = found
     log.info("Resuming pretraining from step %d (%s).", step, ckpt.directory)
-    return state.replace(**tree), step
+    probe = tree.pop(PROBE_ITEM, None)
+    state = state.replace(**tree)
+    if state.probe is None:  # a head in the checkpoint and none asked for: it is left there
+        return state, step
+    if probe is not None:
+        return state.replace(probe=state.probe.replace(**probe)), step
+    log.warning(
+        "The checkpoint of step %d in %s holds no online linear head (written without "
+        "pretrain.online_probe): the head starts afresh there, the encoder resumes as saved.",
+        step,
+        ckpt.directory,
+    )
+    return state.replace(probe=fresh_probe_at(state.probe, step)), step
 
 
-def batches(config, source, start: int, stop: int):
+def fresh_probe_at(probe: TrainState, step: int) -> TrainState:
+    """A fresh online linear head placed at pretraining step `step`: its learning-rate schedule
+    (the optax state's ScaleByScheduleState count) goes on from there, not from its warm-up."""
+
+    def schedule_count(path, _) -> bool:
+        return getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState"
+
+    count = jnp.asarray(step, jnp.int32)
+    opt_state = optax.tree_utils.tree_set(probe.opt_state, schedule_count, count=count)
+    return probe.replace(step=step, opt_state=opt_state)
+
+
+def batches(config, source, start: int, stop: int, labels: bool = False):
     """Steps start..stop-1's inputs, (batch, aug_key), on the local devices: `source`'s rows in
-    the order of (seed, step) (stream.Order), read on host threads."""
+    the order of (seed, step) (stream.Order), read on host threads (with their labels for the
+    online linear head: the order and the keys are the same either way)."""
     order = stream.Order(seed_key(config.seed, DATA_KEY), len(source), config.pretrain.batch_size)
     aug_key = parallel.replicate(seed_key(config.seed, AUGMENT_KEY))
-    for batch in stream.train_batches(stream.Reader(source), order, start, stop, config.data):
+    reader = stream.Reader(source, labels=labels)
+    for batch in stream.train_batches(reader, order, start, stop, config.data):
         yield batch, aug_key
 
 
@@ -120,16 +232,28 @@ def run(config, ds, writer, ckpt: Checkpointer) -> tuple[TrainState, loop.LoopRe
     global_batch = pc.batch_size
     spe = steps_per_epoch(len(ds.pretrain), global_batch)
     n_steps = total_steps(pc, spe)
-    p_step, state = step_and_initial_state(config, spe, n_steps)
+    probe = online_probe(config, ds.pretrain)
+    if not probe and pc.get("online_probe") is None:
+        log.info(
+            "pretrain: the online linear head (pretrain.online_probe) is off: %d of the %d "
+            "pretraining images (data.pretrain_split=%r) have no label.",
+            int(np.sum(ds.pretrain.labels < 0)),
+            len(ds.pretrain),
+            config.data.pretrain_split,
+        )
+    num_classes = ds.num_classes if probe else None
+    p_step, state = step_and_initial_state(config, spe, n_steps, num_classes)
     state, start = restore_or_init(ckpt, state, config)
     meta = checkpoint_meta(config, "pretrain")
 
     def save(step, rstate):
-        ckpt.save(step, state_tree(parallel.unreplicate(rstate)), meta)
+        saved = parallel.unreplicate(rstate)
+        extra = None if saved.probe is None else {PROBE_ITEM: probe_tree(saved.probe)}
+        ckpt.save(step, state_tree(saved), meta, extra)
 
     spec = loop.LoopSpec("pretrain", n_steps, spe, pc.log_every, pc.checkpoint_every, global_batch)
     on_epoch_end = knn_monitor(config, ds) if pc.knn_every else None
-    inputs = batches(config, ds.pretrain, start, n_steps)
+    inputs = batches(config, ds.pretrain, start, n_steps, labels=probe)
     result = loop.run(
         spec,
         p_step,
@@ -146,7 +270,8 @@ def run(config, ds, writer, ckpt: Checkpointer) -> tuple[TrainState, loop.LoopRe
 
 def knn_monitor(config, ds):
     """on_epoch_end callback: kNN test accuracy of the frozen encoder every knn_every epochs
-    (features of the labelled train and test splits, streamed)."""
+    (features of the labelled train and test splits, streamed), and the online linear head's
+    test accuracy on the same test features (h, BN in inference mode) where it trains."""
     model = models.build_model(config.model, dtype=compute_dtype(config))
     feature_fn = evaluate.make_feature_fn(model, augment.spec_from_config(config))
     dc = config.downstream
@@ -155,9 +280,13 @@ def knn_monitor(config, ds):
         if epoch % config.pretrain.knn_every:
             return {}
         variables = {"params": rstate.params, "batch_stats": rstate.batch_stats}
-        acc = evaluate.knn_eval(
+        acc, test_h = evaluate.knn_eval(
             feature_fn, variables, ds, config.data, ds.num_classes, dc.knn_k, dc.knn_temperature
         )
-        return {"knn_acc": acc}
+        out = {"knn_acc": acc}
+        if rstate.probe is not None:
+            probe = parallel.unreplicate(rstate.probe)
+            out[PROBE_TEST_ACC] = probe_accuracy(probe, test_h, ds.test_labels)
+        return out
 
     return on_epoch_end

@@ -120,15 +120,48 @@ def _student_summary(config: dict, phase: str, records: list[dict]) -> dict:
     return out
 
 
-def _pretrain_summary(records: list[dict], batch: int) -> dict:
+def _pretrain_summary(records: list[dict], config: dict) -> dict:
     records = sorted(records, key=lambda r: r["step"])
-    knn = [(r["step"], r["knn_acc"]) for r in records if "knn_acc" in r]
+    knn = plots.curve(records, "knn_acc")
     return {
         "steps": records[-1]["step"] if records else None,
         "final_loss": records[-1].get("loss") if records else None,
         "knn_acc": knn[-1][1] if knn else None,
         "knn_curve": knn,
-        "wall_s": loop_wall_s(records, batch),
+        "online_probe": _probe_summary(records, config),
+        "wall_s": loop_wall_s(records, config["pretrain"]["batch_size"]),
+    }
+
+
+def _probe_summary(records: list[dict], config: dict) -> dict | None:
+    """The online linear head (pretrain.online_probe): its last train-view accuracy and loss
+    (averaged over the last log interval), its test accuracy at the kNN monitor's points; or why
+    it was off. None where the records hold none and nothing says it was off (pretraining records
+    written before the head existed)."""
+    pc, d = config["pretrain"], config["data"]
+    train, test = plots.curve(records, plots.PROBE_ACC), plots.curve(records, plots.PROBE_TEST_ACC)
+    off = None
+    if not train:  # a head that trains is in every record
+        unlabelled = d.get("pretrain_unlabelled") or 0
+        total = ((d.get("identity") or {}).get("pretrain") or {}).get("num_examples")
+        if pc.get("online_probe") is False:
+            off = "pretrain.online_probe=False"
+        elif unlabelled:
+            off = (
+                f"{unlabelled}{f' of the {total}' if total else ''} pretraining images "
+                f"(data.pretrain_split={d['pretrain_split']!r}) have no label"
+            )
+        else:
+            return None
+    last = records[-1] if train else {}
+    return {
+        "on": bool(train),
+        "off_because": off,
+        "train_acc": last.get(plots.PROBE_ACC),
+        "train_loss": last.get(plots.PROBE_LOSS),
+        "test_acc": test[-1][1] if test else None,
+        "train_curve": train,
+        "test_curve": test,
     }
 
 
@@ -169,9 +202,7 @@ def build(workdir: str) -> dict:
         "encoder_source": config.get("restore") or "this workdir",
         "datasets": datasets(config),
         "num_classes": sizes.get("num_classes"),
-        "pretrain": _pretrain_summary(
-            by_phase.get("pretrain", []), config["pretrain"]["batch_size"]
-        ),
+        "pretrain": _pretrain_summary(by_phase.get("pretrain", []), config),
         **{run: _run_summary(config, run, by_phase.get(run, [])) for run in RUNS},
         **{p: _student_summary(config, p, by_phase.get(p, [])) for p in STUDENTS},
         **frozen,

@@ -10,7 +10,11 @@ from simclr_jax import plots
 
 PICTURES = (
     (plots.VIEWS_PNG, "Augmented views: source images and their two SimCLR views at step 0"),
-    (plots.PRETRAIN_PNG, "Pretraining: loss, learning rate and kNN-monitor accuracy per step"),
+    (
+        plots.PRETRAIN_PNG,
+        "Pretraining: loss, learning rate, and the kNN monitor's and the online linear head's "
+        "accuracy per step",
+    ),
     (plots.NEIGHBOURS_PNG, "Nearest training images of test images in h-space (cosine similarity)"),
 )
 
@@ -282,7 +286,45 @@ def _pretraining(rep: dict) -> list[str]:
             f" kNN monitor at the end: {_pct(pre['knn_acc'])} — it uses *every* train label as "
             f"its memory bank, so it is not comparable with the table above."
         )
-    return ["## Pretraining", "", line, ""]
+    return ["## Pretraining", "", line, ""] + _online_probe(pre)
+
+
+def _online_probe(pre: dict) -> list[str]:
+    """The online linear head's numbers (or why it was off), and the accuracies at the kNN
+    monitor's points side by side."""
+    head = pre.get("online_probe")
+    if head is None:
+        return []
+    if not head["on"]:
+        return [f"Online linear head: off ({head['off_because']}).", ""]
+    test = (
+        f", test top-1 {_pct(head['test_acc'])} at step {head['test_curve'][-1][0]}"
+        if head["test_acc"] is not None
+        else " (no test accuracy: it is read at the kNN monitor's points, pretrain.knn_every)"
+    )
+    lines = [
+        f"Online linear head (a linear layer on stop_gradient(h) of each step's first views, "
+        f"trained on their labels in the pretraining step, pretrain.online_probe): train-view "
+        f"top-1 {_pct(head['train_acc'])} and cross-entropy {_num(head['train_loss'])} over "
+        f"the last log interval{test}. Like the kNN monitor it learns from *every* train label.",
+        "",
+    ]
+    knn, head_test = dict(pre["knn_curve"]), dict(head["test_curve"])
+    train = dict(head["train_curve"])
+    steps = sorted(set(knn) | set(head_test))
+    if not steps:
+        return lines
+    lines += [
+        "| Step | kNN monitor (test) | Online linear head (test) | Online linear head (train "
+        "views) |",
+        "|---:|---:|---:|---:|",
+    ]
+    for step in steps:
+        lines.append(
+            f"| {step} | {_pct(knn.get(step))} | {_pct(head_test.get(step))} | "
+            f"{_pct(train.get(step))} |"
+        )
+    return lines + [""]
 
 
 def _protocol(rep: dict) -> list[str]:

@@ -29,9 +29,11 @@ from simclr_jax.errors import CheckpointError
 # now zero: not reused); the linear probe's cross-validation folds. The distillation: the
 # student's init (shared by the distilled and the labels-only student), its data order and its
 # augmentation over the pretraining split (the labels-only student uses the classifier's two).
+# Pretraining's online linear head: its init (its own tag, so that the encoder's keys stay).
 INIT_KEY, DATA_KEY, AUGMENT_KEY = 0, 1, 2
 CLASSIFIER_DATA_KEY, CLASSIFIER_AUGMENT_KEY, LINEAR_KEY = 4, 5, 6
 DISTILL_INIT_KEY, DISTILL_DATA_KEY, DISTILL_AUGMENT_KEY = 7, 8, 9
+PROBE_INIT_KEY = 10
 
 # Model keys of earlier versions that never changed the parameters: ignored when a checkpoint's or
 # a workdir's model is compared with the config's, so runs written before still restore.
@@ -40,6 +42,10 @@ LEGACY_MODEL_KEYS = ("conv_impl",)
 
 class TrainState(train_state.TrainState):
     batch_stats: Any = None
+    # Pretraining's online linear head (a TrainState of its own: its params, optimizer and step),
+    # None without one and in every other stage. Not in `state_tree`: its checkpoint item is
+    # separate (pretrain.py), so the state's item reads the same with and without it.
+    probe: Any = None
 
 
 def seed_key(seed: int, tag: int):
@@ -164,9 +170,14 @@ def check_meta(meta: dict, config, where: str) -> None:
             )
 
 
-def checked_restore(ckpt: Checkpointer, target: Any, config) -> tuple[Any, dict, int] | None:
-    """The newest readable checkpoint in `ckpt` made for `config`'s model and data."""
-    return ckpt.restore_matching(target, lambda meta: check_meta(meta, config, ckpt.directory))
+def checked_restore(
+    ckpt: Checkpointer, target: Any, config, extra: dict | None = None
+) -> tuple[Any, dict, int] | None:
+    """The newest readable checkpoint in `ckpt` made for `config`'s model and data (with the
+    items of their own in `extra` that it holds: `Checkpointer.restore`)."""
+    return ckpt.restore_matching(
+        target, lambda meta: check_meta(meta, config, ckpt.directory), extra
+    )
 
 
 def simclr_model(config):

@@ -104,10 +104,11 @@ def max_param_diff(a, b) -> tuple[float, str]:
     return worst
 
 
-def checkpoint_tree(workdir: str, step: int):
-    """The pretraining state saved at `step` in `workdir`, as NumPy arrays: read with
-    restore_type np.ndarray, which needs no sharding (restoring as jax arrays without a target
-    makes orbax warn 'Sharding info not provided when restoring' for every leaf)."""
+def checkpoint_tree(workdir: str, step: int, item: str = "state"):
+    """The pretraining state saved at `step` in `workdir` (or its item `item`: 'probe', the online
+    linear head's), as NumPy arrays: read with restore_type np.ndarray, which needs no sharding
+    (restoring as jax arrays without a target makes orbax warn 'Sharding info not provided when
+    restoring' for every leaf)."""
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
@@ -115,7 +116,7 @@ def checkpoint_tree(workdir: str, step: int):
 
     from simclr_jax import pipeline
 
-    path = os.path.join(pipeline.pretrain_dir(workdir), str(step), "state")
+    path = os.path.join(pipeline.pretrain_dir(workdir), str(step), item)
 
     structure = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)

@@ -192,9 +192,41 @@ def test_pretrain_picture_shows_the_runs_records(run, tmp_path):
     knn = [r["knn_acc"] for r in records if "knn_acc" in r]
     assert len(knn) == 2 and list(knn_ax.lines[0].get_ydata()) == knn
     assert any("chance" in line.get_label() for line in knn_ax.lines)
+    # The online linear head beside it (on by default: digits has labels): its test accuracy at
+    # the kNN points, its train-view accuracy at every record.
+    lines = {line.get_label(): line for line in knn_ax.lines}
+    head_test = [r["online_probe_test_acc"] for r in records if "online_probe_test_acc" in r]
+    assert len(head_test) == 2
+    assert list(lines["online linear head (test)"].get_ydata()) == head_test
+    train = lines["online linear head (train views)"]
+    assert list(train.get_ydata()) == [r["online_probe_acc"] for r in records]
+    assert list(train.get_xdata()) == [r["step"] for r in records]
     np.testing.assert_array_equal(
         _pixels(tmp_path / plots.PRETRAIN_PNG), _pixels(os.path.join(workdir, plots.PRETRAIN_PNG))
     )
+
+
+def test_the_report_shows_the_online_probe_beside_the_knn_monitor(run):
+    workdir = run["workdir"]
+    rep = json.load(open(os.path.join(workdir, report.REPORT_JSON)))
+    records = report.read_records(os.path.join(workdir, "metrics.jsonl"))
+    records = [r for r in records if r["phase"] == "pretrain"]
+    head, pre = rep["pretrain"]["online_probe"], rep["pretrain"]
+    assert head["on"] and head["off_because"] is None
+    points = [r for r in records if "knn_acc" in r]
+    assert head["test_curve"] == [[r["step"], r["online_probe_test_acc"]] for r in points]
+    assert head["train_acc"] == records[-1]["online_probe_acc"]
+    assert head["test_acc"] == points[-1]["online_probe_test_acc"]
+    md = open(os.path.join(workdir, report.REPORT_MD)).read()
+    assert f"train-view top-1 {100 * head['train_acc']:.2f}%" in md
+    assert f"test top-1 {100 * head['test_acc']:.2f}% at step {STEPS}" in md
+    for r in points:  # the monitor's points, both evaluations side by side
+        row = (
+            f"| {r['step']} | {100 * r['knn_acc']:.2f}% | {100 * r['online_probe_test_acc']:.2f}% "
+            f"| {100 * r['online_probe_acc']:.2f}% |"
+        )
+        assert row in md, row
+    assert pre["knn_curve"] == [[r["step"], r["knn_acc"]] for r in points]
 
 
 def test_one_outlier_does_not_set_the_loss_axis(tmp_path):

@@ -35,19 +35,27 @@ def test_throughput_writes_its_json_and_table(tmp_path):
     stdout = _run(
         "throughput.py",
         *("--model", "tiny", "--batch", "8", "--devices", "2", "--steps", "1", "--warmup", "0"),
-        *("--peak-size", "256", "--parts", "augment,pretrain", "--out", str(tmp_path)),
+        *("--peak-size", "256", "--out", str(tmp_path)),
+        *("--parts", "augment,pretrain,pretrain_probe", "--image-size", "16"),
         *("--malloc", "retain"),  # re-executes itself with glibc's tunables
     )
     (path,) = tmp_path.glob("*.json")
-    assert path.name == "cpu-2dev-tiny-b8-float32.json"
+    assert path.name == "cpu-2dev-tiny-16px-b8-float32.json"
     result = json.loads(path.read_text())
     assert result["device_count"] == 2 and result["global_batch"] == 8
-    assert result["glibc_tunables"] == MALLOC["retain"]
-    assert [p["part"] for p in result["parts"]] == ["augment", "pretrain"]
-    pretrain = result["parts"][1]
+    assert result["image_size"] == 16 and result["glibc_tunables"] == MALLOC["retain"]
+    assert [p["part"] for p in result["parts"]] == ["augment", "pretrain", "pretrain_probe"]
+    pretrain, with_probe = result["parts"][1:]
     assert pretrain["gflop_per_step"] > 0 and 0 < pretrain["mfu"] < 10
+    assert with_probe["gflop_per_step"] > pretrain["gflop_per_step"]  # the head's matmuls
     assert result["peak_gflop_per_s"] > 0 and result["max_rss_gib"] > 0
     assert "augmentation / pretrain step" in stdout
+    cost = result["online_probe_cost"]  # the ratio of the two pretrain parts' times
+    for clock, key in (("wall", "ms_per_step"), ("cpu", "cpu_ms_per_step")):
+        ms = {p["part"]: p[key] for p in result["parts"]}
+        want = ms["pretrain_probe"] / ms["pretrain"]
+        assert cost[clock]["ratio_of_medians"] == pytest.approx(want), clock
+        assert f"online linear head, {clock} time: pretrain_probe / pretrain" in stdout
     table = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "table.py"), str(path)],
         capture_output=True,

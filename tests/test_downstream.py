@@ -20,6 +20,7 @@ from simclr_jax import (
     parallel,
     pipeline,
     report,
+    report_md,
     runs,
     sources,
     stream,
@@ -403,6 +404,33 @@ def test_the_report_says_each_classifiers_learning_rate_and_what_it_was_chosen_o
         header
     )
     assert "2 epochs: peak lr 0.01, chosen on: as the settings above." in header
+
+
+def test_the_report_says_why_the_online_probe_was_off(tmp_path):
+    """No online-head records: off by the config, off for the pretraining split's images without
+    labels (the count the run writes to config.json), or nothing said (pretraining records
+    written before the head existed)."""
+    cases = {
+        "off (pretrain.online_probe=False)": {"pretrain.online_probe": False},
+        "off (20 pretraining images (data.pretrain_split='train') have no label)": {
+            "data.pretrain_unlabelled": 20
+        },
+        None: {"data.pretrain_unlabelled": 0},
+    }
+    for said, overrides in cases.items():
+        config = _config()
+        with config.unlocked():
+            for key, value in overrides.items():
+                section, name = key.split(".")
+                config[section][name] = value
+        _synthetic_workdir(tmp_path, config)
+        rep = report.build(str(tmp_path))
+        md = report_md.markdown(rep)
+        if said is None:
+            assert rep["pretrain"]["online_probe"] is None and "Online linear head" not in md
+        else:
+            assert f"Online linear head: {said}." in md, md
+            assert rep["pretrain"]["online_probe"]["on"] is False
 
 
 # ----------------------------------------------------------------------------- end to end

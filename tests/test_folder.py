@@ -59,6 +59,10 @@ def test_a_folder_of_mixed_files_pretrains_evaluates_and_reports(folder, tmp_pat
     n_pretrain = 3 * 6 + wrote["unlabelled"]
     assert f"Loaded folder: {n_pretrain} pretraining (train+unlabelled)" in out.stderr
     assert os.path.exists(os.path.join(workdir, "report.md"))
+    # Images without labels: the online linear head is off by default, and both say why.
+    why = f"{wrote['unlabelled']} of the {n_pretrain} pretraining images (data.pretrain_split="
+    assert f"online linear head (pretrain.online_probe) is off: {why}" in out.stderr
+    assert f"Online linear head: off ({why}" in open(os.path.join(workdir, "report.md")).read()
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in records if r["phase"] == "pretrain"] == [2, 4]
     linear = [r for r in records if r["phase"] == "linear"][0]
@@ -67,6 +71,24 @@ def test_a_folder_of_mixed_files_pretrains_evaluates_and_reports(folder, tmp_pat
     ident = config["data"]["identity"]
     assert ident["pretrain"]["num_examples"] == n_pretrain
     assert ident["train"]["source"] == "folder:" + os.path.join(root, "train")
+
+
+def test_the_online_probe_on_unlabelled_images_is_an_error_before_any_work(folder, tmp_path):
+    """pretrain.online_probe=True where pretraining reads images without labels: a ConfigError
+    (run.py: one line, exit 2) once the data is loaded, before the workdir exists."""
+    from simclr_jax import pipeline
+    from simclr_jax.errors import ConfigError
+    from tests.helpers import tiny_config
+
+    root, wrote = folder
+    config = tiny_config(
+        **{"data.name": "folder", "data.data_dir": root, "pretrain.batch_size": 8},
+        **{"data.pretrain_split": "train+unlabelled", "pretrain.online_probe": True},
+    )
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"config.pretrain.online_probe=True, but \d+ of the"):
+        pipeline.run(config, str(workdir), "pretrain")
+    assert not workdir.exists()
 
 
 def test_resuming_on_other_data_stops_with_a_clear_message(tmp_path):

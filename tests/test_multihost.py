@@ -13,7 +13,7 @@ import pytest
 
 from simclr_jax import models, optim, parallel, train_state
 from simclr_jax.checkpoint import Checkpointer
-from tests.helpers import REPO, TINY_FLAGS, max_param_diff, run_cli, tiny_config
+from tests.helpers import REPO, TINY_FLAGS, checkpoint_tree, max_param_diff, run_cli, tiny_config
 
 STEPS = 4
 FLAGS = [*TINY_FLAGS, "--mode=pretrain", "--config.pretrain.log_every=1"]
@@ -102,7 +102,8 @@ def test_two_processes_match_one_process_on_four_devices(tmp_path):
 
     got, want = _records(workdir), _records(ref)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # one writer: no duplicates
-    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4)
+    for key in ("loss", "online_probe_loss"):  # digits has labels: the head is on by default
+        np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-4)
     assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 1
     assert json.load(open(os.path.join(workdir, "config.json")))["distributed"]["enabled"]
     assert not [f for f in os.listdir(workdir) if f.startswith(".write_test")]
@@ -113,6 +114,9 @@ def test_two_processes_match_one_process_on_four_devices(tmp_path):
     got_state, want_state = _restore(workdir, STEPS), _restore(ref, STEPS)
     assert int(got_state["step"]) == STEPS
     diff, leaf = max_param_diff(got_state, want_state)
+    assert diff < 1e-4, (diff, leaf)
+    got_head, want_head = (checkpoint_tree(w, STEPS, "probe")["params"] for w in (workdir, ref))
+    diff, leaf = max_param_diff(got_head, want_head)  # the head's own item, saved together
     assert diff < 1e-4, (diff, leaf)
 
     # Restored together: the finished run resumes at its last step on both processes (a process

@@ -27,8 +27,9 @@ from simclr_jax.errors import ConfigError
 from tests.helpers import TINY_FLAGS, max_param_diff, run_cli, tiny_config
 
 
-def _loss_curve(config, images, devices, steps=3):
-    """Losses of the first `steps` pretraining steps pmapped over `devices`."""
+def _loss_curve(config, images, devices, steps=3, labels=None, records=None):
+    """Losses of the first `steps` pretraining steps pmapped over `devices`; with `labels`, the
+    online linear head trains beside them (each step's metrics appended to `records`)."""
     pc = config.pretrain
     spe = len(images) // pc.batch_size
     schedule = optim.make_schedule(pc, spe, 10)
@@ -36,22 +37,28 @@ def _loss_curve(config, images, devices, steps=3):
     state = train_state.create_state(
         model, optim.make_optimizer(pc, schedule), train_state.seed_key(0, 0), 32
     )
+    if labels is not None:
+        state = state.replace(probe=pretrain.probe_state(config, schedule, 10))
     rep = functools.partial(parallel.replicate, devices=devices)
     aug_key, rstate, losses = rep(train_state.seed_key(0, 2)), rep(state), []
     for step in range(steps):
-        rstate, metrics = p_step(
-            rstate, device_batch(images, step, pc.batch_size, devices), aug_key
-        )
+        batch = device_batch(images, step, pc.batch_size, devices, labels)
+        rstate, metrics = p_step(rstate, batch, aug_key)
         losses.append(float(metrics["loss"][0]))
+        if records is not None:
+            records.append({k: float(v[0]) for k, v in metrics.items()})
     return np.array(losses), parallel.unreplicate(rstate)
 
 
-def device_batch(images, step: int, batch_size: int, devices):
+def device_batch(images, step: int, batch_size: int, devices, labels=None):
     """Step `step`'s global batch of `images` in the data order of seed 0, split over `devices`
-    as the stream splits it over a process's devices."""
-    source = sources.ArraySource(images, np.zeros(len(images), np.int32), "test")
+    as the stream splits it over a process's devices (with `labels`: their labels too, as the
+    stream reads them for the online linear head)."""
+    with_labels = labels is not None
+    labels = np.zeros(len(images), np.int32) if labels is None else labels
+    source = sources.ArraySource(images, labels, "test")
     order = stream.Order(train_state.seed_key(0, 1), len(images), batch_size)
-    batch = stream.Reader(source)(order.batch(step).reshape(len(devices), -1))
+    batch = stream.Reader(source, labels=with_labels)(order.batch(step).reshape(len(devices), -1))
     return jax.tree.map(lambda x: parallel.shard(x, devices), batch)
 
 
@@ -59,21 +66,80 @@ def digits_train_images(n: int) -> np.ndarray:
     return splits.load_digits()[0].images[:n]
 
 
+def digits_train(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `n` digits train images and their labels (int32)."""
+    train = splits.load_digits()[0]
+    return train.images[:n], train.labels[:n].astype(np.int32)
+
+
 def test_loss_curve_is_the_same_on_1_2_4_8_devices():
+    """The losses and parameters after 3 steps on 1, 2, 4 and 8 devices, with the online linear
+    head on (the default on labelled data): the encoder's and the head's, and the head's metrics."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 (simulated) devices")
     config = tiny_config()
-    images = digits_train_images(128)
-    ref, ref_state = _loss_curve(config, images, jax.devices()[:1])
+    images, labels = digits_train(128)
+    ref_records = []
+    ref, ref_state = _loss_curve(
+        config, images, jax.devices()[:1], labels=labels, records=ref_records
+    )
     assert np.all(np.isfinite(ref)) and ref[0] > ref[-1] - 1.0
     for n in (2, 4, 8):
-        losses, state = _loss_curve(config, images, jax.devices()[:n])
+        records = []
+        losses, state = _loss_curve(
+            config, images, jax.devices()[:n], labels=labels, records=records
+        )
         rel = np.abs(losses - ref) / np.abs(ref)
         assert rel.max() < 1e-4, (n, losses, ref)
         # Float summation order only: measured <= 2.4e-7 on jax 0.10.2, <= 1.6e-5 on 0.7.2
         # (BN biases, whose gradient is a sum over every pixel of the global batch).
         diff, leaf = max_param_diff(state.params, ref_state.params)
         assert diff < 1e-4, (n, diff, leaf)
+        diff, leaf = max_param_diff(state.probe.params, ref_state.probe.params)
+        assert diff < 1e-4, (n, diff, leaf)
+        for r, want in zip(records, ref_records, strict=True):
+            assert r["online_probe_loss"] == pytest.approx(want["online_probe_loss"], rel=1e-4)
+            assert r["online_probe_acc"] == pytest.approx(want["online_probe_acc"], abs=1e-6)
+
+
+def test_the_online_probe_leaves_the_encoder_bitwise_as_without_it():
+    """With the online linear head on, the encoder's params, BN statistics, optimizer state and
+    losses after 3 steps on 8 devices are bitwise those of a run without it (same keys, same
+    data order, nothing of the head in the encoder's gradient, optimizer or BN statistics); the
+    head itself trains. (Its device invariance: test_loss_curve_is_the_same_on_1_2_4_8_devices,
+    whose 8-device run with the head this one reads back from the compilation cache.)"""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    config = tiny_config()
+    images, labels = digits_train(128)
+    eight = jax.devices()[:8]
+    ref_losses, ref = _loss_curve(config, images, eight)
+    records = []
+    losses, state = _loss_curve(config, images, eight, labels=labels, records=records)
+    np.testing.assert_array_equal(losses, ref_losses)
+    for part in ("step", "params", "batch_stats", "opt_state"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(state, part), getattr(ref, part))
+    assert ref.probe is None and int(state.probe.step) == 3
+    fresh = pretrain.probe_state(config, optax.constant_schedule(0.0), 10).params
+    assert max_param_diff(state.probe.params, fresh)[0] > 0  # the head has trained
+    for r in records:
+        assert 0.0 <= r["online_probe_acc"] <= 1.0 and np.isfinite(r["online_probe_loss"])
+    assert records[0]["online_probe_loss"] == pytest.approx(np.log(10), rel=0.05)  # ~uniform
+
+
+def test_the_online_probe_is_on_where_every_pretraining_image_has_a_label():
+    config = tiny_config()
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    labelled = sources.ArraySource(images, np.array([0, 1, 2, 3], np.int32), "labelled")
+    partly = sources.ArraySource(images, np.array([0, 1, -1, -1], np.int32), "partly")
+    assert config.pretrain.online_probe is None  # the default: decided by the data
+    assert pretrain.online_probe(config, labelled) and not pretrain.online_probe(config, partly)
+    config.pretrain.online_probe = False
+    assert not pretrain.online_probe(config, labelled)
+    config.pretrain.online_probe = True
+    assert pretrain.online_probe(config, labelled)
+    with pytest.raises(ConfigError, match=r"pretrain.online_probe=True, but 2 of the 4 "):
+        pretrain.online_probe(config, partly)
 
 
 @pytest.mark.parametrize("bn_output", [False, True])

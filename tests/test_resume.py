@@ -97,10 +97,20 @@ def test_sigkill_at_several_points_resumes_bitwise(reference, tmp_path):
     final = _popen(workdir)
     assert final.wait(timeout=300) == 0, final.stderr.read()[-3000:]
 
-    _assert_same_tree(checkpoint_tree(workdir, STEPS), checkpoint_tree(reference, STEPS))
+    _assert_same_run(workdir, reference)
+
+
+def _assert_same_run(workdir, reference):
+    """The final checkpoint (the state and the online linear head's item) and every record's
+    losses and head accuracy of `workdir` are bitwise `reference`'s."""
+    for item in ("state", "probe"):  # digits has labels: the head is on by default
+        _assert_same_tree(
+            checkpoint_tree(workdir, STEPS, item), checkpoint_tree(reference, STEPS, item)
+        )
     got, want = _records(workdir), _records(reference)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    for key in ("loss", "online_probe_loss", "online_probe_acc"):
+        assert [r[key] for r in got] == [r[key] for r in want], key
 
 
 def test_damaged_latest_checkpoint_is_skipped(reference, tmp_path):
@@ -208,10 +218,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_bitwise(reference, tmp
 
     final = _popen(workdir)
     assert final.wait(timeout=300) == 0, final.stderr.read()[-3000:]
-    _assert_same_tree(checkpoint_tree(workdir, STEPS), checkpoint_tree(reference, STEPS))
-    got, want = _records(workdir), _records(reference)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    _assert_same_run(workdir, reference)
 
 
 def test_workdir_of_another_config_is_refused_unless_overwrite(reference, tmp_path):
@@ -283,3 +290,39 @@ def test_a_run_written_before_conv_impl_was_removed_restores(tmp_path):
     config = tiny_config(**legacy, **{"downstream.epochs": 1, "downstream.batch_size": 8})
     out = pipeline.run(config, workdir, "downstream")["downstream"]
     assert out["encoder_step"] == 2 and 0.0 <= out["knn_test_acc"] <= 1.0
+
+
+def test_a_checkpoint_without_the_online_probe_resumes_with_a_fresh_head(tmp_path, caplog):
+    """tests/data/legacy_run, written before the online linear head existed, resumes with the
+    head on (the default on digits): the encoder's state from its checkpoint, bitwise, and the
+    head from its init at step 2, its learning-rate schedule where pretraining's is (its optax
+    count 2, not 0), said in the log. (Saving and resuming the head's own item: the SIGKILL and
+    SIGTERM tests above.)"""
+    import jax
+    import optax
+
+    from simclr_jax import pipeline, pretrain
+    from simclr_jax.checkpoint import Checkpointer
+    from tests.helpers import tiny_config
+
+    config = tiny_config(**{"model.head_layers": 2, "data.image_size": 32, "pretrain.num_steps": 8})
+    _, state = pretrain.step_and_initial_state(config, 8, 8, num_classes=10)
+    fresh = state.probe
+    source = pipeline.pretrain_dir(os.path.join(REPO, "tests", "data", "legacy_run"))
+    ckpt = Checkpointer(source, create=False, async_save=False)
+    try:
+        with caplog.at_level("WARNING", logger="simclr_jax.pretrain"):
+            state, step = pretrain.restore_or_init(ckpt, state, config)
+    finally:
+        ckpt.close()
+    assert step == 2 and "holds no online linear head" in caplog.text and "afresh" in caplog.text
+    saved = checkpoint_tree(os.path.join(REPO, "tests", "data", "legacy_run"), 2)
+    for part in ("params", "batch_stats"):
+        _assert_same_tree(jax.device_get(getattr(state, part)), saved[part])
+    assert int(state.step) == 2 and int(state.probe.step) == 2
+    jax.tree.map(np.testing.assert_array_equal, state.probe.params, fresh.params)
+    counts = optax.tree_utils.tree_get_all_with_path(state.probe.opt_state, "count")
+    assert [int(c) for _, c in counts] == [2]  # LARS's one schedule count, on from step 2
+    assert [
+        int(c) for _, c in optax.tree_utils.tree_get_all_with_path(fresh.opt_state, "count")
+    ] == [0]
