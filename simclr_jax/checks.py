@@ -21,6 +21,8 @@ def check(config, mode: str, ds, transfer) -> tuple[str, ...]:
     stage's (None in --mode=pretrain; ds itself without downstream.data)."""
     if mode in ("pretrain", "all") and config.pretrain.knn_every:  # the monitor's labels
         _two_classes(ds, "config.data")
+    if mode in ("pretrain", "all"):  # pretrain.online_probe=True on unlabelled images: refused
+        pretrain.online_probe(config, ds.pretrain)
     if mode != "pretrain":
         _two_classes(transfer, "config.downstream.data" if transfer is not ds else "config.data")
     notes = []

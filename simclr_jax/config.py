@@ -57,6 +57,7 @@ class Rule:
     nonempty: bool = False
     lengths: tuple[int, ...] = ()
     hint: str = ""
+    none_ok: bool = False  # None = decided at run time (see `hint`)
 
     def range_text(self) -> str:
         """'> 0', 'in [0, 1)', 'in -1..3', '0 or >= 8'."""
@@ -94,6 +95,8 @@ class Rule:
     def problem(self, v) -> str | None:
         """Why `v` breaks the rule, as 'must be ..., got V', or None when it is fine."""
         hint = f" ({self.hint})" if self.hint else ""
+        if self.none_ok and v is None:
+            return None
         if self.kind == BOOL:
             why = None if isinstance(v, bool) else "must be True or False"
         elif self.kind == STR:
@@ -225,6 +228,9 @@ def _rules() -> dict[str, Rule]:
         "pretrain.checkpoint_every": _int(0, hint="steps; 0 = at the end only"),
         "pretrain.keep_checkpoints": _count(),
         "pretrain.knn_every": _int(0, hint="epochs; 0 = off"),
+        "pretrain.online_probe": Rule(
+            BOOL, none_ok=True, hint="None = on where every pretraining image has a label"
+        ),
         **_optimization("downstream"),
         "downstream.epochs": _count(),
         "downstream.long_epochs": _int(0, hint="0 = off"),

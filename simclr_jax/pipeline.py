@@ -196,8 +196,6 @@ def run(config, workdir: str, mode: str = "all") -> dict:
         check_encoder_source(config, teacher_source(config, workdir))
     with stops.recording():  # a signal is acted on at the next stop point (stops.py)
         ds = _load_data(config)
-        if mode in ("pretrain", "all"):  # pretrain.online_probe=True on unlabelled images: stop
-            pretrain.online_probe(config, ds.pretrain)
         transfer = _load_transfer(config, ds) if mode != "pretrain" else None
         warnings = checks.check(config, mode, ds, transfer)  # refuses, or warns once, here
         stops.check("loading the data")

@@ -73,8 +73,8 @@ def _bad_values(key: str, default) -> list:
     """What a key must refuse, derived from the type of its shipped value and from its rule."""
     rule = config_lib.rule_for(key)
     nan, inf = math.nan, math.inf
-    if isinstance(default, bool):
-        return ["yes", 1, None]
+    if isinstance(default, bool) or (default is None and rule.kind == config_lib.BOOL):
+        return ["yes", 1] + ([] if rule.none_ok else [None])
     if isinstance(default, str):
         return [123, None] + (["no-such-choice"] if rule.choices else []) + [" "] * rule.nonempty
     if isinstance(default, tuple | list):
