@@ -328,7 +328,7 @@ def main(argv=None) -> dict:
 
     def set_epochs(epochs: int) -> None:
         config.pretrain.epochs, config.pretrain.num_steps = epochs, 0
-        config.pretrain.warmup_epochs = max(1.0, round(0.1 * epochs))
+        config.pretrain.warmup_epochs = 0.1 * epochs  # a tenth, as the official 10 of 100
 
     if args.epochs:
         set_epochs(args.epochs)
