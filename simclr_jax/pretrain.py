@@ -91,17 +91,18 @@ def step_and_initial_state(config, spe: int, n_steps: int) -> tuple:
     return p_step, create_state(model, tx, seed_key(config.seed, INIT_KEY), config.data.image_size)
 
 
-def restore_or_init(ckpt: Checkpointer, state: TrainState, config) -> tuple[TrainState, int]:
-    """The newest readable checkpoint's state, or `state` itself (a fresh start)."""
+def restore_or_init(ckpt: Checkpointer, state: TrainState, config) -> tuple[TrainState, int, dict]:
+    """The newest readable checkpoint's state, step and metadata, or `state` itself, 0 and {} (a
+    fresh start)."""
     had_checkpoints = bool(ckpt.steps())  # damaged ones are set aside by the restore
     found = checked_restore(ckpt, state_tree(state), config)
     if found is None:
         if had_checkpoints:
             log.warning("No usable checkpoint in %s: starting from scratch.", ckpt.directory)
-        return state, 0
-    tree, _, step = found
+        return state, 0, {}
+    tree, meta, step = found
     log.info("Resuming pretraining from step %d (%s).", step, ckpt.directory)
-    return state.replace(**tree), step
+    return state.replace(**tree), step, meta
 
 
 def batches(config, source, start: int, stop: int):
@@ -121,11 +122,12 @@ def run(config, ds, writer, ckpt: Checkpointer) -> tuple[TrainState, loop.LoopRe
     spe = steps_per_epoch(len(ds.pretrain), global_batch)
     n_steps = total_steps(pc, spe)
     p_step, state = step_and_initial_state(config, spe, n_steps)
-    state, start = restore_or_init(ckpt, state, config)
+    state, start, saved = restore_or_init(ckpt, state, config)
     meta = checkpoint_meta(config, "pretrain")
 
-    def save(step, rstate):
-        ckpt.save(step, state_tree(parallel.unreplicate(rstate)), meta)
+    def save(step, rstate, unrecorded):
+        tree = state_tree(parallel.unreplicate(rstate))
+        ckpt.save(step, tree, {**meta, loop.UNRECORDED: unrecorded})
 
     spec = loop.LoopSpec("pretrain", n_steps, spe, pc.log_every, pc.checkpoint_every, global_batch)
     on_epoch_end = knn_monitor(config, ds) if pc.knn_every else None
@@ -140,6 +142,7 @@ def run(config, ds, writer, ckpt: Checkpointer) -> tuple[TrainState, loop.LoopRe
         save,
         on_epoch_end,
         ckpt.wait,
+        saved.get(loop.UNRECORDED),
     )
     return parallel.unreplicate(result.state), result
 

@@ -206,16 +206,17 @@ def train(config, state, ckpt, meta, p_step, inputs, spec, writer, evaluator):
     """
     epochs = -(-spec.total_steps // spec.steps_per_epoch)
     every = eval_every(epochs)
-    phase, start = spec.phase, 0
+    phase, start, saved = spec.phase, 0, {}
     found = checked_restore(ckpt, state_tree(state), config)
     if found is not None:
-        tree, _, start = found
+        tree, saved, start = found
         state = state.replace(**tree)
         what = "finished: training skipped" if start >= spec.total_steps else "resuming"
         log.info("%s: checkpoint of step %d in %s (%s).", phase, start, ckpt.directory, what)
 
-    def save(step, rstate):
-        ckpt.save(step, state_tree(parallel.unreplicate(rstate)), meta)
+    def save(step, rstate, unrecorded):
+        tree = state_tree(parallel.unreplicate(rstate))
+        ckpt.save(step, tree, {**meta, loop.UNRECORDED: unrecorded})
 
     def on_epoch_end(epoch, rstate):
         if epoch % every and epoch != epochs:
@@ -236,6 +237,7 @@ def train(config, state, ckpt, meta, p_step, inputs, spec, writer, evaluator):
         save,
         on_epoch_end,
         ckpt.wait,
+        saved.get(loop.UNRECORDED),
     )
     ckpt.wait()
     return result
