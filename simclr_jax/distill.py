@@ -26,7 +26,7 @@ import optax
 from jax import lax
 
 from simclr_jax import augment, classifier, data, loop, losses, optim, parallel, runs, stream
-from simclr_jax.checkpoint import Checkpointer
+from simclr_jax.checkpoint import Checkpointer, UnreadableCheckpoint
 from simclr_jax.config import scaled_learning_rate
 from simclr_jax.errors import CheckpointError
 from simclr_jax.train_state import (
@@ -118,13 +118,17 @@ def restore_teacher(config, ds, workdir: str) -> tuple[dict, dict]:
     tx = optim.make_optimizer(config.downstream, optax.constant_schedule(0.0))
     target = abstract_state_tree(model, tx, seed_key(config.seed, INIT_KEY), config.data.image_size)
     ckpt = Checkpointer(directory, create=False, async_save=False)
-    try:
-        found = checked_restore(ckpt, target, config) if os.path.isdir(directory) else None
+    found, what = None, "no readable checkpoint"
+    try:  # only read: a damaged newest checkpoint is the downstream rerun's to set aside and redo
+        if os.path.isdir(directory):
+            found = checked_restore(ckpt, target, config, fall_back=False)
+    except UnreadableCheckpoint as err:
+        what = f"an unreadable newest checkpoint ({err})"
     finally:
         ckpt.close()
     step = None if found is None else int(found[2])
     if step != total:
-        what = "no readable checkpoint" if step is None else f"step {step} of {total}"
+        what = what if step is None else f"step {step} of {total}"
         raise CheckpointError(
             f"--mode=distill needs the finished downstream run '{config.distill.teacher}' as its "
             f"teacher, and {directory} holds {what}. Run --mode=downstream (or all) with this "

@@ -26,7 +26,7 @@ from simclr_jax import (
 from simclr_jax import config as config_lib
 from simclr_jax.errors import CheckpointError
 from simclr_jax.metrics import MetricWriter
-from simclr_jax.train_state import check_meta
+from simclr_jax.train_state import TOTAL_STEPS, check_meta
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,10 @@ def _load_transfer(config, ds):
     return transfer
 
 
-def check_encoder_source(config, source: str) -> None:
-    """The newest checkpoint in `source` was made for this config's model and data (its metadata
-    only; a damaged one is left to the restore, which sets it aside)."""
+def check_checkpoints_in(config, source: str, finished: bool = False) -> None:
+    """The newest checkpoint in `source` was made for this config's model, data and
+    normalisation, and (with `finished`, for a pretraining that records its length) ends its run:
+    its metadata only; a damaged one is left to the restore."""
     ckpt = checkpoint.Checkpointer(source, create=False, async_save=False)
     try:
         steps = ckpt.steps()
@@ -108,6 +109,13 @@ def check_encoder_source(config, source: str) -> None:
             check_meta(meta, config, source)
     finally:
         ckpt.close()
+    total = (meta or {}).get(TOTAL_STEPS)
+    if finished and total and steps[-1] < total:
+        raise CheckpointError(
+            f"--mode=downstream evaluates a finished pretraining, and the newest checkpoint in "
+            f"{source} is step {steps[-1]} of {total}. Rerun --mode=pretrain (or all) with that "
+            f"run's --workdir to finish it, then this command."
+        )
 
 
 def _pretrain_stage(config, ds, workdir: str, writer) -> dict:
@@ -188,9 +196,9 @@ def run(config, workdir: str, mode: str = "all") -> dict:
             config.restore = os.path.abspath(os.path.expanduser(config.restore))
     source = encoder_source(config, workdir) if mode == "downstream" else None
     if source is not None:
-        check_encoder_source(config, source)
+        check_checkpoints_in(config, source, finished=True)
     if mode == "distill":  # the teacher's checkpoint, made for this model and data
-        check_encoder_source(config, teacher_source(config, workdir))
+        check_checkpoints_in(config, teacher_source(config, workdir))
     with stops.recording():  # a signal is acted on at the next stop point (stops.py)
         ds = _load_data(config)
         transfer = _load_transfer(config, ds) if mode != "pretrain" else None

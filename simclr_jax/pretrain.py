@@ -17,6 +17,7 @@ from simclr_jax.train_state import (
     AUGMENT_KEY,
     DATA_KEY,
     INIT_KEY,
+    TOTAL_STEPS,
     TrainState,
     checked_restore,
     checkpoint_meta,
@@ -123,7 +124,8 @@ def run(config, ds, writer, ckpt: Checkpointer) -> tuple[TrainState, loop.LoopRe
     n_steps = total_steps(pc, spe)
     p_step, state = step_and_initial_state(config, spe, n_steps)
     state, start, saved = restore_or_init(ckpt, state, config)
-    meta = checkpoint_meta(config, "pretrain")
+    # The run's length too: --mode=downstream refuses an unfinished one (pipeline).
+    meta = {**checkpoint_meta(config, "pretrain"), TOTAL_STEPS: n_steps}
 
     def save(step, rstate, unrecorded):
         tree = state_tree(parallel.unreplicate(rstate))

@@ -104,6 +104,10 @@ def test_sigkill_at_several_points_resumes_bitwise(reference, tmp_path):
 
 
 def test_damaged_latest_checkpoint_is_skipped(reference, tmp_path):
+    """--mode=downstream restores the newest checkpoint or none: a damaged one is one line (no
+    screenful of "Event loop is closed" tracebacks), nothing set aside or written, since the
+    workdir's encoder.msgpack is the newest's. The pretraining's rerun sets it aside and redoes
+    its steps from the readable one before, bitwise."""
     workdir = str(tmp_path / "run")
     shutil.copytree(reference, workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints", "pretrain")
@@ -111,9 +115,21 @@ def test_damaged_latest_checkpoint_is_skipped(reference, tmp_path):
         with open(f, "r+b") as fh:
             fh.truncate(7)  # a torn write
     shutil.rmtree(os.path.join(ckpt_dir, str(STEPS - 2)))
-    out = run_cli([*FLAGS, "--workdir", workdir, f"--config.pretrain.num_steps={STEPS}"])
+    before = sorted(glob.glob(os.path.join(workdir, "**"), recursive=True))
+    config = open(os.path.join(workdir, "config.json")).read()
+    args = [*FLAGS, "--workdir", workdir, f"--config.pretrain.num_steps={STEPS}"]
+    out = run_cli([*args, "--mode=downstream"])
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert f"Checkpoint step {STEPS} in" in last and "the newest, is unreadable" in last
+    assert "rerun --mode=pretrain (or all)" in last
+    assert "Event loop is closed" not in out.stderr and "Traceback" not in out.stderr
+    assert sorted(glob.glob(os.path.join(workdir, "**"), recursive=True)) == before
+    assert open(os.path.join(workdir, "config.json")).read() == config
+    out = run_cli(args)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"Checkpoint step {STEPS} in" in out.stderr and "unreadable" in out.stderr
+    assert "Event loop is closed" not in out.stderr
     _assert_same_tree(checkpoint_tree(workdir, STEPS), checkpoint_tree(reference, STEPS))
     assert [r["step"] for r in _records(workdir)] == list(range(1, STEPS + 1))
 
@@ -208,6 +224,18 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_bitwise(reference, tmp
     assert _records(workdir)[-1]["step"] in (step - 1, step)  # as in the SIGINT test above
     assert not os.path.exists(os.path.join(workdir, ".lock"))  # released on the way out
 
+    # An unfinished pretraining is no encoder to evaluate: one line, before any work.
+    args = [
+        *FLAGS,
+        "--workdir",
+        workdir,
+        f"--config.pretrain.num_steps={STEPS}",
+        "--mode=downstream",
+    ]
+    out = run_cli(args, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert f"is step {step} of {STEPS}" in out.stderr.strip().splitlines()[-1]
+
     final = _popen(workdir)
     assert final.wait(timeout=300) == 0, final.stderr.read()[-3000:]
     _assert_same_tree(checkpoint_tree(workdir, STEPS), checkpoint_tree(reference, STEPS))
@@ -285,3 +313,23 @@ def test_a_run_written_before_conv_impl_was_removed_restores(tmp_path):
     config = tiny_config(**legacy, **{"downstream.epochs": 1, "downstream.batch_size": 8})
     out = pipeline.run(config, workdir, "downstream")["downstream"]
     assert out["encoder_step"] == 2 and 0.0 <= out["knn_test_acc"] <= 1.0
+
+
+def test_a_checkpoint_records_its_input_normalisation_and_other_values_are_refused():
+    """The normalisation is part of what a checkpoint must agree with, as the data identity: other
+    values are a one-line CheckpointError naming both; a checkpoint without the entry (written
+    before it existed, as tests/data/legacy_run's) or a config whose statistics are not computed
+    yet is checked on the rest."""
+    from simclr_jax import train_state
+    from simclr_jax.errors import CheckpointError
+    from tests.helpers import DIGITS_STATS, tiny_config
+
+    meta = train_state.checkpoint_meta(tiny_config(), "pretrain")
+    assert meta["normalisation"] == {"mean": list(DIGITS_STATS[0]), "std": list(DIGITS_STATS[1])}
+    train_state.check_meta(meta, tiny_config(), "here")
+    other = tiny_config(**{"data.mean": (0.5, 0.5, 0.5)})
+    with pytest.raises(CheckpointError, match="normalised with mean") as err:
+        train_state.check_meta(meta, other, "here")
+    assert "config.data.mean" in str(err.value) and "\n" not in str(err.value)
+    train_state.check_meta({k: v for k, v in meta.items() if k != "normalisation"}, other, "here")
+    train_state.check_meta(meta, tiny_config(**{"data.mean": (), "data.std": ()}), "here")
