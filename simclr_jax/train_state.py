@@ -5,17 +5,19 @@
 * the `fold_in` tags of the config seed, one independent random stream per use, and `seed_key`;
 * the compute dtype of a config;
 * what a checkpoint holds (`state_tree`) and what it must agree with to be restored
-  (`checkpoint_meta`, `check_meta`);
+  (`checkpoint_meta`, `check_meta`), and a network's identity by content (`variables_digest`);
 * `restore_encoder`: the pretrained encoder f from a pretraining checkpoint, with the first
   projection-head layers the downstream stage keeps (`start_variables`).
 """
 
 import functools
+import hashlib
 import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -256,3 +258,15 @@ def restore_encoder(config, source: str) -> tuple[dict, int]:
         )
     tree, _, step = found
     return start_variables(tree, ft_proj_selector(config)), int(step)
+
+
+def variables_digest(variables) -> str:
+    """A short fingerprint of a tree of arrays (each leaf's path, dtype, shape and bytes): what a
+    run's checkpoints record of the encoder it started from, so that a copied or moved workdir (or
+    another path to the same run) is the same encoder, and another encoder is not."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(variables))[0]:
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape};".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()[:16]

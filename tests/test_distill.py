@@ -152,6 +152,18 @@ def test_the_report_puts_both_students_beside_the_teacher(distilled):
         md = f.read()
     assert "distilled from finetune, T=1" in md and "The same student on the labels alone" in md
     assert "Distilled student minus the same student on the labels" in md
+    # The students' checkpoints know their teacher by content, not by path: a moved workdir
+    # keeps them (tests/test_after_training.py moves one).
+    metas = {}
+    for phase in ("distill", "distill_labels"):
+        step = _steps(distilled, phase)[-1]
+        with open(
+            os.path.join(distilled, "checkpoints", phase, str(step), "meta", "metadata")
+        ) as f:
+            metas[phase] = f.read()
+        assert os.path.dirname(distilled) not in metas[phase], phase
+    teacher = json.loads(metas["distill"])["run"]["teacher"]
+    assert set(teacher) == {"run", "step", "digest"} and teacher["run"] == "finetune"
 
 
 def test_the_students_records_are_the_same_on_8_devices(finished, distilled, tmp_path):
