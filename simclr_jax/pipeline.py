@@ -118,6 +118,18 @@ def check_checkpoints_in(config, source: str, finished: bool = False) -> None:
         )
 
 
+def check_workdir_checkpoints(config, workdir: str, source: str | None) -> None:
+    """Every checkpoint the run may restore (the workdir's, of every phase, and the encoder
+    source) was made for this config's model, data and normalisation: checked before anything
+    is written, so that a refused run leaves the workdir as it was."""
+    root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    phases = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    dirs = [os.path.join(root, p) for p in phases if "." not in p]  # not <phase>.damaged
+    for where in dirs + ([source] if source else []):
+        if checkpoint.has_steps(where):
+            check_checkpoints_in(config, where)
+
+
 def _pretrain_stage(config, ds, workdir: str, writer) -> dict:
     if writer.enabled:  # the first check of a SimCLR run, before the long wait
         pictures.write_views(config, ds, workdir)
@@ -216,7 +228,10 @@ def _run_stages(config, datasets, workdir: str, mode: str, source: str | None) -
     workdirs.check_writable(workdir)  # creates it: the lock lives there
     summary = {"workdir": os.path.abspath(workdir), "mode": mode}
     with workdirs.lock(workdir), workdirs.undone_unless_work(workdir, created):
-        workdirs.prepare(workdir, config, mode)
+        delete = workdirs.check(workdir, config, mode)  # a run overwritten is not checked
+        if not delete:
+            check_workdir_checkpoints(config, workdir, source)
+        workdirs.prepare(workdir, config, delete)
         writer = MetricWriter(workdir)
         try:
             if mode in ("pretrain", "all"):

@@ -1,9 +1,11 @@
 """What a user gets from a finished run (one tiny `run.py` run, shared): the encoder in their own
 code (`load_encoder`, checked against the model's own `encode`), the pictures (made from the run's
-own data and keys), and the console (log lines above the progress bars, the closing summary)."""
+own data and keys), the console (log lines above the progress bars, the closing summary), and the
+workdir itself (moved and rerun as it is, or refused)."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -34,7 +36,14 @@ def run(tmp_path_factory):
     out = run_cli(args)
     assert out.returncode == 0, out.stderr[-3000:]
     config = encoder.read_config(workdir)
-    return {"workdir": workdir, "out": out, "config": config, "ds": data.load(config.data)}
+    args = args[:-2]  # the command, but its --workdir
+    return {
+        "workdir": workdir,
+        "out": out,
+        "config": config,
+        "ds": data.load(config.data),
+        "args": args,
+    }
 
 
 def _pixels(path) -> np.ndarray:
@@ -280,3 +289,62 @@ def test_log_lines_print_above_the_progress_bars(run):
     assert len(logged) == 4
     for line in logged:
         assert line.split("\r")[-1].startswith("I"), repr(line)
+
+
+# ----------------------------------------------------------------------------- the workdir
+
+
+def _files(workdir: str) -> dict:
+    """Every file under `workdir`, by relative path: its bytes."""
+    out = {}
+    for root, _, names in os.walk(workdir):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, workdir)] = f.read()
+    return out
+
+
+def test_a_moved_workdir_redoes_nothing_and_a_refused_rerun_changes_no_file(run, tmp_path):
+    """A workdir holds no path of its own: moved elsewhere and rerun with the same command, it
+    retrains nothing (its classifier runs know their encoder by content) and ends with the same
+    records and report. Rerun there with a pretraining setting it was not made with, it is
+    refused in one line naming the key; with a checkpoint made for other data, too; and neither
+    refusal changes a file (views.png included). Slower than most (three runs of run.py, 100 s on
+    the shared 2-core machine under load): the one rerun that goes through every stage is what
+    shows that nothing is redone; the two refusals stop after loading the data."""
+    from tests.test_stops import _numbers, _report
+
+    moved = str(tmp_path / "elsewhere" / "run")
+    shutil.copytree(run["workdir"], moved)
+    classifier_steps = sorted(os.listdir(os.path.join(moved, "checkpoints", "finetune")))
+    out = run_cli([*run["args"], "--workdir", moved])
+    assert out.returncode == 0, out.stderr[-3000:]
+    for phase in ("finetune", "scratch"):
+        assert f"{phase}: checkpoint of step 2 in" in out.stderr, out.stderr[-3000:]
+    assert out.stderr.count("finished: training skipped") == 2
+    assert "starting it anew" not in out.stderr
+    assert sorted(os.listdir(os.path.join(moved, "checkpoints", "finetune"))) == classifier_steps
+    assert _numbers(moved) == _numbers(run["workdir"])
+    assert _report(moved) == _report(run["workdir"])
+
+    before = _files(moved)
+    out = run_cli([*run["args"], "--workdir", moved, "--config.pretrain.learning_rate=1.0"])
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "other settings (pretrain.learning_rate: 2.0 -> 1.0)" in last
+    assert "--config.overwrite=True" in last and "Traceback" not in out.stderr
+    assert _files(moved) == before
+
+    # The newest pretraining checkpoint made for other images (a split's fingerprint changed).
+    meta_path = os.path.join(moved, "checkpoints", "pretrain", str(STEPS), "meta", "metadata")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["data_identity"]["pretrain"]["fingerprint"] = "0" * 16
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    before = _files(moved)
+    out = run_cli([*run["args"], "--workdir", moved])
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "was trained on other data" in out.stderr.strip().splitlines()[-1]
+    assert _files(moved) == before

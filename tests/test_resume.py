@@ -258,6 +258,62 @@ def test_workdir_of_another_config_is_refused_unless_overwrite(reference, tmp_pa
     assert [r["step"] for r in _records(workdir)] == [1, 2]  # the old run's records are gone
 
 
+@pytest.mark.parametrize(
+    "phases, key, value, mode, refused",
+    [
+        (["pretrain"], "pretrain.learning_rate", 0.5, "all", True),  # resumed, not redone
+        (["pretrain"], "pretrain.learning_rate", 0.5, "downstream", True),
+        (["pretrain"], "augment.jitter_prob", 0.5, "pretrain", True),
+        (["pretrain", "finetune"], "downstream.epochs", 3, "all", False),  # runs start anew
+        (["pretrain", "finetune"], "downstream.epochs", 3, "downstream", False),
+        (["pretrain", "finetune"], "downstream.epochs", 3, "pretrain", True),
+        (["pretrain", "finetune"], "downstream.epochs", 3, "distill", True),  # the teacher's
+        (["pretrain", "finetune", "distill"], "downstream.epochs", 3, "downstream", True),
+        (["pretrain", "finetune", "distill"], "distill.temperature", 2.0, "distill", False),
+        (["pretrain", "finetune", "distill"], "distill.temperature", 2.0, "all", True),
+        (["pretrain"], "data.data_dir", "/elsewhere", "all", False),  # where, not what
+        (["pretrain"], "restore", "/elsewhere/run", "downstream", False),
+        (["pretrain"], "pretrain.checkpoint_every", 7, "all", False),
+        ([], "pretrain.learning_rate", 0.5, "all", False),  # no work yet: nothing kept
+    ],
+)
+def test_a_rerun_with_settings_it_would_not_apply_is_refused(
+    tmp_path, phases, key, value, mode, refused
+):
+    """A rerun may change a setting only where its mode redoes the work that setting went into:
+    pretraining is resumed, never redone; a downstream or distill run starts anew on other
+    settings (the distillation was taught by the old classifiers). Paths and checkpoint cadence
+    may always change."""
+    from simclr_jax import workdirs
+    from simclr_jax.errors import WorkdirError
+    from tests.helpers import tiny_config
+
+    workdir = str(tmp_path)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(tiny_config().to_json_best_effort())
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps({"step": 1, "phase": p, "loss": 1.0}) + "\n" for p in phases)
+    config = tiny_config(**{key: value})
+    if not refused:
+        assert workdirs.check(workdir, config, mode) is False
+        return
+    with pytest.raises(WorkdirError, match="other settings") as err:
+        workdirs.check(workdir, config, mode)
+    assert f"{key}: " in str(err.value) and f" -> {value}" in str(err.value)
+    if mode in ("all", "pretrain"):  # overwrite deletes the run there, and only there
+        assert workdirs.check(workdir, tiny_config(**{key: value, "overwrite": True}), mode)
+    else:
+        with pytest.raises(WorkdirError, match="--mode=all with --config.overwrite=True"):
+            workdirs.check(workdir, tiny_config(**{key: value, "overwrite": True}), mode)
+    # A key an older config.json lacks is unknown, not changed.
+    old = json.loads(tiny_config().to_json_best_effort())
+    section, name = key.rsplit(".", 1) if "." in key else ("", key)
+    (old[section] if section else old).pop(name)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(old, f)
+    assert workdirs.check(workdir, config, mode) is False
+
+
 def test_unwritable_workdir_fails_early(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -301,8 +357,11 @@ def test_a_run_written_before_conv_impl_was_removed_restores(tmp_path):
     workdir = str(tmp_path / "legacy")
     shutil.copytree(os.path.join(REPO, "tests", "data", "legacy_run"), workdir)
     assert "conv_impl" in json.load(open(os.path.join(workdir, "config.json")))["model"]
-    # The legacy run's model and input size (the defaults have moved on since).
-    legacy = {"model.head_layers": 2, "data.image_size": 32}
+    # The legacy run's model, input size and pretraining settings (the defaults have moved on
+    # since; a rerun with others is refused, as for any workdir holding a pretraining).
+    legacy = {"model.head_layers": 2, "data.image_size": 32, "augment.flip_prob": 0.5}
+    legacy.update({"pretrain.num_steps": 2, "pretrain.epochs": 12, "pretrain.warmup_epochs": 2.0})
+    legacy["pretrain.learning_rate"] = 1.0
     encoder, step = train_state.restore_encoder(
         tiny_config(**legacy), pipeline.pretrain_dir(workdir)
     )
