@@ -130,15 +130,6 @@ def check_meta(meta: dict, config, where: str) -> None:
     normalisation was, a config whose statistics are not computed yet) is unknown, not a
     mismatch: it is checked on the rest."""
     want = checkpoint_meta(config, meta.get("phase", "pretrain"))
-    got_stats, want_stats = meta.get(NORMALISATION), want.get(NORMALISATION)
-    if got_stats and want_stats and got_stats != want_stats:
-        raise CheckpointError(
-            f"The checkpoint in {where} was trained on inputs normalised with mean "
-            f"{got_stats['mean']} / std {got_stats['std']}, and the config now reads "
-            f"{want_stats['mean']} / {want_stats['std']}: set config.data.mean and config.data.std "
-            f"to the checkpoint's (or () for the data's own statistics, what a run computes when "
-            f"they are unset), or use another --workdir / --config.restore."
-        )
     got_data, want_data = meta.get("data_identity"), want.get("data_identity")
     if got_data and want_data and got_data != want_data:
         changed = [k for k in want_data if got_data.get(k) != want_data[k]]
@@ -147,6 +138,15 @@ def check_meta(meta: dict, config, where: str) -> None:
             f"split(s) were {[got_data.get(k) for k in changed]}, the config now reads "
             f"{[want_data[k] for k in changed]}. Resuming would go on in another order over other "
             f"images: point config.data at the data it was trained on, or use another --workdir."
+        )
+    got_stats, want_stats = meta.get(NORMALISATION), want.get(NORMALISATION)
+    if got_stats and want_stats and got_stats != want_stats:
+        raise CheckpointError(
+            f"The checkpoint in {where} was trained on inputs normalised with mean "
+            f"{got_stats['mean']} / std {got_stats['std']}, and the config now reads "
+            f"{want_stats['mean']} / {want_stats['std']}: set config.data.mean and config.data.std "
+            f"to the checkpoint's (or () for the data's own statistics, what a run computes when "
+            f"they are unset), or use another --workdir / --config.restore."
         )
     for key in ("model", "data"):
         got = meta.get(key)

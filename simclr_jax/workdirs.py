@@ -72,8 +72,11 @@ def _delete_run(workdir: str) -> None:
 
 
 # Keys that say where or how, not what: a rerun may change them. (The data and a restored
-# encoder are checked by content: data.identity and the checkpoints' metadata.)
+# encoder are checked by content: data.identity and the checkpoints' metadata. So is the input
+# normalisation, which a run computes from the data where it is unset: other values, set or
+# computed from changed data, are refused by the checkpoints' check, whose message names them.)
 FREE_KEYS = ("restore", "overwrite", "distributed", "data.data_dir", "data.identity")
+FREE_KEYS += ("data.mean", "data.std")
 FREE_KEYS += ("data.cache_gb", "data.read_threads", "data.prefetch", "data.max_bad_fraction")
 FREE_KEYS += ("downstream.data.data_dir", "downstream.data.identity")
 FREE_KEYS += (

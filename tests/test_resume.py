@@ -274,6 +274,7 @@ def test_workdir_of_another_config_is_refused_unless_overwrite(reference, tmp_pa
         (["pretrain"], "data.data_dir", "/elsewhere", "all", False),  # where, not what
         (["pretrain"], "restore", "/elsewhere/run", "downstream", False),
         (["pretrain"], "pretrain.checkpoint_every", 7, "all", False),
+        (["pretrain"], "data.mean", (0.5, 0.5, 0.5), "all", False),  # the checkpoints' to refuse
         ([], "pretrain.learning_rate", 0.5, "all", False),  # no work yet: nothing kept
     ],
 )
