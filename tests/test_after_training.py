@@ -310,9 +310,9 @@ def test_a_moved_workdir_redoes_nothing_and_a_refused_rerun_changes_no_file(run,
     retrains nothing (its classifier runs know their encoder by content) and ends with the same
     records and report. Rerun there with a pretraining setting it was not made with, it is
     refused in one line naming the key; with a checkpoint made for other data, too; and neither
-    refusal changes a file (views.png included). Slower than most (three runs of run.py, 100 s on
-    the shared 2-core machine under load): the one rerun that goes through every stage is what
-    shows that nothing is redone; the two refusals stop after loading the data."""
+    refusal changes a file (views.png included). Slower than most (three runs of run.py: 35 s, and
+    100 s under heavy load, on the shared 2-core machine): the one rerun that goes through every
+    stage is what shows that nothing is redone; the two refusals stop after loading the data."""
     from tests.test_stops import _numbers, _report
 
     moved = str(tmp_path / "elsewhere" / "run")
@@ -320,9 +320,8 @@ def test_a_moved_workdir_redoes_nothing_and_a_refused_rerun_changes_no_file(run,
     classifier_steps = sorted(os.listdir(os.path.join(moved, "checkpoints", "finetune")))
     out = run_cli([*run["args"], "--workdir", moved])
     assert out.returncode == 0, out.stderr[-3000:]
-    for phase in ("finetune", "scratch"):
-        assert f"{phase}: checkpoint of step 2 in" in out.stderr, out.stderr[-3000:]
-    assert out.stderr.count("finished: training skipped") == 2
+    skipped = [line for line in out.stderr.splitlines() if "finished: training skipped" in line]
+    assert len(skipped) == 2 and "finetune:" in skipped[0] and "scratch:" in skipped[1], skipped
     assert "starting it anew" not in out.stderr
     assert sorted(os.listdir(os.path.join(moved, "checkpoints", "finetune"))) == classifier_steps
     assert _numbers(moved) == _numbers(run["workdir"])
