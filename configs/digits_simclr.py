@@ -31,11 +31,13 @@ on the 72 labels alone, and adds both to report.md (benchmarks/README.md, "Disti
 
 from configs import cifar_simclr
 
-# What the distillation's two learning rates were chosen on (benchmarks/README.md, "Distillation").
+# What the distillation's two learning rates were chosen on (benchmarks/README.md, "Distillation");
+# its epochs and temperature were fixed beforehand, not chosen.
 DISTILL_CHOSEN = (
-    "validation (the grid 0.03, 0.1, 0.3 for both students' rates (and 1.0 for the distilled "
-    "one, whose pick sat at 0.3), seed 0, 20% of the train split held out: "
-    "benchmarks/results/digits_distill/choices.md)"
+    "validation, for the two learning rates (the grid 0.03, 0.1, 0.3 for both students' rates "
+    "(and 1.0 for the distilled one, whose pick sat at 0.3), seed 0, 20% of the train split held "
+    "out: benchmarks/results/digits_distill/choices.md); the epochs (50, and 200 for the labels-"
+    "only student) and T = 1 (SimCLRv2's) were fixed beforehand, not chosen"
 )
 DISTILL_LR = 0.3
 

@@ -30,6 +30,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from simclr_jax.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 
@@ -63,6 +65,31 @@ def _abstract_global(target: Any) -> Any:
         return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=sharding)
 
     return jax.tree.map(abstract, target)
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """The newest checkpoint of a restore that does not fall back cannot be read."""
+
+
+def _ignore_closed_loop_callbacks() -> None:
+    """A restore that fails on one array (a damaged checkpoint) closes orbax's event loop while
+    tensorstore reads of the others are in flight; each of them then completes into the closed
+    loop, an unraisable "RuntimeError: Event loop is closed" that Python prints as a traceback
+    (dozens for one damaged checkpoint, burying the one line that says what happened). Those
+    alone are dropped, from the first restore on; every other unraisable exception goes to the
+    hook that was there."""
+    previous = sys.unraisablehook
+    if getattr(previous, "closed_loop_filter", False):
+        return
+
+    def hook(unraisable):
+        err = unraisable.exc_value
+        if isinstance(err, RuntimeError) and str(err) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.closed_loop_filter = True
+    sys.unraisablehook = hook
 
 
 def has_steps(directory: str) -> bool:
@@ -99,9 +126,11 @@ class Checkpointer:
         return sorted(self._mngr.all_steps())
 
     def restore_latest(
-        self, target: Any, extra: dict | None = None
+        self, target: Any, extra: dict | None = None, fall_back: bool = True
     ) -> tuple[Any, dict, int] | None:
-        """Newest readable checkpoint as (tree, meta, step); damaged ones are skipped with a warning.
+        """Newest readable checkpoint as (tree, meta, step); damaged ones are set aside with a
+        warning (fall_back=False: the newest or nothing, an unreadable one raising
+        UnreadableCheckpoint and left in place: a restore that only reads).
 
         `target` is a tree of arrays with the wanted structure, shapes and placement; `extra`
         ({name: target}) the items of their own to read too (`restore`).
@@ -111,13 +140,18 @@ class Checkpointer:
             try:
                 tree, meta = self.restore(step, target, extra)
             except Exception as err:  # truncated / corrupt files: fall back to the one before
+                reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                if not fall_back:
+                    raise UnreadableCheckpoint(
+                        f"Checkpoint step {step} in {self.directory}, the newest, is unreadable "
+                        f"({reason})."
+                    ) from err
                 log.warning(
-                    "Checkpoint step %d in %s is unreadable (%s: %s); set aside in %s, trying an "
+                    "Checkpoint step %d in %s is unreadable (%s); set aside in %s, trying an "
                     "older one.",
                     step,
                     self.directory,
-                    type(err).__name__,
-                    str(err).splitlines()[0][:200],
+                    reason,
                     self._set_aside(step),
                 )
                 continue
@@ -125,7 +159,11 @@ class Checkpointer:
         return None
 
     def restore_matching(
-        self, target: Any, check: Callable[[dict], None], extra: dict | None = None
+        self,
+        target: Any,
+        check: Callable[[dict], None],
+        extra: dict | None = None,
+        fall_back: bool = True,
     ) -> tuple[Any, dict, int] | None:
         """`restore_latest`, for checkpoints whose metadata `check` accepts (it raises otherwise).
 
@@ -141,7 +179,7 @@ class Checkpointer:
                 meta = None
             if meta is not None:
                 check(meta)
-        found = self.restore_latest(target, extra)
+        found = self.restore_latest(target, extra, fall_back)
         if found is not None:
             check(found[1])
         return found
@@ -166,6 +204,7 @@ class Checkpointer:
         `extra` ({name: target}): those of the items saved with `save(..., extra)` that the step
         holds are read too and returned in the tree (a dict) under their names; one that the
         step lacks (a checkpoint written without it) is left out of the tree."""
+        _ignore_closed_loop_callbacks()  # before: they can come before the error reaches us
         held = {k: t for k, t in (extra or {}).items() if self.holds(step, k)}
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract_global(target)),

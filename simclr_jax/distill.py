@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from simclr_jax import augment, classifier, data, loop, losses, optim, parallel, runs, stream
-from simclr_jax.checkpoint import Checkpointer
+from simclr_jax.checkpoint import Checkpointer, UnreadableCheckpoint
 from simclr_jax.config import scaled_learning_rate
 from simclr_jax.errors import CheckpointError
 from simclr_jax.train_state import (
@@ -39,6 +39,7 @@ from simclr_jax.train_state import (
     create_state,
     model_identity,
     seed_key,
+    variables_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -121,29 +122,33 @@ def teacher_steps(config, ds) -> int:
     return int((dc.long_epochs if long else dc.epochs) * spe)
 
 
-def restore_teacher(config, ds, workdir: str) -> tuple[dict, dict]:
-    """(the teacher's {'params', 'batch_stats'}, {'dir', 'step'}): the final checkpoint of the
-    downstream run distill.teacher in `workdir`; CheckpointError when there is none."""
+def restore_teacher(config, ds, workdir: str) -> tuple[dict, dict, str]:
+    """(the teacher's {'params', 'batch_stats'}, what identifies it, its directory): the final
+    checkpoint of the downstream run distill.teacher in `workdir`; CheckpointError when there is
+    none. The identity is the run's name, step and a digest of its variables, not its path: a
+    copied or moved workdir holds the same teacher."""
     directory, total = teacher_dir(workdir, config), teacher_steps(config, ds)
     target = classifier.abstract_tree(config, ds.num_classes)  # the classifier stage's network
     ckpt = Checkpointer(directory, create=False, async_save=False)
-    try:
-        found = checked_restore(ckpt, target, config) if os.path.isdir(directory) else None
+    found, what = None, "no readable checkpoint"
+    try:  # only read: a damaged newest checkpoint is the downstream rerun's to set aside and redo
+        if os.path.isdir(directory):
+            found = checked_restore(ckpt, target, config, fall_back=False)
+    except UnreadableCheckpoint as err:
+        what = f"an unreadable newest checkpoint ({err})"
     finally:
         ckpt.close()
     step = None if found is None else int(found[2])
     if step != total:
-        what = "no readable checkpoint" if step is None else f"step {step} of {total}"
+        what = what if step is None else f"step {step} of {total}"
         raise CheckpointError(
             f"--mode=distill needs the finished downstream run '{config.distill.teacher}' as its "
             f"teacher, and {directory} holds {what}. Run --mode=downstream (or all) with this "
             f"--workdir first, or set config.distill.teacher to a finished run."
         )
-    tree = found[0]
-    return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, {
-        "dir": directory,
-        "step": step,
-    }
+    variables = {"params": found[0]["params"], "batch_stats": found[0]["batch_stats"]}
+    identity = {"run": config.distill.teacher, "step": step}
+    return variables, {**identity, "digest": variables_digest(variables)}, directory
 
 
 def run_meta(config, phase: str, origin: dict) -> dict:
@@ -219,8 +224,8 @@ def run(config, ds, workdir: str, writer) -> dict:
     the labels-only one ('distill_labels') from the same initial weights; both are scored on the
     test split after their epochs, as the classifier runs. Returns the wall seconds of this
     invocation's training by phase, and what taught."""
-    teacher_vars, teacher_id = restore_teacher(config, ds, workdir)
-    log.info("Teacher: %s, step %d.", teacher_id["dir"], teacher_id["step"])
+    teacher_vars, teacher_id, teacher_at = restore_teacher(config, ds, workdir)
+    log.info("Teacher: %s, step %d.", teacher_at, teacher_id["step"])
     dc = config.downstream
     subset = data.labelled_subset(ds.train_labels, dc.label_fraction, ds.num_classes, config.seed)
     ids = runs.epoch_indices(subset, dc.batch_size)
@@ -235,6 +240,9 @@ def run(config, ds, workdir: str, writer) -> dict:
         DISTILL: {"teacher": teacher_id},
         LABELS: {"downstream": {k: dc[k] for k in LABELLED_KEYS}},
     }
+    # What runs written before teachers were identified by content recorded: the directory.
+    old_id = {"teacher": {"dir": teacher_at, "step": teacher_id["step"]}}
+    earlier = {DISTILL: run_meta(config, DISTILL, old_id)["run"], LABELS: None}
     extra = {
         DISTILL: {"teacher": config.distill.teacher, "temperature": config.distill.temperature},
         LABELS: {"subset": data.subset_digest(ids)},
@@ -248,5 +256,7 @@ def run(config, ds, workdir: str, writer) -> dict:
 
         meta = run_meta(config, phase, origins[phase])
         run_parts = (state, p_step, inputs, evaluator, meta)
-        walls[phase] = runs.train_in_workdir(config, workdir, writer, loop_spec, run_parts)
+        walls[phase] = runs.train_in_workdir(
+            config, workdir, writer, loop_spec, run_parts, earlier[phase]
+        )
     return {"teacher": teacher_id, "train_wall_s": walls}

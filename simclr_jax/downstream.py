@@ -40,6 +40,7 @@ from simclr_jax.train_state import (
     seed_key,
     simclr_model,
     start_variables,
+    variables_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,16 @@ def budgets(config) -> list[tuple[str, int]]:
     return [("", dc.epochs)] + ([(LONG, dc.long_epochs)] if dc.long_epochs > 0 else [])
 
 
-def compare(config, ds, workdir: str, writer, subset: np.ndarray, starts: dict) -> dict:
+def compare(
+    config, ds, workdir: str, writer, subset: np.ndarray, starts: dict, earlier: dict | None = None
+) -> dict:
     """The pretrained ('finetune') and the 'scratch' classifier runs for each budget: identical
     data order, augmentation keys, optimizer and schedule shape; only where they start differs,
     and the peak learning rate where downstream.runs gives a run its own.
 
     starts: {FINETUNE: (encoder, encoder_id), SCRATCH: (...)}: f's variables and what identifies
-    them in the checkpoints' metadata. Returns {phase: wall seconds of this invocation}.
+    them in the checkpoints' metadata; earlier: {run: the encoder_id an earlier version recorded
+    for the same f}. Returns {phase: wall seconds of this invocation}.
     """
     dc = config.downstream
     ids = runs.epoch_indices(subset, dc.batch_size)  # (n_epoch,) train indices
@@ -87,18 +91,23 @@ def compare(config, ds, workdir: str, writer, subset: np.ndarray, starts: dict) 
 
             loop_spec = loop.LoopSpec(phase, total, spe, log_every, ckpt_every, dc.batch_size)
             state = classifier.initial_state(model, tx, starts[run][0], config.data.image_size)
-            parts = (state, p_step, evaluator, starts[run][1])
+            ids = (starts[run][1], (earlier or {}).get(run))
+            parts = (state, p_step, evaluator, ids)
             walls[phase] = _train_run(config, workdir, writer, epochs, loop_spec, parts, inputs)
     return walls
 
 
 def _train_run(config, workdir: str, writer, epochs: int, loop_spec, parts, inputs) -> float:
     """One classifier run with its checkpoints in workdir/checkpoints/<phase>; its wall seconds.
-    parts: (initial state, pmapped step, evaluator, what identifies the starting encoder)."""
-    state, p_step, evaluator, encoder_id = parts
+    parts: (initial state, pmapped step, evaluator, (what identifies the starting encoder, what
+    an earlier version recorded for it or None))."""
+    state, p_step, evaluator, (encoder_id, earlier_id) = parts
     meta = runs.run_meta(config, loop_spec.phase, epochs, encoder_id)
+    earlier = None
+    if earlier_id is not None:
+        earlier = runs.run_meta(config, loop_spec.phase, epochs, earlier_id)["run"]
     return runs.train_in_workdir(
-        config, workdir, writer, loop_spec, (state, p_step, inputs, evaluator, meta)
+        config, workdir, writer, loop_spec, (state, p_step, inputs, evaluator, meta), earlier
     )
 
 
@@ -234,11 +243,14 @@ def run(config, ds, workdir: str, writer, source: str) -> dict:
         random = evaluate.estimate_batch_stats(config, ds.train, subset, initial)
     encoders = {"simclr": encoder, "random": random}
     frozen = frozen_evaluations(config, ds, writer, subset, encoders, encoder_step)
+    # f by its content (a copied or moved workdir holds the same encoder); runs written before
+    # named its directory instead, and are still this run where that is `source`.
     starts = {
-        FINETUNE: (encoder, {"dir": source, "step": encoder_step}),
+        FINETUNE: (encoder, {"step": encoder_step, "digest": variables_digest(encoder)}),
         SCRATCH: (initial, {"init": "the pretraining's initial weights"}),
     }
-    walls = compare(config, ds, workdir, writer, subset, starts)
+    earlier = {FINETUNE: {"dir": source, "step": encoder_step}}
+    walls = compare(config, ds, workdir, writer, subset, starts, earlier)
     summary = {"encoder_step": encoder_step, "num_labelled": len(subset)}
     summary.update({f"{k}_test_acc": r["test_acc"] for k, r in frozen.items()})
     summary["train_wall_s"] = walls  # this invocation's classifier training (0 when skipped)

@@ -4,6 +4,15 @@ the step, checkpoints on schedule, and turns Ctrl-C (SIGINT) and SIGTERM (preemp
 VMs, SLURM) into a checkpoint and a clean exit. A multi-process run leaves SIGTERM to jax's preemption
 service, which gives every process the same step to stop at.
 
+Records (metrics.jsonl) do not depend on where a run was stopped: a record is written only where
+the uninterrupted run writes one (every `log_every` steps, the last step, and an epoch-end
+evaluation's step), and it averages the steps since the record before. A stop writes no record of
+its own: the checkpoint of the step it stops at carries the steps' metrics that no record holds yet
+(`UNRECORDED`, in the checkpoint's metadata), and the evaluation and record due after that step, if
+any, are left to the rerun, which resumes from that checkpoint and writes them as the uninterrupted
+run would have. So a stopped run's metrics.jsonl is the first records of the uninterrupted run's,
+and the rerun's is all of them (their timings aside).
+
 One loop rather than two near-copies: what differs between the phases (the step, the evaluation at
 an epoch's end, what a checkpoint holds) comes in as arguments.
 """
@@ -27,9 +36,9 @@ from simclr_jax.metrics import MetricWriter, progress_bar
 
 log = logging.getLogger(__name__)
 
-# A record key: the epoch-end evaluation due at this step was skipped by a stop (`run` makes it up
-# when the run resumes from that step, then drops the key).
-SKIPPED = "evaluation_skipped"
+# The checkpoint metadata key of what no record holds yet: {'rows': the per-step metrics since the
+# last record, in step order, 'seconds': the wall time they took}.
+UNRECORDED = "unrecorded_steps"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,35 +111,14 @@ def _fetch(pending: list, first_step: int, phase: str) -> list[dict]:
     return rows
 
 
-def _skipped_evaluation(writer: MetricWriter, spec: LoopSpec, start_step: int) -> bool:
-    """Whether the record of `start_step` (a resumed run's first) marks an epoch-end evaluation
-    that a stop skipped; process 0 reads metrics.jsonl and tells the others."""
-    if not start_step or start_step % spec.steps_per_epoch:
-        return False
-    last = writer.last(spec.phase)
-    found = bool(last and last["step"] == start_step and last.get(SKIPPED))
+def _recorded(writer: MetricWriter, phase: str, step: int) -> bool:
+    """Whether metrics.jsonl holds the record of `phase` at `step` (the work after that step's
+    checkpoint is then done); process 0 reads it and tells the others."""
+    last = writer.last(phase)
+    found = bool(last and last["step"] == step)
     if jax.process_count() > 1:
         found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
     return found
-
-
-def _epoch_end(on_epoch_end: Callable, spec: LoopSpec, step: int, state, stop) -> dict:
-    """The epoch-end evaluation's scalars, or a mark that it was skipped (made up when the run
-    resumes from this step): skipped when a stop is under way, abandoned at the evaluation's
-    next stop point when a signal arrives during it."""
-    epoch = step // spec.steps_per_epoch
-    if not stop:
-        try:
-            return on_epoch_end(epoch, state)
-        except stops.Interrupted:
-            pass  # the signal stays recorded: the loop stops after this step's checkpoint
-    log.info(
-        "%s: stopping; the evaluation due after step %d (epoch %d) is skipped.",
-        spec.phase,
-        step,
-        epoch,
-    )
-    return {SKIPPED: 1}
 
 
 def run(
@@ -140,32 +128,37 @@ def run(
     inputs: Iterator[tuple],
     start_step: int,
     writer: MetricWriter,
-    save: Callable[[int, Any], None] | None = None,
+    save: Callable[[int, Any, dict], None] | None = None,
     on_epoch_end: Callable[[int, Any], dict] | None = None,
     commit: Callable[[], None] | None = None,
+    unrecorded: dict | None = None,
 ) -> LoopResult:
     """Runs `state, metrics = step_fn(state, *next(inputs))` from start_step to spec.total_steps
     (`inputs` yields each step's arguments, from start_step on: the streamed batch and keys).
 
-    `save(step, state)` starts a checkpoint and `commit()` waits until it is written;
-    `on_epoch_end(epoch, state)` returns extra scalars for that step's record (evaluations).
-    Records of this phase after start_step are dropped first, so a resumed metrics.jsonl has
-    neither duplicated nor missing steps.
+    `save(step, state, unrecorded)` starts a checkpoint, `unrecorded` (JSON) to be kept in its
+    metadata under UNRECORDED, and `commit()` waits until it is written; `on_epoch_end(epoch, state)`
+    returns extra scalars for that step's record (evaluations; {} where none is due).
+    `unrecorded`: the UNRECORDED entry of the checkpoint resumed from (None: a fresh start, or a
+    checkpoint written before the entry existed). Records of this phase after start_step are
+    dropped first; when metrics.jsonl has no record of start_step, the work due after it (its
+    evaluation, its record) is done first, as the uninterrupted run did it.
 
-    A checkpoint that is due is started before the epoch's evaluation. On SIGINT / SIGTERM the
-    step that is running finishes, its checkpoint is written and committed (an evaluation due
-    then is skipped, and the log says so), and `Interrupted` is raised; a signal that arrives
-    later in a step's work (its fetch, evaluation, log or save; the phase's last step included)
-    ends the run the same way once that work is done. A second signal while the checkpoint is
-    committed is recorded, not acted on: the save finishes first.
+    Each step's checkpoint, when one is due, is started before the step's evaluation and record.
+    On SIGINT / SIGTERM the step that is running finishes, its checkpoint is written and
+    committed, and `Interrupted` is raised; the step's evaluation and record are the rerun's. A
+    signal that arrives later in a step's work (its fetch, evaluation, record or save; the
+    phase's last step included) ends the run the same way once that work is done or abandoned (an
+    evaluation stops at its next stop point). A second signal while the checkpoint is committed
+    is recorded, not acted on: the save finishes first.
     """
     writer.truncate(spec.phase, start_step)
-    if on_epoch_end and _skipped_evaluation(writer, spec, start_step):
-        extra = on_epoch_end(start_step // spec.steps_per_epoch, state)
-        writer.amend(spec.phase, start_step, extra, drop=(SKIPPED,))
-        log.info("%s: the evaluation a stop skipped at step %d, made up.", spec.phase, start_step)
     step, pending, rows = start_step, [], []
-    rates, record = [], {}
+    rates, record, carried_s = [], {}, 0.0
+    resume = bool(start_step) and unrecorded is not None
+    resume = resume and not _recorded(writer, spec.phase, start_step)
+    if resume:  # the steps since the last record, and the work after start_step's checkpoint
+        rows, carried_s = list(unrecorded["rows"]), float(unrecorded["seconds"])
     t_log = t0 = time.perf_counter()
     if start_step < spec.total_steps:  # the bar sits at its start until the compilation is done
         log.info("%s: compiling the first step (tens of seconds) ...", spec.phase)
@@ -177,45 +170,71 @@ def run(
         rows += _fetch(pending, step - len(pending), spec.phase)
         pending = []
 
+    def unrecorded_now() -> dict:
+        return {"rows": rows, "seconds": carried_s + time.perf_counter() - t_log}
+
     def log_record(extra: dict) -> None:
-        nonlocal rows, t_log, record
+        nonlocal rows, t_log, record, carried_s
         drain()
         if not rows:
             return
         now = time.perf_counter()
-        rates.append(len(rows) * spec.images_per_step / (now - t_log))
-        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-        record = writer.write(step, spec.phase, {**mean, **extra, "images_per_s": rates[-1]})
-        bar.set_postfix(loss=f"{mean['loss']:.4f}", img_s=f"{rates[-1]:.0f}")
-        bar.update(len(rows))
-        rows, t_log = [], now
+        scalars = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        rates.append(len(rows) * spec.images_per_step / (carried_s + now - t_log))
+        record = writer.write(step, spec.phase, {**scalars, **extra, "images_per_s": rates[-1]})
+        bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rates[-1]:.0f}")
+        bar.update(step - bar.n)
+        rows, t_log, carried_s = [], now, 0.0
+
+    def due_after() -> bool:
+        """Whether anything may be due after `step`'s checkpoint (an evaluation, a record)."""
+        epoch_end = on_epoch_end is not None and step % spec.steps_per_epoch == 0
+        return epoch_end or step == spec.total_steps or step % spec.log_every == 0
+
+    def after_checkpoint(rstate) -> bool:
+        """The work due after `step`'s checkpoint: its epoch-end evaluation, then its record
+        (where one is due). False: a signal abandoned the evaluation (the rerun does both)."""
+        extra = {}
+        if on_epoch_end and step % spec.steps_per_epoch == 0:
+            try:
+                extra = on_epoch_end(step // spec.steps_per_epoch, rstate)
+            except stops.Interrupted:
+                return False  # the signal stays recorded: the loop stops after the checkpoint
+        if step == spec.total_steps or step % spec.log_every == 0 or extra:
+            log_record(extra)
+        return True
+
+    def stopping(signum: int, rstate, done: bool):
+        """Saves (unless this step was saved) and commits `step`'s checkpoint; the Interrupted to
+        raise. done: whether the work after the checkpoint was done."""
+        if save is not None:
+            drain()
+            save(step, rstate, unrecorded_now())  # a no-op when this step was saved
+            if commit is not None:
+                commit()  # the handlers still only record: a second signal waits
+        if not done and due_after():
+            log.info("%s: stopping; what is due after step %d is the rerun's.", spec.phase, step)
+        bar.close()
+        return stops.Interrupted(flag.message(spec.phase, step, signum), signum)
 
     with _StopFlag() as flag:
+        if resume and not after_checkpoint(state):
+            raise stopping(flag.late(), state, False)
+        if resume and due_after():
+            log.info("%s: what was due after step %d, left by a stop, is done.", spec.phase, step)
         while step < spec.total_steps:
             state, metrics = step_fn(state, *next(inputs))
-            step, epoch_end = step + 1, (step + 1) % spec.steps_per_epoch == 0
+            step += 1
             pending.append(metrics)
-            last = step == spec.total_steps
             stop = flag.stop(step)
-            want_ckpt = save is not None and (
-                last or stop or (spec.checkpoint_every and step % spec.checkpoint_every == 0)
-            )
-            if want_ckpt:  # checked for a NaN first: a diverged state is never saved
-                drain()
-                save(step, state)
-            extra = {}
-            if epoch_end and on_epoch_end:
-                extra = _epoch_end(on_epoch_end, spec, step, state, stop)
+            due = spec.checkpoint_every and step % spec.checkpoint_every == 0
+            if save is not None and (step == spec.total_steps or stop or due):
+                drain()  # checked for a NaN first: a diverged state is never saved
+                save(step, state, unrecorded_now())
+            done = not stop and after_checkpoint(state)
             stop = stop or flag.late()  # one that came during this step's fetch, save or eval
-            if last or stop or step % spec.log_every == 0 or extra:
-                log_record(extra)
             if stop:
-                if save is not None:
-                    save(step, state)  # a no-op when this step was saved above
-                    if commit is not None:
-                        commit()  # the handlers still only record: a second signal waits
-                bar.close()
-                raise stops.Interrupted(flag.message(spec.phase, step, stop), stop)
+                raise stopping(stop, state, done)
     bar.close()
     steady = rates[1:] if len(rates) > 1 else rates
     return LoopResult(

@@ -42,22 +42,6 @@ class MetricWriter:
                 self._tb.add_scalar(f"{phase}/{k}", v, int(step))
         return record
 
-    def amend(self, phase: str, step: int, scalars: dict, drop: tuple[str, ...] = ()) -> None:
-        """Adds `scalars` to (and removes the keys `drop` from) the record of `phase` at `step`:
-        an evaluation a stop skipped, made up when the run resumes."""
-        if not self.enabled or not os.path.exists(self.path):
-            return
-        records = read_records(self.path)
-        for r in records:
-            if r["phase"] == phase and r["step"] == step:
-                r.update({k: _to_python(v) for k, v in scalars.items()})
-                for k in drop:
-                    r.pop(k, None)
-        self._rewrite(records)
-        for k, v in scalars.items():
-            if isinstance(v, int | float) and math.isfinite(v):
-                self._tb.add_scalar(f"{phase}/{k}", v, int(step))
-
     def last(self, phase: str) -> dict | None:
         """The last record of `phase` (None: none, or not the writing process)."""
         if not self.enabled or not os.path.exists(self.path):

@@ -28,7 +28,7 @@ from simclr_jax import (
 from simclr_jax import config as config_lib
 from simclr_jax.errors import CheckpointError
 from simclr_jax.metrics import MetricWriter
-from simclr_jax.train_state import check_meta
+from simclr_jax.train_state import TOTAL_STEPS, check_meta
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,10 @@ def _load_transfer(config, ds):
     return transfer
 
 
-def check_encoder_source(config, source: str) -> None:
-    """The newest checkpoint in `source` was made for this config's model and data (its metadata
-    only; a damaged one is left to the restore, which sets it aside)."""
+def check_checkpoints_in(config, source: str, finished: bool = False) -> None:
+    """The newest checkpoint in `source` was made for this config's model, data and
+    normalisation, and (with `finished`, for a pretraining that records its length) ends its run:
+    its metadata only; a damaged one is left to the restore."""
     ckpt = checkpoint.Checkpointer(source, create=False, async_save=False)
     try:
         steps = ckpt.steps()
@@ -110,6 +111,25 @@ def check_encoder_source(config, source: str) -> None:
             check_meta(meta, config, source)
     finally:
         ckpt.close()
+    total = (meta or {}).get(TOTAL_STEPS)
+    if finished and total and steps[-1] < total:
+        raise CheckpointError(
+            f"--mode=downstream evaluates a finished pretraining, and the newest checkpoint in "
+            f"{source} is step {steps[-1]} of {total}. Rerun --mode=pretrain (or all) with that "
+            f"run's --workdir to finish it, then this command."
+        )
+
+
+def check_workdir_checkpoints(config, workdir: str, source: str | None) -> None:
+    """Every checkpoint the run may restore (the workdir's, of every phase, and the encoder
+    source) was made for this config's model, data and normalisation: checked before anything
+    is written, so that a refused run leaves the workdir as it was."""
+    root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    phases = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    dirs = [os.path.join(root, p) for p in phases if "." not in p]  # not <phase>.damaged
+    for where in dirs + ([source] if source else []):
+        if checkpoint.has_steps(where):
+            check_checkpoints_in(config, where)
 
 
 def _pretrain_stage(config, ds, workdir: str, writer) -> dict:
@@ -191,9 +211,9 @@ def run(config, workdir: str, mode: str = "all") -> dict:
             config.restore = os.path.abspath(os.path.expanduser(config.restore))
     source = encoder_source(config, workdir) if mode == "downstream" else None
     if source is not None:
-        check_encoder_source(config, source)
+        check_checkpoints_in(config, source, finished=True)
     if mode == "distill":  # the teacher's checkpoint, made for this model and data
-        check_encoder_source(config, teacher_source(config, workdir))
+        check_checkpoints_in(config, teacher_source(config, workdir))
     with stops.recording():  # a signal is acted on at the next stop point (stops.py)
         ds = _load_data(config)
         transfer = _load_transfer(config, ds) if mode != "pretrain" else None
@@ -218,7 +238,10 @@ def _run_stages(
     workdirs.check_writable(workdir)  # creates it: the lock lives there
     summary = {"workdir": os.path.abspath(workdir), "mode": mode}
     with workdirs.lock(workdir), workdirs.undone_unless_work(workdir, created):
-        workdirs.prepare(workdir, config, mode)
+        delete = workdirs.check(workdir, config, mode)  # a run overwritten is not checked
+        if not delete:
+            check_workdir_checkpoints(config, workdir, source)
+        workdirs.prepare(workdir, config, delete)
         writer = MetricWriter(workdir)
         try:
             if mode in ("pretrain", "all"):

@@ -28,6 +28,7 @@ from simclr_jax.train_state import (
     DATA_KEY,
     INIT_KEY,
     PROBE_INIT_KEY,
+    TOTAL_STEPS,
     TrainState,
     checked_restore,
     checkpoint_meta,
@@ -174,32 +175,32 @@ def step_and_initial_state(config, spe: int, n_steps: int, num_classes: int | No
     return p_step, state
 
 
-def restore_or_init(ckpt: Checkpointer, state: TrainState, config) -> tuple[TrainState, int]:
-    """The newest readable checkpoint's state, or `state` itself (a fresh start). With the online
-    linear head, the head's item too; from a checkpoint without one, the head starts afresh
-    (`fresh_probe_at`) while the encoder resumes."""
+def restore_or_init(ckpt: Checkpointer, state: TrainState, config) -> tuple[TrainState, int, dict]:
+    """The newest readable checkpoint's state, step and metadata, or `state` itself, 0 and {} (a
+    fresh start). With the online linear head, the head's item too; from a checkpoint without
+    one, the head starts afresh (`fresh_probe_at`) while the encoder resumes."""
     had_checkpoints = bool(ckpt.steps())  # damaged ones are set aside by the restore
     extra = None if state.probe is None else {PROBE_ITEM: probe_tree(state.probe)}
     found = checked_restore(ckpt, state_tree(state), config, extra)
     if found is None:
         if had_checkpoints:
             log.warning("No usable checkpoint in %s: starting from scratch.", ckpt.directory)
-        return state, 0
-    tree, _, step = found
+        return state, 0, {}
+    tree, meta, step = found
     log.info("Resuming pretraining from step %d (%s).", step, ckpt.directory)
     probe = tree.pop(PROBE_ITEM, None)
     state = state.replace(**tree)
     if state.probe is None:  # a head in the checkpoint and none asked for: it is left there
-        return state, step
+        return state, step, meta
     if probe is not None:
-        return state.replace(probe=state.probe.replace(**probe)), step
+        return state.replace(probe=state.probe.replace(**probe)), step, meta
     log.warning(
         "The checkpoint of step %d in %s holds no online linear head (written without "
         "pretrain.online_probe): the head starts afresh there, the encoder resumes as saved.",
         step,
         ckpt.directory,
     )
-    return state.replace(probe=fresh_probe_at(state.probe, step)), step
+    return state.replace(probe=fresh_probe_at(state.probe, step)), step, meta
 
 
 def fresh_probe_at(probe: TrainState, step: int) -> TrainState:
@@ -243,13 +244,14 @@ def run(config, ds, writer, ckpt: Checkpointer) -> tuple[TrainState, loop.LoopRe
         )
     num_classes = ds.num_classes if probe else None
     p_step, state = step_and_initial_state(config, spe, n_steps, num_classes)
-    state, start = restore_or_init(ckpt, state, config)
-    meta = checkpoint_meta(config, "pretrain")
+    state, start, saved = restore_or_init(ckpt, state, config)
+    # The run's length too: --mode=downstream refuses an unfinished one (pipeline).
+    meta = {**checkpoint_meta(config, "pretrain"), TOTAL_STEPS: n_steps}
 
-    def save(step, rstate):
-        saved = parallel.unreplicate(rstate)
-        extra = None if saved.probe is None else {PROBE_ITEM: probe_tree(saved.probe)}
-        ckpt.save(step, state_tree(saved), meta, extra)
+    def save(step, rstate, unrecorded):
+        kept = parallel.unreplicate(rstate)
+        extra = None if kept.probe is None else {PROBE_ITEM: probe_tree(kept.probe)}
+        ckpt.save(step, state_tree(kept), {**meta, loop.UNRECORDED: unrecorded}, extra)
 
     spec = loop.LoopSpec("pretrain", n_steps, spe, pc.log_every, pc.checkpoint_every, global_batch)
     on_epoch_end = knn_monitor(config, ds) if pc.knn_every else None
@@ -264,6 +266,7 @@ def run(config, ds, writer, ckpt: Checkpointer) -> tuple[TrainState, loop.LoopRe
         save,
         on_epoch_end,
         ckpt.wait,
+        saved.get(loop.UNRECORDED),
     )
     return parallel.unreplicate(result.state), result
 

@@ -111,7 +111,7 @@ def run_meta(config, phase: str, epochs: int, encoder: dict | None) -> dict:
                 "epochs": epochs,
                 "learning_rate": run_learning_rate(dc, phase),  # this run's own
             },
-            "encoder": encoder,  # {'dir', 'step'} of the pretrained f; None for scratch
+            "encoder": encoder,  # what identifies the f it starts from (downstream.run)
         },
     }
 
@@ -142,10 +142,13 @@ def _plain_tree(tree):
     return [_plain_tree(v) for v in tree] if isinstance(tree, list | tuple) else tree
 
 
-def open_run_checkpoints(directory: str, config, meta: dict) -> Checkpointer:
+def open_run_checkpoints(
+    directory: str, config, meta: dict, earlier: dict | None = None
+) -> Checkpointer:
     """A Checkpointer for one classifier run. Checkpoints of a run with other downstream
     settings (or another pretrained encoder) are deleted, so the run starts anew; a checkpoint
-    for another model or data is an error."""
+    for another model or data is an error. `earlier`: the 'run' entry an earlier version of this
+    code wrote for this same run (it identified the encoder by its directory), also accepted."""
     ckpt = Checkpointer(directory, keep=config.pretrain.keep_checkpoints)
     steps = ckpt.steps()
     if not steps:
@@ -155,7 +158,7 @@ def open_run_checkpoints(directory: str, config, meta: dict) -> Checkpointer:
     except Exception:  # damaged: restore_latest deals with it
         return ckpt
     check_meta(old, config, directory)
-    if old.get("run") == meta["run"]:
+    if old.get("run") == meta["run"] or (earlier is not None and old.get("run") == earlier):
         return ckpt
     log.warning(
         "%s holds a classifier run with other settings (%s): starting it anew.",
@@ -172,13 +175,16 @@ def open_run_checkpoints(directory: str, config, meta: dict) -> Checkpointer:
     return Checkpointer(directory, keep=config.pretrain.keep_checkpoints)
 
 
-def train_in_workdir(config, workdir: str, writer, loop_spec, parts: tuple) -> float:
+def train_in_workdir(
+    config, workdir: str, writer, loop_spec, parts: tuple, earlier: dict | None = None
+) -> float:
     """One run with its checkpoints in workdir/checkpoints/<phase> (`open_run_checkpoints`,
-    `train`); its wall seconds. parts: (initial state, pmapped step, inputs, evaluator, metadata).
+    `train`); its wall seconds. parts: (initial state, pmapped step, inputs, evaluator, metadata);
+    earlier: as open_run_checkpoints'.
     """
     state, p_step, inputs, evaluator, meta = parts
     directory = os.path.join(os.path.abspath(workdir), "checkpoints", loop_spec.phase)
-    ckpt = open_run_checkpoints(directory, config, meta)
+    ckpt = open_run_checkpoints(directory, config, meta, earlier)
     try:
         result = train(config, state, ckpt, meta, p_step, inputs, loop_spec, writer, evaluator)
     finally:
@@ -202,16 +208,17 @@ def train(config, state, ckpt, meta, p_step, inputs, spec, writer, evaluator):
     """
     epochs = -(-spec.total_steps // spec.steps_per_epoch)
     every = eval_every(epochs)
-    phase, start = spec.phase, 0
+    phase, start, saved = spec.phase, 0, {}
     found = checked_restore(ckpt, state_tree(state), config)
     if found is not None:
-        tree, _, start = found
+        tree, saved, start = found
         state = state.replace(**tree)
         what = "finished: training skipped" if start >= spec.total_steps else "resuming"
         log.info("%s: checkpoint of step %d in %s (%s).", phase, start, ckpt.directory, what)
 
-    def save(step, rstate):
-        ckpt.save(step, state_tree(parallel.unreplicate(rstate)), meta)
+    def save(step, rstate, unrecorded):
+        tree = state_tree(parallel.unreplicate(rstate))
+        ckpt.save(step, tree, {**meta, loop.UNRECORDED: unrecorded})
 
     def on_epoch_end(epoch, rstate):
         if epoch % every and epoch != epochs:
@@ -232,6 +239,7 @@ def train(config, state, ckpt, meta, p_step, inputs, spec, writer, evaluator):
         save,
         on_epoch_end,
         ckpt.wait,
+        saved.get(loop.UNRECORDED),
     )
     ckpt.wait()
     return result

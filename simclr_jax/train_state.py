@@ -5,22 +5,24 @@
 * the `fold_in` tags of the config seed, one independent random stream per use, and `seed_key`;
 * the compute dtype of a config;
 * what a checkpoint holds (`state_tree`) and what it must agree with to be restored
-  (`checkpoint_meta`, `check_meta`);
+  (`checkpoint_meta`, `check_meta`), and a network's identity by content (`variables_digest`);
 * `restore_encoder`: the pretrained encoder f from a pretraining checkpoint, with the first
   projection-head layers the downstream stage keeps (`start_variables`).
 """
 
 import functools
+import hashlib
 import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
 from simclr_jax import cpu_conv, models, optim, parallel
-from simclr_jax.checkpoint import Checkpointer
+from simclr_jax.checkpoint import Checkpointer, UnreadableCheckpoint
 from simclr_jax.config import ft_proj_selector
 from simclr_jax.errors import CheckpointError
 
@@ -34,6 +36,10 @@ INIT_KEY, DATA_KEY, AUGMENT_KEY = 0, 1, 2
 CLASSIFIER_DATA_KEY, CLASSIFIER_AUGMENT_KEY, LINEAR_KEY = 4, 5, 6
 DISTILL_INIT_KEY, DISTILL_DATA_KEY, DISTILL_AUGMENT_KEY = 7, 8, 9
 PROBE_INIT_KEY = 10
+
+# Checkpoint metadata keys: the input normalisation (checkpoint_meta), and a pretraining run's
+# length (its last step: --mode=downstream restores only a finished pretraining).
+NORMALISATION, TOTAL_STEPS = "normalisation", "total_steps"
 
 # Model keys of earlier versions that never changed the parameters: ignored when a checkpoint's or
 # a workdir's model is compared with the config's, so runs written before still restore.
@@ -91,7 +97,8 @@ def model_identity(model: dict) -> dict:
 
 def checkpoint_meta(config, phase: str) -> dict:
     """What a checkpoint must agree with to be restored: the model and the data it was made for
-    (with `data.identity`, each split's source, size and fingerprint, where the loader set it)."""
+    (with `data.identity`, each split's source, size and fingerprint, where the loader set it),
+    and the input normalisation its network was trained on (data.mean / data.std, where set)."""
     meta = {
         "phase": phase,
         "model": model_identity(config.model.to_dict()),
@@ -100,7 +107,16 @@ def checkpoint_meta(config, phase: str) -> dict:
     identity = config.data.get("identity")
     if identity:
         meta["data_identity"] = _plain(identity)
+    stats = _normalisation(config)
+    if stats:
+        meta[NORMALISATION] = stats
     return meta
+
+
+def _normalisation(config) -> dict | None:
+    """{'mean', 'std'} of config.data, None while they are unset (() until the data is loaded)."""
+    mean, std = (list(config.data.get(k) or ()) for k in ("mean", "std"))
+    return {"mean": mean, "std": std} if mean and std else None
 
 
 def _plain(tree):
@@ -143,7 +159,9 @@ def _split_change(role: str, got: dict | None, want: dict) -> str:
 
 def check_meta(meta: dict, config, where: str) -> None:
     """Raises CheckpointError when the checkpoint metadata `meta` (in `where`) is not `config`'s.
-    A checkpoint written before the data identity was recorded is checked on the rest."""
+    What one side does not record (a checkpoint written before the data identity or the
+    normalisation was, a config whose statistics are not computed yet) is unknown, not a
+    mismatch: it is checked on the rest."""
     want = checkpoint_meta(config, meta.get("phase", "pretrain"))
     got_data, want_data = meta.get("data_identity"), want.get("data_identity")
     if got_data and want_data and got_data != want_data:
@@ -153,6 +171,15 @@ def check_meta(meta: dict, config, where: str) -> None:
             f"The checkpoint in {where} was trained on other data: {clauses}. Resuming would go "
             f"on in another order over other images: point config.data at the data it was "
             f"trained on, or use another --workdir."
+        )
+    got_stats, want_stats = meta.get(NORMALISATION), want.get(NORMALISATION)
+    if got_stats and want_stats and got_stats != want_stats:
+        raise CheckpointError(
+            f"The checkpoint in {where} was trained on inputs normalised with mean "
+            f"{got_stats['mean']} / std {got_stats['std']}, and the config now reads "
+            f"{want_stats['mean']} / {want_stats['std']}: set config.data.mean and config.data.std "
+            f"to the checkpoint's (or () for the data's own statistics, what a run computes when "
+            f"they are unset), or use another --workdir / --config.restore."
         )
     for key in ("model", "data"):
         got = meta.get(key)
@@ -171,13 +198,13 @@ def check_meta(meta: dict, config, where: str) -> None:
 
 
 def checked_restore(
-    ckpt: Checkpointer, target: Any, config, extra: dict | None = None
+    ckpt: Checkpointer, target: Any, config, extra: dict | None = None, fall_back: bool = True
 ) -> tuple[Any, dict, int] | None:
     """The newest readable checkpoint in `ckpt` made for `config`'s model and data (with the
-    items of their own in `extra` that it holds: `Checkpointer.restore`)."""
-    return ckpt.restore_matching(
-        target, lambda meta: check_meta(meta, config, ckpt.directory), extra
-    )
+    items of their own in `extra` that it holds: `Checkpointer.restore`; fall_back: as
+    Checkpointer.restore_latest's)."""
+    check = functools.partial(check_meta, config=config, where=ckpt.directory)
+    return ckpt.restore_matching(target, check, extra, fall_back)
 
 
 def simclr_model(config):
@@ -243,14 +270,23 @@ def start_variables(variables: dict, layers: int) -> dict:
 
 def restore_encoder(config, source: str) -> tuple[dict, int]:
     """The pretrained f from the newest checkpoint in `source`, with the projection head's first
-    downstream.ft_proj_selector layers (`start_variables`): (variables, step).
+    downstream.ft_proj_selector layers (`start_variables`): (variables, step). It only reads:
+    `source` is left as it is.
 
-    Raises CheckpointError when `source` holds no readable checkpoint, or one made for another
-    model or data (checked on the metadata first, so a shape mismatch never hides the cause).
+    Raises CheckpointError when `source` holds no checkpoint, when its newest is unreadable (no
+    older one stands in: encoder.msgpack and the run's report are the newest one's), or when it was
+    made for another model or data (checked on the metadata first, so a shape mismatch never
+    hides the cause).
     """
     ckpt = Checkpointer(source, create=False, async_save=False)
     try:
-        found = checked_restore(ckpt, abstract_pretrain_tree(config), config)
+        found = checked_restore(ckpt, abstract_pretrain_tree(config), config, fall_back=False)
+    except UnreadableCheckpoint as err:
+        raise CheckpointError(
+            f"{err} The encoder is the newest pretraining checkpoint: rerun --mode=pretrain (or "
+            f"all) with that run's --workdir, which sets it aside and redoes its steps from the "
+            f"one before."
+        ) from None
     finally:
         ckpt.close()
     if found is None:
@@ -260,3 +296,15 @@ def restore_encoder(config, source: str) -> tuple[dict, int]:
         )
     tree, _, step = found
     return start_variables(tree, ft_proj_selector(config)), int(step)
+
+
+def variables_digest(variables) -> str:
+    """A short fingerprint of a tree of arrays (each leaf's path, dtype, shape and bytes): what a
+    run's checkpoints record of the encoder it started from, so that a copied or moved workdir (or
+    another path to the same run) is the same encoder, and another encoder is not."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(variables))[0]:
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape};".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()[:16]

@@ -76,8 +76,9 @@ TINY_FLAGS = [
 
 
 # The session's shared finished run (tests/conftest.py, finished_run): 256 digits, batch 32 = 8
-# steps an epoch; 2 epochs with the kNN monitor after each; a short downstream stage (11 labels:
-# one classifier step an epoch, 3 epochs).
+# steps an epoch; 2 epochs with the kNN monitor after each, a record every 4 steps; a short
+# downstream stage (11 labels, batch 4: two classifier steps an epoch, a record after each epoch's
+# test evaluation, 3 epochs).
 FINISHED_STEPS = 16
 FINISHED_FLAGS = [
     *TINY_FLAGS,
@@ -86,6 +87,8 @@ FINISHED_FLAGS = [
     "--config.pretrain.log_every=4",
     "--config.pretrain.checkpoint_every=4",
     "--config.downstream.epochs=3",
+    "--config.downstream.batch_size=4",
+    "--config.downstream.warmup_epochs=3",  # as long as the runs: checks.py warns (test_after_training)
     "--config.downstream.linear_folds=0",
     "--config.downstream.knn_k=5",
 ]

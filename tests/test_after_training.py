@@ -1,9 +1,11 @@
 """What a user gets from a finished run (the session's shared tiny `run.py` run): the encoder in their own
 code (`load_encoder`, checked against the model's own `encode`), the pictures (made from the run's
-own data and keys), and the console (log lines above the progress bars, the closing summary)."""
+own data and keys), the console (log lines above the progress bars, the closing summary), and the
+workdir itself (moved and rerun as it is, or refused)."""
 
 import json
 import os
+import shutil
 from types import SimpleNamespace
 
 import jax
@@ -15,7 +17,7 @@ import simclr_jax
 from simclr_jax import augment, data, encoder, models, pictures, plots, report, sources
 from simclr_jax.errors import CheckpointError
 from simclr_jax.train_state import DATA_KEY, compute_dtype, restore_encoder, seed_key
-from tests.helpers import FINISHED_STEPS, checkpoint_tree
+from tests.helpers import FINISHED_FLAGS, FINISHED_STEPS, checkpoint_tree, run_cli
 
 STEPS = FINISHED_STEPS  # two epochs of 256 images at batch 32: the kNN monitor runs twice
 
@@ -26,7 +28,13 @@ def run(finished_run):
     workdir = finished_run["workdir"]
     config = encoder.read_config(workdir)
     out = SimpleNamespace(stdout=finished_run["stdout"], stderr=finished_run["stderr"])
-    return {"workdir": workdir, "out": out, "config": config, "ds": data.load(config.data)}
+    return {
+        "workdir": workdir,
+        "out": out,
+        "config": config,
+        "ds": data.load(config.data),
+        "args": FINISHED_FLAGS,  # the command, but its --workdir
+    }
 
 
 def _pixels(path) -> np.ndarray:
@@ -309,12 +317,69 @@ def test_log_lines_print_above_the_progress_bars(run):
 
 
 def test_a_legal_but_odd_setting_is_warned_of_once_in_the_log_and_the_report(run):
-    """The tiny run's classifier batch (the demo's 24) is larger than its 11 labelled images
-    (checks.py)."""
+    """The shared run's classifier warm-up (3 epochs) is as long as its 3-epoch runs (checks.py)."""
     workdir, err = run["workdir"], run["out"].stderr
-    note = "downstream.batch_size=24 is larger than the 11 labelled images"
+    note = "downstream.warmup_epochs=3 is 6 steps and the 3-epoch classifier run has 6"
     assert err.count(note) == 1, err[-3000:]
     config = json.load(open(os.path.join(workdir, "config.json")))
     assert any(w.startswith(note) for w in config["warnings"])
     md = open(os.path.join(workdir, report.REPORT_MD)).read()
     assert "## Warnings" in md and f"- {note}" in md
+
+
+# ----------------------------------------------------------------------------- the workdir
+
+
+def _files(workdir: str) -> dict:
+    """Every file under `workdir`, by relative path: its bytes."""
+    out = {}
+    for root, _, names in os.walk(workdir):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, workdir)] = f.read()
+    return out
+
+
+def test_a_moved_workdir_redoes_nothing_and_a_refused_rerun_changes_no_file(run, tmp_path):
+    """A workdir holds no path of its own: moved elsewhere and rerun with the same command, it
+    retrains nothing (its classifier runs know their encoder by content) and ends with the same
+    records and report. Rerun there with a pretraining setting it was not made with, it is
+    refused in one line naming the key; with a checkpoint made for other data, too; and neither
+    refusal changes a file (views.png included). Slower than most (three runs of run.py: 35 s, and
+    100 s under heavy load, on the shared 2-core machine): the one rerun that goes through every
+    stage is what shows that nothing is redone; the two refusals stop after loading the data."""
+    from tests.test_stops import _numbers, _report
+
+    moved = str(tmp_path / "elsewhere" / "run")
+    shutil.copytree(run["workdir"], moved)
+    classifier_steps = sorted(os.listdir(os.path.join(moved, "checkpoints", "finetune")))
+    out = run_cli([*run["args"], "--workdir", moved])
+    assert out.returncode == 0, out.stderr[-3000:]
+    skipped = [line for line in out.stderr.splitlines() if "finished: training skipped" in line]
+    assert len(skipped) == 2 and "finetune:" in skipped[0] and "scratch:" in skipped[1], skipped
+    assert "starting it anew" not in out.stderr
+    assert sorted(os.listdir(os.path.join(moved, "checkpoints", "finetune"))) == classifier_steps
+    assert _numbers(moved) == _numbers(run["workdir"])
+    assert _report(moved) == _report(run["workdir"])
+
+    before = _files(moved)
+    out = run_cli([*run["args"], "--workdir", moved, "--config.pretrain.learning_rate=1.0"])
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "other settings (pretrain.learning_rate: 2.0 -> 1.0)" in last
+    assert "--config.overwrite=True" in last and "Traceback" not in out.stderr
+    assert _files(moved) == before
+
+    # The newest pretraining checkpoint made for other images (a split's fingerprint changed).
+    meta_path = os.path.join(moved, "checkpoints", "pretrain", str(STEPS), "meta", "metadata")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["data_identity"]["pretrain"]["fingerprint"] = "0" * 16
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    before = _files(moved)
+    out = run_cli([*run["args"], "--workdir", moved])
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "was trained on other data" in out.stderr.strip().splitlines()[-1]
+    assert _files(moved) == before

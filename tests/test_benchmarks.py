@@ -484,3 +484,18 @@ def test_collectives_counts_the_steps_cross_device_traffic(tmp_path):
     assert ops["all-reduce"]["elements"] >= result["params"]  # the gradients' mean, at least
     assert ops["all-reduce"]["count"] > 2  # and BN's statistics, layer by layer
     assert ops["all-gather"]["elements"] >= 2 * 32 * 128  # z of both views, every device's rows
+
+
+def test_the_selector_tables_are_the_committed_reports(capsys):
+    """benchmarks/results/digits_selector/selector.md holds every row and mean that
+    selector_tables.py computes from the report.json files committed beside it."""
+    import selector_tables
+
+    root = os.path.join(ROOT, "benchmarks", "results", "digits_selector")
+    selector_tables.main(root)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert sum(line.startswith("| 0, ") or line.startswith("| 1, ") for line in lines) == 10
+    with open(os.path.join(root, "selector.md")) as f:
+        text = f.read()
+    missing = [line for line in lines if not line.endswith(":") and line not in text]
+    assert not missing, missing

@@ -152,6 +152,18 @@ def test_the_report_puts_both_students_beside_the_teacher(distilled):
         md = f.read()
     assert "distilled from finetune, T=1" in md and "The same student on the labels alone" in md
     assert "Distilled student minus the same student on the labels" in md
+    # The students' checkpoints know their teacher by content, not by path: a moved workdir
+    # keeps them (tests/test_after_training.py moves one).
+    metas = {}
+    for phase in ("distill", "distill_labels"):
+        step = _steps(distilled, phase)[-1]
+        with open(
+            os.path.join(distilled, "checkpoints", phase, str(step), "meta", "metadata")
+        ) as f:
+            metas[phase] = f.read()
+        assert os.path.dirname(distilled) not in metas[phase], phase
+    teacher = json.loads(metas["distill"])["run"]["teacher"]
+    assert set(teacher) == {"run", "step", "digest"} and teacher["run"] == "finetune"
 
 
 def test_the_students_records_are_the_same_on_8_devices(finished, distilled, tmp_path):
@@ -173,10 +185,12 @@ def test_the_students_records_are_the_same_on_8_devices(finished, distilled, tmp
 def test_a_stop_in_the_distillation_resumes_bitwise(finished, distilled, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(finished, workdir)
-    out = _signalled(workdir, "distill@8", "SIGTERM", devices=1, flags=DISTILL)
+    # Mid-way through epoch 1 (8 steps, one record at its end): the rerun's first record
+    # averages the same 8 steps as the uninterrupted run's.
+    out = _signalled(workdir, "distill@5", "SIGTERM", devices=1, flags=DISTILL)
     assert out.returncode == 143, out.stderr[-3000:]
-    assert "distill: terminated (SIGTERM) at step 8; checkpoint saved" in out.stderr
-    assert _steps(workdir, "distill")[-1] == 8
+    assert "distill: terminated (SIGTERM) at step 5; checkpoint saved" in out.stderr
+    assert _steps(workdir, "distill")[-1] == 5
     assert not os.path.exists(os.path.join(workdir, "checkpoints", "distill_labels"))
     rerun = run_cli([*DISTILL, "--workdir", workdir], devices=1)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -184,16 +198,24 @@ def test_a_stop_in_the_distillation_resumes_bitwise(finished, distilled, tmp_pat
     _assert_same_tree(_tree(workdir, "distill", STEPS), _tree(distilled, "distill", STEPS))
 
 
-def test_an_unfinished_teacher_is_one_line_before_any_work(finished, tmp_path):
+def test_an_unfinished_teacher_or_other_settings_are_one_line_before_any_work(finished, tmp_path):
+    """Asked for a 5-epoch teacher where the workdir's finished 4, --mode=distill is refused: it
+    would not retrain the teacher, so config.json would describe one it never was. With the
+    settings the workdir holds and its teacher's last checkpoint gone (step 6 of 8 left), it is
+    refused for an unfinished teacher. Either way the workdir is left as it was found."""
     workdir = str(tmp_path / "run")
     shutil.copytree(finished, workdir)
     with open(os.path.join(workdir, "config.json")) as f:
         before = f.read()
-    # The run asked for is 5 epochs (10 steps); the workdir's teacher finished 4 (8 steps).
     out = run_cli([*DISTILL, "--config.downstream.epochs=5", "--workdir", workdir], devices=1)
     assert out.returncode == 2, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
-    assert "holds step 8 of 10" in last and "--mode=downstream (or all)" in last
+    assert "other settings (downstream.epochs: 4 -> 5)" in last and "--mode=distill" in last
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "finetune", "8"))
+    out = run_cli([*DISTILL, "--workdir", workdir], devices=1)
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "holds step 6 of 8" in last and "--mode=downstream (or all)" in last
     with open(os.path.join(workdir, "config.json")) as f:
         assert f.read() == before  # left as it was found
     assert not os.path.exists(os.path.join(workdir, "checkpoints", "distill"))

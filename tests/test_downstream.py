@@ -263,6 +263,26 @@ def test_each_classifier_run_trains_at_its_own_learning_rate(tmp_path, caplog):
     assert (saved_lr("finetune"), saved_lr("scratch")) == (0.01, 0.02)
 
 
+def test_a_run_that_named_its_encoder_by_directory_is_still_that_run(tmp_path):
+    """Classifier runs now know their encoder by step and digest (a moved workdir keeps them);
+    those written before named its directory. Such a run is kept where its record is what that
+    version wrote for this encoder (`earlier`), and started anew where it is not."""
+    config = tiny_config()
+    new = runs.run_meta(config, "finetune", 1, {"step": 4, "digest": "0123456789abcdef"})
+    old = runs.run_meta(config, "finetune", 1, {"dir": "/old/run/checkpoints/pretrain", "step": 4})
+    directory = str(tmp_path / "finetune")
+    ckpt = Checkpointer(directory, async_save=False)
+    ckpt.save(1, {"w": np.zeros(3, np.float32)}, old)
+    ckpt.close()
+    kept = runs.open_run_checkpoints(directory, config, new, earlier=old["run"])
+    assert kept.steps() == [1]
+    kept.close()
+    moved = {**old["run"], "encoder": {"dir": "/elsewhere/checkpoints/pretrain", "step": 4}}
+    anew = runs.open_run_checkpoints(directory, config, new, earlier=moved)
+    assert anew.steps() == []
+    anew.close()
+
+
 @pytest.mark.parametrize(
     "run, value, message",
     [

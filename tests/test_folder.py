@@ -99,11 +99,13 @@ def test_resuming_on_other_data_stops_with_a_clear_message(tmp_path):
     out = run_cli([*flags, "--mode=pretrain", "--config.pretrain.num_steps=2"])
     assert out.returncode == 0, out.stderr[-3000:]
     Image.new("RGB", (20, 20), (1, 2, 3)).save(os.path.join(root, "train", "cat", "new.png"))
-    out = run_cli([*flags, "--mode=pretrain", "--config.pretrain.num_steps=4"])
+    views = open(os.path.join(workdir, "views.png"), "rb").read()
+    out = run_cli([*flags, "--mode=pretrain", "--config.pretrain.num_steps=2"])  # the same command
     assert out.returncode == 2, out.stderr[-3000:]
     assert "trained on other data" in out.stderr and "train" in out.stderr
     steps = sorted(os.listdir(os.path.join(workdir, "checkpoints", "pretrain")))
     assert steps == ["2"]  # nothing written over
+    assert open(os.path.join(workdir, "views.png"), "rb").read() == views  # not even the views
 
 
 @pytest.mark.parametrize(

@@ -66,7 +66,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     assert len(steps) == 1, errs
     (step,) = steps
     assert os.listdir(os.path.join(workdir, "checkpoints", "pretrain")) == [str(step)]
-    assert _records(workdir)[-1]["step"] == step
+    # The service names the step right after it ran: its record is the rerun's (loop.py).
+    assert _records(workdir)[-1]["step"] == step - 1
 
 
 def test_a_second_run_on_a_workdir_in_use_stops_at_once(tmp_path):
@@ -88,6 +89,14 @@ def test_a_second_run_on_a_workdir_in_use_stops_at_once(tmp_path):
         first.kill()  # SIGKILL: the lock file stays behind, its flock goes with the process
         first.wait()
     assert os.path.exists(os.path.join(workdir, ".lock"))
-    out = run_cli([*FLAGS, "--workdir", workdir, "--config.pretrain.num_steps=2"])
+    # A short run in its place (another length: the killed run's is deleted, config.overwrite).
+    args = [
+        *FLAGS,
+        "--workdir",
+        workdir,
+        "--config.pretrain.num_steps=2",
+        "--config.overwrite=True",
+    ]
+    out = run_cli(args)
     assert out.returncode == 0, out.stderr[-3000:]
     assert not os.path.exists(os.path.join(workdir, ".lock"))
