@@ -79,6 +79,7 @@ FREE_KEYS = ("restore", "overwrite", "distributed", "data.data_dir", "data.ident
 FREE_KEYS += ("data.mean", "data.std")
 FREE_KEYS += ("data.cache_gb", "data.read_threads", "data.prefetch", "data.max_bad_fraction")
 FREE_KEYS += ("downstream.data.data_dir", "downstream.data.identity")
+FREE_KEYS += ("warnings",)  # checks.py's notes on a run's settings and data (they vary by mode)
 FREE_KEYS += (
     "pretrain.checkpoint_every",
     "pretrain.keep_checkpoints",
