@@ -98,6 +98,7 @@ def test_recipe_run_packs_data_then_pretrains_and_probes_from_the_pack(tmp_path)
     assert result["knn_acc"] > result["knn_acc_at_init"], result
 
 
+@pytest.mark.torch
 def test_vs_torch_writes_its_json_and_table(tmp_path):
     pytest.importorskip("torch")
     stdout = _run(
@@ -335,6 +336,7 @@ def test_gpu_run_keeps_the_curve_of_a_recipe_stopped_in_pretraining(tmp_path):
     ).exists()
 
 
+@pytest.mark.torch
 def test_torch_nt_xent_is_the_project_loss():
     torch = pytest.importorskip("torch")
     import jax.numpy as jnp
@@ -350,6 +352,7 @@ def test_torch_nt_xent_is_the_project_loss():
     assert got == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.torch
 def test_torch_model_has_the_flax_model_parameters():
     """Same parameter tensors (sizes, sorted) and BN statistics: the same architecture."""
     pytest.importorskip("torch")
@@ -375,6 +378,7 @@ def test_torch_model_has_the_flax_model_parameters():
     assert sum(b.numel() for b in running) == flax_stats
 
 
+@pytest.mark.torch
 def test_torch_lars_is_optax_lars():
     torch = pytest.importorskip("torch")
     import optax
@@ -409,6 +413,7 @@ def test_torch_lars_is_optax_lars():
         assert not np.allclose(p.detach().numpy(), params[k])  # it moved
 
 
+@pytest.mark.torch
 def test_torch_step_trains():
     pytest.importorskip("torch")
     import torch_reference
@@ -471,3 +476,14 @@ def test_collectives_counts_the_steps_cross_device_traffic(tmp_path):
     assert ops["all-reduce"]["elements"] >= result["params"]  # the gradients' mean, at least
     assert ops["all-reduce"]["count"] > 2  # and BN's statistics, layer by layer
     assert ops["all-gather"]["elements"] >= 2 * 32 * 128  # z of both views, every device's rows
+
+
+def test_peak_matmul_runs_on_random_operands():
+    """The MFU's peak is measured on random data, not on constants (faster on a GPU)."""
+    import jax.numpy as jnp
+    import throughput
+
+    peak = throughput.Peak(64, jnp.float32)
+    for operand in (peak.single[1], peak.multi[1]):
+        assert float(jnp.std(operand)) > 0.5 and abs(float(jnp.mean(operand))) < 0.2
+    assert len(peak.samples) == 1 and peak.samples[0] > 0
