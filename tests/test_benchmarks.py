@@ -99,6 +99,30 @@ def test_recipe_run_packs_data_then_pretrains_and_probes_from_the_pack(tmp_path)
 
 
 @pytest.mark.torch
+def test_recipe_run_plans_its_epochs():
+    """--minutes: as many epochs as its steps fit at the timed rate; --epochs: exactly, unless
+    --pretrain-by would be missed at the timed rate times --rate-factor with the kNN checks
+    counted: then as many as fit what is left less one more compile (another program)."""
+    import recipe_run
+
+    def args(*extra):
+        return recipe_run.parse_args(["--knn-every", "5", *extra])
+
+    now, images = 1000.0, 6000  # 1000 images/s: 6 s an epoch
+    assert recipe_run.planned_epochs(args("--minutes", "1"), 1000.0, 9.0, images, now) == (10, None)
+    assert recipe_run.planned_epochs(args("--epochs", "40"), 1000.0, 9.0, images, now) == (40, None)
+    # 40 epochs, 8 checks of 3 s at 500 images/s (12 s an epoch): 504 s, in the 504 s left
+    slow = ("--rate-factor", "0.5", "--knn-check-s", "3")
+    fits = args("--epochs", "40", "--pretrain-by", "1504", *slow)
+    assert recipe_run.planned_epochs(fits, 1000.0, 9.0, images, now) == (40, None)
+    late = args("--epochs", "40", "--pretrain-by", "1503", *slow)
+    epochs, why = recipe_run.planned_epochs(late, 1000.0, 9.0, images, now)
+    # 503 - 9 s of compile = 494 s: 39 epochs and 7 checks are 489 s
+    assert epochs == 39 and "40 epochs would end after --pretrain-by" in why
+    assert recipe_run.fitting_epochs(5, 1000.0, images) == 1  # at least one
+    assert recipe_run.fitting_epochs(60, 1000.0, images, 5, 6.0) == 9  # 54 s + 1 check of 6
+
+
 def test_vs_torch_writes_its_json_and_table(tmp_path):
     pytest.importorskip("torch")
     stdout = _run(
