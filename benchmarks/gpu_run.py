@@ -295,7 +295,7 @@ def speed_call(args, run: Run, env: dict) -> None:
             run.part(name, cmd, run.left(kept), part_dir(args, name), env, budget[name])
             continue
         # torch gets whatever is left: torch.compile's first compile is the unknown
-        need = budget["torch"] - gpu_plan.TORCH_COMPILE_S
+        need = gpu_plan.torch_minimum_s(m)
         cmd = torch_cmd(args, part_dir(args, name), args.torch_compile)
         entry = run.part(name, cmd, run.left(kept), part_dir(args, name), env, need)
         if entry["status"] != "ok" and args.torch_compile:  # a ratio still comes back
