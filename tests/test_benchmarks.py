@@ -73,7 +73,7 @@ def test_profile_step_sums_the_traced_step_per_operation(tmp_path):
 def test_recipe_run_packs_an_npz_and_reads_it_back(tmp_path):
     """--pack writes the labelled train and test splits as an .npz small enough to send; --npz
     reads them back as the run's data, image for image (the run itself, on a pack, is the recipe
-    call's end-to-end test below)."""
+    call's end-to-end test below); subset_baselines.py gives the run's baselines on it."""
     import recipe_run
 
     from simclr_jax import data, sources
@@ -90,6 +90,20 @@ def test_recipe_run_packs_an_npz_and_reads_it_back(tmp_path):
         a, b = getattr(got, split), getattr(want, split)
         np.testing.assert_array_equal(sources.read_all(a), sources.read_all(b))
         np.testing.assert_array_equal(a.labels, b.labels)
+
+    stdout = _run(
+        "subset_baselines.py",
+        *("--npz", str(npz), "--config", "configs/digits_simclr.py", "--precision", "float32"),
+        *("--set", "model.name=tiny", "--set", "downstream.linear_iters=20"),
+        *("--set", "downstream.linear_l2_grid=(0.01,)", "--out", str(tmp_path), "--tag", "b"),
+    )
+    assert "pixels: " in stdout and "random-init encoder: " in stdout  # written after each
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert (result["train_images"], result["test_images"], result["chance"]) == (1437, 360, 0.1)
+    for key in ("pixels_linear_probe", "pixels_sklearn_default_logreg", "pixels_knn"):
+        assert 0.5 < result[key] <= 1.0, key  # raw 8x8 digits are easy
+    for key in ("random_init_linear_probe", "random_init_knn"):
+        assert 0.0 <= result[key] <= 1.0, key
 
 
 def test_recipe_run_plans_its_epochs():
