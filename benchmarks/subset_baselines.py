@@ -32,7 +32,14 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--out", default=throughput.RESULTS)
     p.add_argument("--tag", default="cifar-subset-baselines")
+    p.add_argument(
+        "--stages",
+        default="pixels,random",
+        help="pixels (linear probe, scikit-learn, kNN on raw pixels), random (the network at "
+        "its initialisation); one process each runs them side by side",
+    )
     args = p.parse_args(argv)
+    stages = args.stages.split(",")
     rargs = recipe_run.parse_args(["--npz", args.npz, "--config", args.config,
                                    "--precision", args.precision] + sum((["--set", s] for s in args.set), []))  # fmt: skip
     from sklearn.linear_model import LogisticRegression
@@ -53,24 +60,26 @@ def main(argv=None):
         print(f"{stage}: {out}", flush=True)
         throughput.save_json(out, args.out, f"{args.tag}.json")
 
-    t0 = time.perf_counter()
-    px, tpx = downstream.pixel_features(config, ds, every)
-    out["pixels_linear_probe"] = probe.configured_linear_probe(config, px, y, tpx, ty, k)[
-        "test_acc"
-    ]
-    sk = LogisticRegression(max_iter=1000).fit(px, y)  # scikit-learn's defaults, pixels in [0, 1]
-    out["pixels_sklearn_default_logreg"] = float(np.mean(sk.predict(tpx) == ty))
-    out["pixels_knn"] = evaluate.knn_accuracy(px, y, tpx, ty, k, 200, 0.1)
-    out["pixels_s"] = time.perf_counter() - t0
-    save("pixels")
-    t0 = time.perf_counter()
-    rx, trx = evaluate.frozen_features(config, ds, every, downstream.random_encoder(config))
-    out["random_init_linear_probe"] = probe.configured_linear_probe(config, rx, y, trx, ty, k)[
-        "test_acc"
-    ]
-    out["random_init_knn"] = evaluate.knn_accuracy(rx, y, trx, ty, k, 200, 0.1)
-    out["random_s"] = time.perf_counter() - t0
-    save("random-init encoder")
+    if "pixels" in stages:
+        t0 = time.perf_counter()
+        px, tpx = downstream.pixel_features(config, ds, every)
+        out["pixels_linear_probe"] = probe.configured_linear_probe(config, px, y, tpx, ty, k)[
+            "test_acc"
+        ]
+        sk = LogisticRegression(max_iter=1000).fit(px, y)  # scikit-learn's defaults, in [0, 1]
+        out["pixels_sklearn_default_logreg"] = float(np.mean(sk.predict(tpx) == ty))
+        out["pixels_knn"] = evaluate.knn_accuracy(px, y, tpx, ty, k, 200, 0.1)
+        out["pixels_s"] = time.perf_counter() - t0
+        save("pixels")
+    if "random" in stages:
+        t0 = time.perf_counter()
+        rx, trx = evaluate.frozen_features(config, ds, every, downstream.random_encoder(config))
+        out["random_init_linear_probe"] = probe.configured_linear_probe(config, rx, y, trx, ty, k)[
+            "test_acc"
+        ]
+        out["random_init_knn"] = evaluate.knn_accuracy(rx, y, trx, ty, k, 200, 0.1)
+        out["random_s"] = time.perf_counter() - t0
+        save("random-init encoder")
     return out
 
 
