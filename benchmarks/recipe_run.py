@@ -4,21 +4,25 @@ write the results to benchmarks/results/<device>-<dataset>-<model>-<precision>-r
 
   # one H100 / H200 (bf16, the recipe's ResNet-18 and batch 512), under 9 minutes in all:
   python benchmarks/recipe_run.py --data-dir /path/to/tensorflow_datasets --minutes 5
-  # all of CIFAR-10 from a pack, kNN curve, fine-tune vs scratch (gpu_run.sh's part 1):
+  # all of CIFAR-10 from a pack, kNN curve, fine-tune vs scratch (what gpu_run.sh recipe runs,
+  # with the epochs and --pretrain-by of benchmarks/gpu_plan.py):
   python benchmarks/recipe_run.py --set data.name=folder --data-dir .devdata/cifar10_pack \
-      --minutes 3 --knn-every 25 --downstream-epochs 10
+      --epochs N --knn-every 25 --downstream-epochs 10
   # a CPU smoke run of the same path (what tests/test_benchmarks.py runs):
   python benchmarks/recipe_run.py --config configs/digits_simclr.py --minutes 0.05 \
       --set model.name=tiny --set pretrain.batch_size=64 --precision float32
 
 Steps: (1) load the data and its channel statistics; (2) time a few pretraining steps after
-compiling, fed as the run feeds them (`pretrain.batches`; images/s); (3) epochs = budget *
-images/s / pretraining images (at least 1; or --epochs), warm-up a tenth of them; (4) pretrain
-(`pretrain.run` on the loaded data, the kNN monitor every --knn-every epochs); (5) features of
-every train and test image, the linear probe (L-BFGS, penalty by cross-validation) and the
-weighted kNN, then the same kNN of the model at step 0; (6) with --downstream-epochs, fine-tune
-vs scratch on every train label. The JSON is written before (2) and again after every part;
-a part after (4) that fails is recorded under 'errors' and the next one runs.
+compiling, fed as the run feeds them (`pretrain.batches`; images/s): with --epochs the run's own
+program, which the run then loads from the compilation cache; (3) epochs = budget * images/s /
+pretraining images (at least 1), or --epochs, fewer if --pretrain-by would be missed at the timed
+rate (gpu_run's plan; then one more compile), warm-up a tenth of them; (4) pretrain
+(`pretrain.run` on the loaded data, the kNN monitor every --knn-every epochs); then, by value,
+(5) features of every train and test image, the linear probe (L-BFGS, penalty by
+cross-validation) and the weighted kNN; (6) with --downstream-epochs, fine-tune vs scratch on
+every train label; (7) the same kNN of the model at step 0; (8) pretrain.png. The JSON is written
+before (2) and again after every part; a part after (4) that fails is recorded under 'errors'
+and the next one runs.
 
 The data: a prepared tfds copy (`--data-dir`), a pack (`python -m simclr_jax.pack`, read with
 `--set data.name=folder --data-dir PACK`), or an .npz made by `--pack` on a machine that
@@ -63,6 +67,20 @@ def parse_args(argv=None):
         default=0,
         help="then fine-tune vs scratch for N epochs on every train label (0: not run)",
     )
+    p.add_argument(
+        "--pretrain-by",
+        type=float,
+        default=0.0,
+        help="with --epochs: epoch seconds by which pretraining (kNN checks included) must end; "
+        "fewer epochs if the timed rate says it would not (0: no limit)",
+    )
+    p.add_argument(
+        "--rate-factor",
+        type=float,
+        default=1.0,
+        help="with --pretrain-by: the run's rate over the timed steps' (the streamed path's)",
+    )
+    p.add_argument("--knn-check-s", type=float, default=0.0, help="with --pretrain-by: s a check")
     p.add_argument("--out-name", default="", help="the JSON's file name (default: by device)")
     p.add_argument("--workdir", default="", help="default: a fresh temporary directory")
     p.add_argument("--out", default=throughput.RESULTS, help="directory of the JSON result")
@@ -153,6 +171,34 @@ def images_per_second(config, ds, steps: int, epochs: int = 0) -> tuple[float, f
         state, metrics = p_step(state, *step_args)
     jax.block_until_ready(metrics)
     return steps * pc.batch_size / (time.perf_counter() - t0), compile_s
+
+
+def fitting_epochs(seconds: float, ips: float, images: int, knn_every=0, check_s=0.0) -> int:
+    """The most epochs (at least 1) whose steps at `ips` images/s, and the kNN monitor's checks
+    (every `knn_every` epochs, `check_s` each), take at most `seconds`."""
+    per_epoch = images / ips
+    epochs = max(1, int(seconds / per_epoch))
+    checks = (lambda e: e // knn_every) if knn_every else (lambda e: 0)
+    while epochs > 1 and epochs * per_epoch + checks(epochs) * check_s > seconds:
+        epochs -= 1
+    return epochs
+
+
+def planned_epochs(args, ips: float, compile_s: float, images: int, now: float) -> tuple:
+    """(epochs, why they differ from --epochs or None): --minutes' worth at the timed rate; or
+    --epochs, fewer when --pretrain-by would be missed at the timed rate times --rate-factor (the
+    kNN checks counted, and one more compile: a shorter run is another program)."""
+    if not args.epochs:
+        return fitting_epochs(args.minutes * 60, ips, images), None
+    if not args.pretrain_by:
+        return args.epochs, None
+    rate, left = ips * args.rate_factor, args.pretrain_by - now
+    every, check_s = args.knn_every, args.knn_check_s
+    if fitting_epochs(left, rate, images, every, check_s) >= args.epochs:
+        return args.epochs, None
+    epochs = fitting_epochs(left - compile_s, rate, images, every, check_s)
+    why = f"{args.epochs} epochs would end after --pretrain-by ({left:.0f} s left at {rate:.0f}/s)"
+    return epochs, why
 
 
 def pretrain_for(config, ds, workdir: str):
@@ -330,15 +376,15 @@ def main(argv=None) -> dict:
         config.pretrain.epochs, config.pretrain.num_steps = epochs, 0
         config.pretrain.warmup_epochs = 0.1 * epochs  # a tenth, as the official 10 of 100
 
-    if args.epochs:
+    if args.epochs:  # the timed step is then the run's own program, compiled once
         set_epochs(args.epochs)
     ips, compile_s = images_per_second(config, ds, args.timing_steps, args.epochs)
-    epochs = args.epochs or max(1, int(args.minutes * 60 * ips / len(ds.pretrain)))
+    epochs, cut = planned_epochs(args, ips, compile_s, len(ds.pretrain), time.time())
     set_epochs(epochs)
     config.pretrain.knn_every, config.pretrain.checkpoint_every = args.knn_every, 0
     spe = pretrain.steps_per_epoch(len(ds.pretrain), config.pretrain.batch_size)
     result.update(epochs=epochs, steps_per_epoch=spe, timed_images_per_s=ips)
-    result["first_compile_s"] = compile_s
+    result.update(first_compile_s=compile_s, planned_epochs=args.epochs or None, epochs_cut=cut)
     result.update(knn_every=args.knn_every, warmup_epochs=config.pretrain.warmup_epochs)
     parts.mark(f"{ips:.0f} images/s after a {compile_s:.0f} s compile: {epochs} epochs")
     write(result, args)  # a pretraining that is stopped still leaves its plan
@@ -360,10 +406,9 @@ def main(argv=None) -> dict:
         knn_curve=knn_curve(workdir, spe),  # [epoch, acc] of the monitor (k=200, T=0.1)
     )
     parts.mark(f"pretrained {epochs} epochs in {result['pretrain_wall_s']:.0f} s")
+    # The parts after pretraining, by value: a run stopped at its deadline loses the last ones.
     frozen = parts.run("frozen_all_labels", frozen_all_labels, config, ds, state)
     result.update(frozen or {})
-    result["knn_acc_at_init"] = parts.run("knn_at_init", knn_at_init, config, ds)
-    parts.run("pictures", pretrain_picture, config, workdir, ds.num_classes)
     if args.downstream_epochs:
         result["fine_tune_vs_scratch"] = parts.run(
             "fine_tune_vs_scratch",
@@ -374,6 +419,8 @@ def main(argv=None) -> dict:
             workdir,
             args.downstream_epochs,
         )
+    result["knn_acc_at_init"] = parts.run("knn_at_init", knn_at_init, config, ds)
+    parts.run("pictures", pretrain_picture, config, workdir, ds.num_classes)
     result["total_wall_s"] = time.perf_counter() - t_start
     write(result, args)
     print(

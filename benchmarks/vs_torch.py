@@ -157,10 +157,12 @@ def torch_side(args, width: float, config):
 
 def torch_matmul_flops(size: int, reps: int = 3, device: str = "cpu", dtype=None) -> float:
     """Best FLOP/s of a size x size matmul in PyTorch (MKL on the CPU, cuBLAS on a GPU; float32
-    unless `dtype`): beside the XLA peak, to show whether the two libraries' matmuls differ."""
+    unless `dtype`) on random normal data, as throughput.Peak: beside the XLA peak, to show
+    whether the two libraries' matmuls differ."""
     import torch
 
-    a = torch.ones(size, size, device=device, dtype=dtype or torch.float32)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype or torch.float32, generator=generator)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
     def matmul():
