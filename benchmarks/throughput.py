@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from simclr_jax import xla_env  # noqa: E402  (imports no jax: flags go in before jax starts)
 
 # glibc malloc settings (GLIBC_TUNABLES, read when a process starts). 'retain': one arena that
-# never maps nor trims, so freed memory is reused (no page faults per step; see README.md).
+# never maps nor trims, so freed memory is reused (no page faults per step; see docs/performance.md).
 MALLOC = {
     "hugepages": "glibc.malloc.hugetlb=1",
     "retain": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"

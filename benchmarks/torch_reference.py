@@ -19,7 +19,7 @@ autocast, torch.compile, cuDNN's autotuner):
 
 What it leaves out on purpose: the augmentation. The two views of every image are made once,
 before any step, as float32 tensors (random resized crops and flips); the JAX step makes its
-views on the device inside the step, which costs 0.3-0.5% of the step (benchmarks/README.md).
+views on the device inside the step, which costs 0.3-0.5% of the step (docs/performance.md).
 
 Layout: channels_last (NHWC), PyTorch's recommended memory format for oneDNN (mkldnn)
 convolutions on the CPU; `memory_format=torch.contiguous_format` gives NCHW. oneDNN is left at

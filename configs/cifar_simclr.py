@@ -15,7 +15,7 @@ B.9 quotes weight decay 1e-6 for its ResNet-50 sweeps; we follow the code's 1e-4
 What to expect, with sources: the official README says the command "should give you around 91%
 accuracy" (linear evaluation, ResNet-18, 1000 epochs); the paper's best CIFAR-10 model, a
 ResNet-50 trained at batch 1024, reaches 94.0% linear evaluation (appendix B.9). Neither was
-reproduced here (a 2-core CPU; README.md has what was measured, and configs/cifar_cpu.py the
+reproduced here (a 2-core CPU; docs/results.md has what was measured, and configs/cifar_cpu.py the
 20-minute CPU run); expect a little less, since the prepared CIFAR-10 went through one JPEG
 round trip.
 """

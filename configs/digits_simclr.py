@@ -8,7 +8,7 @@ The 1,797 8x8 digit images ship with scikit-learn; they are resized to 16x16 RGB
 label; the evaluation uses a 5% class-balanced labelled subset (72 images, 7-8 a class): the
 frozen encoder's linear probe and kNN against raw pixels and the random-init encoder, and the
 same classifier fine-tuned from the SimCLR encoder and trained from scratch, for 10 epochs and
-for 200. What it measured is in README.md ("Results").
+for 200. What it measured is in docs/results.md ("The digits demo").
 
 Settings chosen on validation data, never on test numbers (`python
 benchmarks/choose_demo_settings.py`; results in benchmarks/results/digits_settings/): with 20% of
@@ -26,12 +26,12 @@ that pick, at the grid's edge, is noise; 10 epochs are too few for scratch whate
 Distillation, after that run: `python run.py --config configs/digits_simclr.py --workdir
 runs/digits --mode=distill` trains a student of the encoder's architecture from scratch on the
 fine-tuned teacher's predictions over the 1,437 train images (labels unused), and the same student
-on the 72 labels alone, and adds both to report.md (benchmarks/README.md, "Distillation").
+on the 72 labels alone, and adds both to report.md (docs/beyond.md, "Distillation").
 """
 
 from configs import cifar_simclr
 
-# What the distillation's two learning rates were chosen on (benchmarks/README.md, "Distillation");
+# What the distillation's two learning rates were chosen on (docs/beyond.md, "Distillation");
 # its epochs and temperature were fixed beforehand, not chosen.
 DISTILL_CHOSEN = (
     "validation, for the two learning rates (the grid 0.03, 0.1, 0.3 for both students' rates "
