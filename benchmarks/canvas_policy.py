@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from simclr_jax import images  # noqa: E402
+from simclr_jax.data import images  # noqa: E402
 
 CANVAS = 32
 ASPECT = (0.75, 1.33)

@@ -62,7 +62,8 @@ def main(argv=None) -> dict:
     import numpy as np
     import recipe_run
 
-    from simclr_jax import parallel, pretrain
+    from simclr_jax.runtime import parallel
+    from simclr_jax.stages import pretrain
 
     rargs = recipe_run.parse_args(["--config", args.config, "--precision", args.precision])
     rargs.set = args.set

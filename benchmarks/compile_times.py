@@ -43,7 +43,8 @@ def instrument(totals: dict, current: list) -> None:
     frozen evaluations to 'frozen evaluations'."""
     import jax
 
-    from simclr_jax import downstream, loop
+    from simclr_jax.stages import downstream
+    from simclr_jax.train import loop
 
     def listener(event, duration, **kwargs):
         if event in EVENTS:
@@ -76,11 +77,11 @@ def main(argv=None) -> dict:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
     from recipe_run import load_config  # noqa: PLC0415 (the same config loading and overrides)
 
-    from simclr_jax import xla_env
+    from simclr_jax.runtime import xla
 
-    xla_env.cpu_convolutions()  # as run.py
-    xla_env.use_compilation_cache()  # run.py's settings, in --cache
-    from simclr_jax import pipeline
+    xla.cpu_convolutions()  # as run.py
+    xla.use_compilation_cache()  # run.py's settings, in --cache
+    from simclr_jax.app import main as pipeline
 
     args.precision, args.data_dir = "float32", ""
     config = load_config(args)

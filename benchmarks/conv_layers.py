@@ -1,9 +1,9 @@
 """Per-convolution times of ResNet-18 (CIFAR stem): forward, input gradient, filter gradient, and
-the GEMM filter gradient of simclr_jax/cpu_conv.py; optionally an A/B of XLA:CPU's convolution
+the GEMM filter gradient of simclr_jax/runtime/cpu_conv.py; optionally an A/B of XLA:CPU's convolution
 libraries, arm against arm in alternating processes.
 
 Each of the network's distinct convolutions (at each --widths channel multiplier, as
-models.ResNet scales them) is jitted alone, run twice, then timed --repeats times (median):
+resnet.ResNet scales them) is jitted alone, run twice, then timed --repeats times (median):
 
   forward      lax.conv_general_dilated, NHWC / HWIO, as the model calls it;
   input grad   its `jax.vjp` with respect to the input (none for the stem: images need none);
@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import throughput  # noqa: E402  (imports no jax: the flags go in before jax starts)
 
-from simclr_jax import xla_env  # noqa: E402  (imports no jax)
+from simclr_jax.runtime import xla  # noqa: E402  (imports no jax)
 
 # (input side, in channels, out channels, kernel, stride, occurrences) of ResNet-18, CIFAR stem,
 # at width 1; channels other than the images' 3 scale with the width (base 64 -> int(64 * w)).
@@ -97,7 +97,7 @@ def measure(args) -> dict:
     import numpy as np
     from jax import lax
 
-    from simclr_jax import cpu_conv
+    from simclr_jax.runtime import cpu_conv
 
     rng = np.random.default_rng(0)
 
@@ -105,7 +105,7 @@ def measure(args) -> dict:
         compiled = jax.jit(f).lower(*a).compile()
         throughput.timed(lambda: compiled(*a), 2)  # warm-up
         times = throughput.timed(lambda: compiled(*a), args.repeats)
-        return statistics.median(times) * 1e3, xla_env.ONEDNN_CONV in compiled.as_text()
+        return statistics.median(times) * 1e3, xla.ONEDNN_CONV in compiled.as_text()
 
     def layer(side, cin, cout, k, s):
         pad = ((k // 2, k // 2),) * 2

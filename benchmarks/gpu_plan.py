@@ -25,7 +25,7 @@ ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 PINS = os.path.join(HERE, "device_wheels.txt")
 WHEELS = ".whl"
-PACK = ".devdata/cifar10_pack"  # python -m simclr_jax.pack --tfds cifar10 ... (docs/gpu.md)
+PACK = ".devdata/cifar10_pack"  # python -m simclr_jax.data.pack --tfds cifar10 ... (docs/gpu.md)
 TRAVEL_LIMIT = 64 * 2**20  # bytes a call may carry: the tree, shared/ and the carry paths
 CARRY = {"recipe": [WHEELS, PACK], "speed": [WHEELS]}
 
@@ -383,7 +383,7 @@ def check_pack(path: str) -> list[str]:
     """What is wrong with the pack at `path` for call 1: missing, or not all of CIFAR-10."""
     meta = os.path.join(path, "simclr_pack.json")
     if not os.path.exists(meta):
-        return [f"no {path} (docs/gpu.md: python -m simclr_jax.pack --tfds cifar10 ...)"]
+        return [f"no {path} (docs/gpu.md: python -m simclr_jax.data.pack --tfds cifar10 ...)"]
     with open(meta) as f:
         splits = json.load(f)["splits"]
     want = {"train": TRAIN, "test": TEST}

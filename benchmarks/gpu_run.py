@@ -74,7 +74,7 @@ def parse_args(argv=None):
     a("--draw", default="", metavar="DIR", help="only redraw DIR's figures (its recipe record)")
     # the recipe
     a("--config", default="configs/cifar_simclr.py")
-    a("--data-dir", default=gpu_plan.PACK, help="a pack (python -m simclr_jax.pack)")
+    a("--data-dir", default=gpu_plan.PACK, help="a pack (python -m simclr_jax.data.pack)")
     a("--data-name", default="folder", help="config.data.name (a pack is read as 'folder')")
     a("--epochs", type=int, default=0, help="pretraining epochs, exactly (0: the plan's)")
     a("--knn-every", type=int, default=gpu_plan.KNN_EVERY, help="kNN monitor every N epochs")
@@ -345,7 +345,7 @@ def collect_recipe(args, run: Run, workdir: str) -> None:
 def draw_pretrain(records: list[dict], path: str, status) -> None:
     """pretrain.png (loss, learning rate, kNN monitor against the step) from the records, where
     the recipe did not draw it (stopped, or no matplotlib where it ran)."""
-    from simclr_jax import plots
+    from simclr_jax.report import plots
 
     plots.pretrain_curves(records, path, f"SimCLR pretraining (the recipe: {status})", 0.1)
 
@@ -367,7 +367,7 @@ def redraw(directory: str) -> dict:
 def pretrain_records(workdir: str) -> list[dict]:
     """The pretraining records of the recipe's metrics.jsonl (none if it has none; a line torn by
     the stop of a part out of time is skipped)."""
-    from simclr_jax.report import read_records  # no jax: the parent process stays light
+    from simclr_jax.runtime.files import read_records  # no jax: the parent process stays light
 
     return [
         r
@@ -407,7 +407,7 @@ def draw_curve(curve: dict, path: str, recipe: dict) -> None:
     initialisation at epoch 0, the final frozen kNN and linear probe at the last epoch)."""
     from matplotlib.ticker import PercentFormatter
 
-    from simclr_jax import plots
+    from simclr_jax.report import plots
 
     fig = plots._figure(6.0, 4.2)
     ax = fig.add_subplot(1, 1, 1)

@@ -4,7 +4,7 @@
            224 px: from JPEG files (sources.FolderSource) and from array_record records holding
            the same JPEG bytes (array_record's reader, what tfds.data_source reads); at 32 px also
            CIFAR-10's own array_record (PNG records, sources.TfdsSource); and from the folder
-           packed at the canvas (`python -m simclr_jax.pack`, PNG and JPEG; with its packing rate
+           packed at the canvas (`python -m simclr_jax.data.pack`, PNG and JPEG; with its packing rate
            on one thread: verify + decode + encode). Plus what it means in
            host cores per accelerator for a step of 20,000 images/s.
   step     the CIFAR-10 pretraining step fed from the in-memory cache against the same step fed
@@ -75,7 +75,7 @@ def _rate(read, n: int, repeats: int, batch: int = 64) -> float:
 def part_decode(args) -> list[dict]:
     from array_record.python import array_record_data_source, array_record_module
 
-    from simclr_jax import folders, images, pack, pack_format, sources
+    from simclr_jax.data import folders, images, pack, pack_format, sources
 
     rows, tmp = [], tempfile.mkdtemp(prefix="input_bench_")
     for canvas, (w, h) in SOURCE_SIDE.items():
@@ -108,7 +108,9 @@ def part_decode(args) -> list[dict]:
                 "images_per_s_per_core": _rate(read, n, args.repeats),
             }  # fmt: skip
         )
-        for encoding in pack_format.ENCODINGS:  # the folder packed at the canvas (simclr_jax.pack)
+        for (
+            encoding
+        ) in pack_format.ENCODINGS:  # the folder packed at the canvas (simclr_jax.data.pack)
             out = os.path.join(tmp, f"pack{canvas}{encoding}")
             t0 = time.perf_counter()
             meta = pack.pack(root, out, canvas, ["train"], encoding, num_threads=1)
@@ -124,11 +126,11 @@ def part_decode(args) -> list[dict]:
             )
     if args.data_dir:
         from configs import cifar_simclr
-        from simclr_jax import data
+        from simclr_jax.data import dataset
 
         cfg = cifar_simclr.get_config().data
         cfg.data_dir, cfg.cache_gb = args.data_dir, 0.0
-        test = data.load(cfg).test
+        test = dataset.load(cfg).test
         rows.append(
             {
                 "canvas": 32,
@@ -146,15 +148,17 @@ def part_step(args) -> dict:
     import jax
 
     from configs import cifar_cpu
-    from simclr_jax import data, parallel, pretrain
+    from simclr_jax.data import dataset
+    from simclr_jax.runtime import parallel
+    from simclr_jax.stages import pretrain
 
     config = cifar_cpu.get_config()
     config.data.data_dir = args.data_dir
     config.data.cache_gb = 1.0
-    memory = data.load(config.data)
-    config = data.with_stats(config, memory)
+    memory = dataset.load(config.data)
+    config = dataset.with_stats(config, memory)
     config.data.cache_gb = 0.0
-    streamed = data.load(config.data)
+    streamed = dataset.load(config.data)
     spe = len(memory.pretrain) // config.pretrain.batch_size
     p_step, state = pretrain.step_and_initial_state(config, spe, 10 * spe)
     rstate = parallel.replicate(state)

@@ -2,7 +2,7 @@
 64 MiB, its pixel error against the prepared tfds images, and the frozen linear probe and kNN of
 trained encoders on packed against raw images, with the spread that says whether it matters.
 
-  python -m simclr_jax.pack --tfds cifar10 --data-dir ../shared/tensorflow_datasets \\
+  python -m simclr_jax.data.pack --tfds cifar10 --data-dir ../shared/tensorflow_datasets \\
       .devdata/cifar10_pack --encoding jpeg --quality 98
   python benchmarks/pack_cost.py --tfds-dir ../shared/tensorflow_datasets \\
       --pack .devdata/cifar10_pack --wheels .whl --candidates-every 6 --encoder WORKDIR ...
@@ -40,7 +40,7 @@ BOOTSTRAP = 2000  # resamples of the test images
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tfds-dir", required=True, help="where cifar10 is prepared (tfds)")
-    p.add_argument("--pack", required=True, help="the pack (python -m simclr_jax.pack --tfds)")
+    p.add_argument("--pack", required=True, help="the pack (python -m simclr_jax.data.pack --tfds)")
     p.add_argument("--encoder", action="append", default=[], help="a pretraining workdir")
     p.add_argument("--wheels", default="", help="the wheels that travel with it (.whl)")
     p.add_argument("--candidates-every", type=int, default=0, help="0: no candidates")
@@ -58,7 +58,7 @@ def _data_cfg(config, name: str, data_dir: str):
 
 def _pixels(ds) -> tuple[np.ndarray, np.ndarray]:
     """(N, S, S, 3) uint8 of train then test, and the labels."""
-    from simclr_jax import sources
+    from simclr_jax.data import sources
 
     x = np.concatenate([sources.read_all(ds.train), sources.read_all(ds.test)])
     return x, np.concatenate([ds.train_labels, ds.test_labels])
@@ -86,7 +86,7 @@ def pixel_error(a: np.ndarray, b: np.ndarray) -> dict:
 def _encode_other(image: np.ndarray, how: str) -> bytes:
     from PIL import Image
 
-    from simclr_jax import pack_format
+    from simclr_jax.data import pack_format
 
     if how.startswith("jpeg"):
         return pack_format.encode(image, "jpeg", int(how[len("jpeg-q") :]))
@@ -105,7 +105,7 @@ def _encode_other(image: np.ndarray, how: str) -> bytes:
 def candidates(raw: np.ndarray, every: int) -> list[dict]:
     """Each way of encoding considered, on every `every`-th image: bytes scaled to all of them,
     and the pixel error after decoding as a run does (`images.decode`)."""
-    from simclr_jax import images
+    from simclr_jax.data import images
 
     sample = raw[::every]
     hows = ["png", "png-9", "webp-lossless", "webp-q90", "webp-q100"]
@@ -159,17 +159,22 @@ def _paired(correct_raw: np.ndarray, correct_packed: np.ndarray, rng) -> dict:
 
 def probe_encoder(workdir: str, sides: dict, rng) -> dict:
     """One encoder's linear probe and kNN on each side ({'raw': Dataset, 'packed': Dataset})."""
-    from simclr_jax import data, encoder, evaluate, probe
+    from simclr_jax import pretrained
+    from simclr_jax.data import dataset
+    from simclr_jax.evaluation import frozen
+    from simclr_jax.evaluation import linear_probe as probe
 
-    enc = encoder.load_encoder(workdir)
-    config = data.with_stats(enc.config, sides["raw"])  # its own stats (fills only a missing one)
+    enc = pretrained.load_encoder(workdir)
+    config = dataset.with_stats(
+        enc.config, sides["raw"]
+    )  # its own stats (fills only a missing one)
     out, preds, dc = {"encoder": workdir, "step": enc.step}, {}, config.downstream
     for side, ds in sides.items():
         every = np.arange(len(ds.train))
-        train_x, test_x = evaluate.frozen_features(config, ds, every, enc.encoder_variables)
+        train_x, test_x = frozen.frozen_features(config, ds, every, enc.encoder_variables)
         y, yt, k = ds.train_labels, ds.test_labels, ds.num_classes
         probe = probe.configured_linear_probe(config, train_x, y, test_x, yt, k, predict=True)
-        knn = evaluate.knn_predictions(train_x, y, test_x, k, dc.knn_k, dc.knn_temperature)
+        knn = frozen.knn_predictions(train_x, y, test_x, k, dc.knn_k, dc.knn_temperature)
         preds[side] = {"linear": probe["test_pred"], "knn": knn, "labels": yt}
         out[f"{side}_linear_l2"] = probe["l2"]
         print(f"{workdir} {side}: linear {probe['test_acc']:.4f} kNN {np.mean(knn == yt):.4f}")
@@ -185,12 +190,12 @@ def probe_encoder(workdir: str, sides: dict, rng) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     from configs import cifar_simclr
-    from simclr_jax import data, pack_format
+    from simclr_jax.data import dataset, pack_format
 
     base = cifar_simclr.get_config()
     sides = {
-        "raw": data.load(_data_cfg(base, "cifar10", args.tfds_dir)),
-        "packed": data.load(_data_cfg(base, "folder", args.pack)),
+        "raw": dataset.load(_data_cfg(base, "cifar10", args.tfds_dir)),
+        "packed": dataset.load(_data_cfg(base, "folder", args.pack)),
     }
     raw, labels = _pixels(sides["raw"])
     packed, packed_labels = _pixels(sides["packed"])

@@ -68,7 +68,7 @@ def main(argv=None):
     throughput.prepare_process(args)
     import jax
 
-    from simclr_jax import train_state
+    from simclr_jax.train import state as train_state
 
     config = throughput.make_config(args)
     batch, _, aug_key = throughput.device_data(config, args.batch)  # one fixed on-device batch

@@ -24,7 +24,7 @@ every train label; (7) the same kNN of the model at step 0; (8) pretrain.png. Th
 before (2) and again after every part; a part after (4) that fails is recorded under 'errors'
 and the next one runs.
 
-The data: a prepared tfds copy (`--data-dir`), a pack (`python -m simclr_jax.pack`, read with
+The data: a prepared tfds copy (`--data-dir`), a pack (`python -m simclr_jax.data.pack`, read with
 `--set data.name=folder --data-dir PACK`), or an .npz made by `--pack` on a machine that
 has one (uint8 arrays train_images, train_labels, test_images, test_labels of the labelled
 train and test splits, read back as `sources.ArraySource`s; `--pack-train N` and `--pack-test M`
@@ -109,13 +109,13 @@ def load_config(args):
 def load_data(config, args):
     """The config's dataset (`data.load`), or the .npz of --npz as in-memory sources: its train
     arrays pretrained on and the evaluations' labelled train split, its test arrays the test."""
-    from simclr_jax import data
+    from simclr_jax.data import dataset
 
     if not args.npz:
-        return data.load(config.data)
+        return dataset.load(config.data)
     import numpy as np
 
-    from simclr_jax import sources
+    from simclr_jax.data import sources
 
     with np.load(args.npz) as f:
         arrays = {k: f[k] for k in f.files}
@@ -123,7 +123,7 @@ def load_data(config, args):
     train = sources.ArraySource(arrays["train_images"], arrays["train_labels"], f"{name}/train")
     test = sources.ArraySource(arrays["test_images"], arrays["test_labels"], f"{name}/test")
     num_classes = int(arrays["train_labels"].max()) + 1
-    return data.Dataset(config.data.name, train, train, test, num_classes=num_classes)
+    return dataset.Dataset(config.data.name, train, train, test, num_classes=num_classes)
 
 
 def pack(config, args) -> None:
@@ -131,9 +131,9 @@ def pack(config, args) -> None:
     --pack-test) written to --pack as uint8 arrays."""
     import numpy as np
 
-    from simclr_jax import data, sources
+    from simclr_jax.data import dataset, sources
 
-    ds = data.load(config.data)
+    ds = dataset.load(config.data)
     n = min(args.pack_train or len(ds.train), len(ds.train))
     m = min(args.pack_test or len(ds.test), len(ds.test))
     np.savez_compressed(
@@ -154,7 +154,8 @@ def images_per_second(config, ds, steps: int, epochs: int = 0) -> tuple[float, f
     from the compilation cache."""
     import jax
 
-    from simclr_jax import parallel, pretrain
+    from simclr_jax.runtime import parallel
+    from simclr_jax.stages import pretrain
 
     pc = config.pretrain
     spe = pretrain.steps_per_epoch(len(ds.pretrain), pc.batch_size)
@@ -203,9 +204,11 @@ def planned_epochs(args, ips: float, compile_s: float, images: int, now: float) 
 
 def pretrain_for(config, ds, workdir: str):
     """Pretrains on `ds` itself (an .npz has no tfds name to load again); (state, summary)."""
-    from simclr_jax import checkpoint, pipeline, pretrain
-    from simclr_jax import config as config_lib
-    from simclr_jax.metrics import MetricWriter
+    from simclr_jax.app import main as pipeline
+    from simclr_jax.app import validate as config_lib
+    from simclr_jax.runtime.records import MetricWriter
+    from simclr_jax.stages import pretrain
+    from simclr_jax.train import checkpoint
 
     config_lib.validate(config, "pretrain")
     os.makedirs(workdir, exist_ok=True)
@@ -223,7 +226,7 @@ def pretrain_for(config, ds, workdir: str):
 
 
 def writer_records(workdir: str) -> list[dict]:
-    from simclr_jax.metrics import METRICS_FILE, read_records
+    from simclr_jax.runtime.files import METRICS_FILE, read_records
 
     return read_records(os.path.join(workdir, METRICS_FILE))
 
@@ -233,7 +236,8 @@ def knn_at_init(config, ds) -> float:
     pretraining has to beat."""
     import numpy as np
 
-    from simclr_jax import evaluate, pretrain
+    from simclr_jax.evaluation import frozen as evaluate
+    from simclr_jax.stages import pretrain
 
     _, state = pretrain.step_and_initial_state(config, 1, 1)
     encoder = {"params": state.params["encoder"], "batch_stats": state.batch_stats["encoder"]}
@@ -248,7 +252,8 @@ def frozen_all_labels(config, ds, state) -> dict:
     """Linear probe and kNN of the frozen encoder, every train label, scored on the test split."""
     import numpy as np
 
-    from simclr_jax import evaluate, probe
+    from simclr_jax.evaluation import frozen as evaluate
+    from simclr_jax.evaluation import linear_probe as probe
 
     encoder = {"params": state.params["encoder"], "batch_stats": state.batch_stats["encoder"]}
     every = np.arange(len(ds.train))
@@ -279,15 +284,19 @@ def fine_tune_vs_scratch(config, ds, state, workdir: str, epochs: int) -> dict:
     (downstream.label_fraction, 1.0 = every train label): the classifier fine-tuned from the
     pretrained f against the same classifier from the weights pretraining started from. Returns
     each run's final test accuracy and loss, its per-epoch test accuracies and wall seconds."""
-    from simclr_jax import config as config_lib
-    from simclr_jax import data, downstream, pipeline
-    from simclr_jax.metrics import MetricWriter
+    from simclr_jax.app import main as pipeline
+    from simclr_jax.app import validate as config_lib
+    from simclr_jax.data import dataset
+    from simclr_jax.runtime.records import MetricWriter
+    from simclr_jax.stages import downstream
 
     dc = config.downstream
     dc.epochs, dc.long_epochs = epochs, 0
     dc.checkpoint_every = 10**9  # each run's last step only (not one per test evaluation)
     config_lib.validate(config, "downstream")
-    subset = data.labelled_subset(ds.train_labels, dc.label_fraction, ds.num_classes, config.seed)
+    subset = dataset.labelled_subset(
+        ds.train_labels, dc.label_fraction, ds.num_classes, config.seed
+    )
     encoder = {"params": state.params["encoder"], "batch_stats": state.batch_stats["encoder"]}
     step = int(state.step)
     starts = {
@@ -353,20 +362,21 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="simclr_recipe_")
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(workdir, "xla_cache"))
-    from simclr_jax import xla_env
+    from simclr_jax.runtime import xla
 
-    xla_env.cpu_convolutions()  # as run.py (XLA:CPU only)
-    xla_env.use_compilation_cache()
+    xla.cpu_convolutions()  # as run.py (XLA:CPU only)
+    xla.use_compilation_cache()
     import jax
 
-    from simclr_jax import data, pretrain
+    from simclr_jax.data import dataset
+    from simclr_jax.stages import pretrain
 
     t_start = time.perf_counter()
     config = load_config(args)
     if args.pack:
         return pack(config, args)
     ds = load_data(config, args)
-    config = data.with_stats(config, ds)
+    config = dataset.with_stats(config, ds)
     result = describe(config, ds, args, jax, workdir)
     result["data_load_s"] = time.perf_counter() - t_start
     parts = Parts(result, args, t_start)
@@ -454,7 +464,7 @@ def describe(config, ds, args, jax, workdir: str) -> dict:
 
 def pretrain_picture(config, workdir: str, num_classes: int) -> str:
     """pretrain.png in the workdir (loss, learning rate, kNN monitor against the step)."""
-    from simclr_jax import pictures
+    from simclr_jax.report import pictures
 
     pictures.write_pretrain_curves(config, workdir, num_classes)
     return os.path.join(workdir, "pretrain.png")

@@ -44,11 +44,13 @@ def main(argv=None):
                                    "--precision", args.precision] + sum((["--set", s] for s in args.set), []))  # fmt: skip
     from sklearn.linear_model import LogisticRegression
 
-    from simclr_jax import data, downstream, evaluate, probe
+    from simclr_jax.data import dataset
+    from simclr_jax.evaluation import frozen, linear_probe
+    from simclr_jax.stages import downstream
 
     config = recipe_run.load_config(rargs)
     ds = recipe_run.load_data(config, rargs)
-    config = data.with_stats(config, ds)
+    config = dataset.with_stats(config, ds)
     every = np.arange(len(ds.train))
     y, ty, k = ds.train_labels, ds.test_labels, ds.num_classes
     out = {"train_images": len(ds.train), "test_images": len(ds.test), "chance": 1.0 / k}
@@ -63,21 +65,21 @@ def main(argv=None):
     if "pixels" in stages:
         t0 = time.perf_counter()
         px, tpx = downstream.pixel_features(config, ds, every)
-        out["pixels_linear_probe"] = probe.configured_linear_probe(config, px, y, tpx, ty, k)[
-            "test_acc"
-        ]
+        out["pixels_linear_probe"] = linear_probe.configured_linear_probe(
+            config, px, y, tpx, ty, k
+        )["test_acc"]
         sk = LogisticRegression(max_iter=1000).fit(px, y)  # scikit-learn's defaults, in [0, 1]
         out["pixels_sklearn_default_logreg"] = float(np.mean(sk.predict(tpx) == ty))
-        out["pixels_knn"] = evaluate.knn_accuracy(px, y, tpx, ty, k, 200, 0.1)
+        out["pixels_knn"] = frozen.knn_accuracy(px, y, tpx, ty, k, 200, 0.1)
         out["pixels_s"] = time.perf_counter() - t0
         save("pixels")
     if "random" in stages:
         t0 = time.perf_counter()
-        rx, trx = evaluate.frozen_features(config, ds, every, downstream.random_encoder(config))
-        out["random_init_linear_probe"] = probe.configured_linear_probe(config, rx, y, trx, ty, k)[
-            "test_acc"
-        ]
-        out["random_init_knn"] = evaluate.knn_accuracy(rx, y, trx, ty, k, 200, 0.1)
+        rx, trx = frozen.frozen_features(config, ds, every, downstream.random_encoder(config))
+        out["random_init_linear_probe"] = linear_probe.configured_linear_probe(
+            config, rx, y, trx, ty, k
+        )["test_acc"]
+        out["random_init_knn"] = frozen.knn_accuracy(rx, y, trx, ty, k, 200, 0.1)
         out["random_s"] = time.perf_counter() - t0
         save("random-init encoder")
     return out

@@ -15,12 +15,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import MALLOC  # noqa: E402  (imports no jax)
 from vs_torch import table_rows as vs_torch_rows  # noqa: E402  (imports no jax nor torch)
 
-from simclr_jax import xla_env  # noqa: E402  (imports no jax)
+from simclr_jax.runtime import xla  # noqa: E402  (imports no jax)
 
 
 def settings(result: dict) -> str:
     flags = result.get("xla_flags", "")
-    convs = "eigen" if xla_env.EIGEN_CONVS in flags else "default"
+    convs = "eigen" if xla.EIGEN_CONVS in flags else "default"
     if "xla_cpu_use_onednn=true" in flags.lower():
         convs = "onednn"
     convs = result.get("cpu_convs", convs)  # recorded from issue #18 on

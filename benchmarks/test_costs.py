@@ -8,7 +8,7 @@ test process and in every subprocess; then prints a per-file and a per-test tabl
   python benchmarks/test_costs.py --report costs.jsonl # the tables of an earlier run only
 
 Start-up and imports are not an event: a Python process that imports the package and jax costs
-about 1.7 s before it does anything (`python -X importtime -c 'import simclr_jax.pipeline'`);
+about 1.7 s before it does anything (`python -X importtime -c 'import simclr_jax.app.main'`);
 the tables count the processes, so that share can be read off. CONTRIBUTING.md holds the tables
 of a run made alone on the 2-core machine.
 """

@@ -43,7 +43,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from simclr_jax import xla_env  # noqa: E402  (imports no jax: flags go in before jax starts)
+from simclr_jax.runtime import xla  # noqa: E402  (imports no jax: flags go in before jax starts)
 
 # glibc malloc settings (GLIBC_TUNABLES, read when a process starts). 'retain': one arena that
 # never maps nor trims, so freed memory is reused (no page faults per step; see docs/performance.md).
@@ -99,10 +99,10 @@ def set_cpu_convs(name: str, environ=os.environ) -> str:
     the convolutions in use ('onednn', 'eigen' or 'default'). Asking for oneDNN or Eigen where
     this jaxlib has no flag for them is a SystemExit, not a silent fall-back to the default."""
     environ["SIMCLR_JAX_CPU_CONVS"] = "" if name == "auto" else name
-    chosen = xla_env.cpu_convolutions(environ) or "default"
+    chosen = xla.cpu_convolutions(environ) or "default"
     if name in ("onednn", "eigen") and chosen != name:
         raise SystemExit(
-            f"--cpu-convs {name}: not available on jaxlib {xla_env.jaxlib_version()} "
+            f"--cpu-convs {name}: not available on jaxlib {xla.jaxlib_version()} "
             f"(this one gives {chosen}); use --cpu-convs default or auto"
         )
     return chosen
@@ -159,7 +159,7 @@ def make_config(args):
     c.precision = args.precision
     c.model.name = args.model
     c.model.width = args.width
-    c.data.image_size = args.image_size
+    c.data.image_size = getattr(args, "image_size", 32)  # profile_step, vs_torch: CIFAR's 32
     c.data.mean, c.data.std = (0.5,) * 3, (0.29,) * 3  # of the random uint8 images
     c.pretrain.batch_size = args.batch
     c.downstream.batch_size = args.batch
@@ -220,7 +220,9 @@ def device_data(config, batch: int):
     import jax
     import numpy as np
 
-    from simclr_jax import parallel, sources, stream, train_state
+    from simclr_jax.data import sources, stream
+    from simclr_jax.runtime import parallel
+    from simclr_jax.train import state as train_state
 
     rng = np.random.default_rng(0)
     size = config.data.image_size
@@ -238,7 +240,11 @@ def build_step(part: str, config, state_key=None):
     """(p_step, replicated state) of the 'pretrain', 'pretrain_probe' (with the online linear
     head, 10 classes) or 'classifier' part, built exactly as pretrain.run / downstream.compare
     build them (no state without a key)."""
-    from simclr_jax import classifier, optim, parallel, pretrain, train_state
+    from simclr_jax.core import optim
+    from simclr_jax.runtime import parallel
+    from simclr_jax.stages import pretrain
+    from simclr_jax.train import classifier
+    from simclr_jax.train import state as train_state
 
     pretraining = part.startswith("pretrain")
     section = config.pretrain if pretraining else config.downstream
@@ -261,7 +267,8 @@ def build_augment(config):
     """pmapped (batch, aug_key, step) -> two views, the first lines of pretrain_step."""
     import jax
 
-    from simclr_jax import augment, parallel
+    from simclr_jax.core import augment
+    from simclr_jax.runtime import parallel
 
     aug_cfg = augment.spec_from_config(config)
 
@@ -277,7 +284,8 @@ def prepare_part(name, args, config, data) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from simclr_jax import parallel, train_state
+    from simclr_jax.runtime import parallel
+    from simclr_jax.train import state as train_state
 
     pretrain_batch, labelled_batch, aug_key = data
     key = train_state.seed_key(0, train_state.INIT_KEY)
@@ -380,7 +388,7 @@ def main(argv=None):
     prepare_process(args)
     import jax
 
-    from simclr_jax import train_state
+    from simclr_jax.train import state as train_state
 
     config = make_config(args)
     n_dev = jax.device_count()

@@ -1,6 +1,6 @@
 """A plain PyTorch SimCLR training step, the speed reference of benchmarks/vs_torch.py (issue #13).
 
-It is the project's pretrain step (simclr_jax.pretrain.pretrain_step with configs/cifar_simclr.py)
+It is the project's pretrain step (simclr_jax.stages.pretrain.pretrain_step with configs/cifar_simclr.py)
 written the way a PyTorch user would: eager on the CPU, and on a GPU tuned as such a user tunes it
 (`make_step(..., device='cuda', autocast=torch.bfloat16, compile=True)`: channels_last, bf16
 autocast, torch.compile, cuDNN's autotuner):
@@ -8,12 +8,12 @@ autocast, torch.compile, cuDNN's autotuner):
 * ResNet-18 with the CIFAR stem (3x3 conv stride 1, no max-pool), BasicBlocks, base channels
   int(64 * width), BN after every conv (flax momentum 0.9 = torch momentum 0.1, eps 1e-5), the
   last BN scale of each block zero-initialised, 1x1 conv + BN projection shortcuts, global
-  average pool: simclr_jax.models.ResNet18;
-* the projection head of simclr_jax.models.ProjectionHead: [Linear(no bias) -> BN -> ReLU] x
+  average pool: simclr_jax.core.resnet.ResNet18;
+* the projection head of simclr_jax.core.networks.ProjectionHead: [Linear(no bias) -> BN -> ReLU] x
   (layers - 1) -> Linear(no bias) -> BN without bias on z (head_bn_output);
-* NT-Xent as simclr_jax/losses.py (cosine similarities / temperature, self-similarity masked with
+* NT-Xent as simclr_jax/core/losses.py (cosine similarities / temperature, self-similarity masked with
   -1e9, mean over the 2N rows), optimised as 2L (losses.OBJECTIVE_SCALE);
-* LARS as optax.lars (what simclr_jax.optim builds): weight decay added to the gradient, then
+* LARS as optax.lars (what simclr_jax.core.optim builds): weight decay added to the gradient, then
   the trust ratio, both on conv / linear kernels only (not on biases and BN parameters), then the
   learning rate, then momentum 0.9.
 
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LARGE_NUM = 1e9  # as simclr_jax.losses.LARGE_NUM: a finite mask keeps the gradient free of NaN
-OBJECTIVE_SCALE = 2.0  # as simclr_jax.losses.OBJECTIVE_SCALE: the official loss_a + loss_b
+LARGE_NUM = 1e9  # as simclr_jax.core.losses.LARGE_NUM: a finite mask keeps the gradient free of NaN
+OBJECTIVE_SCALE = 2.0  # as simclr_jax.core.losses.OBJECTIVE_SCALE: the official loss_a + loss_b
 BN_MOMENTUM = 0.1  # torch's running = (1 - m) running + m batch; flax's momentum 0.9
 BN_EPS = 1e-5
 STAGES = (2, 2, 2, 2)  # ResNet-18
@@ -42,7 +42,7 @@ STAGES = (2, 2, 2, 2)  # ResNet-18
 
 def _conv(c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Conv2d:
     conv = nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False)
-    # He init (normal, fan_out): models.conv_init's distribution. The Linear layers keep torch's
+    # He init (normal, fan_out): resnet.conv_init's distribution. The Linear layers keep torch's
     # default init (flax's Dense: lecun normal); neither changes the work of a step.
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     return conv
@@ -50,7 +50,7 @@ def _conv(c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Conv2d:
 
 def _bn2d(c: int, zero_scale: bool = False) -> nn.BatchNorm2d:
     bn = nn.BatchNorm2d(c, eps=BN_EPS, momentum=BN_MOMENTUM)
-    if zero_scale:  # the block starts as the identity (Goyal et al.), as models.BasicBlock
+    if zero_scale:  # the block starts as the identity (Goyal et al.), as resnet.BasicBlock
         nn.init.zeros_(bn.weight)
     return bn
 
@@ -60,7 +60,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1, self.bn1 = _conv(c_in, c_out, 3, stride), _bn2d(c_out)
         self.conv2, self.bn2 = _conv(c_out, c_out, 3), _bn2d(c_out, zero_scale=True)
-        self.proj = None  # identity where the shape is unchanged, as models._shortcut
+        self.proj = None  # identity where the shape is unchanged, as resnet._shortcut
         if stride != 1 or c_in != c_out:
             self.proj = nn.Sequential(_conv(c_in, c_out, 1, stride), _bn2d(c_out))
 
@@ -90,7 +90,7 @@ class ResNet18(nn.Module):
 
 
 def projection_head(feat_dim: int, layers: int = 3, out_dim: int = 128, bn_output: bool = True):
-    """models.ProjectionHead (hidden width = feat_dim): no bias on any Linear (the BN after each
+    """networks.ProjectionHead (hidden width = feat_dim): no bias on any Linear (the BN after each
     has its own), and the BN on z has a scale but no bias (flax's BatchNorm(use_bias=False))."""
     mods = []
     for _ in range(layers - 1):
@@ -115,7 +115,7 @@ class SimCLRModel(nn.Module):
 
 
 def nt_xent(z1, z2, temperature: float):
-    """L of simclr_jax.losses.nt_xent on one device: mean over the 2N rows of the cross-entropy
+    """L of simclr_jax.core.losses.nt_xent on one device: mean over the 2N rows of the cross-entropy
     of each row's positive against the 2N - 1 other columns."""
     z = F.normalize(torch.cat([z1, z2]), dim=1)  # (2N, D)
     n = z1.shape[0]
@@ -127,7 +127,7 @@ def nt_xent(z1, z2, temperature: float):
 
 
 class LARS(torch.optim.Optimizer):
-    """optax.lars as simclr_jax.optim.make_optimizer builds it: on kernels (ndim > 1, as
+    """optax.lars as simclr_jax.core.optim.make_optimizer builds it: on kernels (ndim > 1, as
     optim.decay_mask) u = g + wd p, then u *= tc |p| / |u| (1 where either norm is 0); biases and
     BN parameters keep u = g; then v = momentum v - lr u and p += v (optax scales by the learning
     rate before its momentum trace). The foreach ops update all tensors in a few calls."""

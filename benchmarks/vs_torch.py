@@ -94,10 +94,12 @@ def jax_side(args, width: float, data):
     call(n) runs n steps and waits for the last."""
     import jax
 
-    from simclr_jax import train_state
+    from simclr_jax.train import state as train_state
 
     config = throughput.make_config(
-        SimpleNamespace(precision=args.precision, model="resnet18", width=width, batch=args.batch)
+        SimpleNamespace(
+            precision=args.precision, model="resnet18", width=width, batch=args.batch, image_size=32
+        )
     )
     p_step, state = throughput.build_step(
         "pretrain", config, train_state.seed_key(0, train_state.INIT_KEY)
@@ -253,7 +255,9 @@ def main(argv=None):
     if args.batch % n_dev:
         raise SystemExit(f"--batch {args.batch} does not split over {n_dev} devices")
     first = throughput.make_config(
-        SimpleNamespace(precision="float32", model="resnet18", width=1.0, batch=args.batch)
+        SimpleNamespace(
+            precision="float32", model="resnet18", width=1.0, batch=args.batch, image_size=32
+        )
     )
     data = throughput.device_data(first, args.batch)  # a random uint8 batch, as throughput.py
     peak = throughput.Peak(args.peak_size, getattr(jnp, args.precision))

@@ -39,90 +39,24 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 
-import numpy as np
-from flax import traverse_util
 from safetensors.numpy import save
 
-from simclr_jax import classifier, data, encoder, models
-from simclr_jax.checkpoint import Checkpointer, has_steps
-from simclr_jax.config import CLASSIFIER_RUNS, ft_proj_selector
+from simclr_jax import pretrained, torch_layout
+from simclr_jax.core import networks, resnet
+from simclr_jax.core.networks import ft_proj_selector
+from simclr_jax.data import dataset
 from simclr_jax.errors import CheckpointError, UserError
-from simclr_jax.train_state import checked_restore
+from simclr_jax.runtime.files import checkpoint_dir
+from simclr_jax.train import classifier
+from simclr_jax.train.checkpoint import Checkpointer, has_steps
+from simclr_jax.train.state import checked_restore
+from simclr_jax.train.supervised import CLASSIFIER_RUNS
 
 SUFFIX = ".safetensors"
 FORMAT = "simclr-jax torchvision-resnet 1"  # the JSON's layout version
-ARCHS = ("resnet18", "resnet34", "resnet50")  # models.MODELS that torchvision has
-
-_BLOCK = re.compile(r"stage(\d+)_block(\d+)")
-_HEAD_LAYER = re.compile(r"(dense|bn)(\d+)")
-_RENAMED = {
-    "stem_conv": "conv1",
-    "stem_bn": "bn1",
-    "proj_conv": "downsample.0",
-    "proj_bn": "downsample.1",
-}
-
-
-def _encoder_module(name: str) -> str:
-    """A module name inside models.ResNet -> torchvision's."""
-    block = _BLOCK.fullmatch(name)
-    if block:
-        return f"layer{block[1]}.{int(block[2]) - 1}"
-    return _RENAMED.get(name, name)  # a block's conv1, bn1, ... are torchvision's names already
-
-
-def _head_module(name: str) -> str:
-    """dense<i> / bn<i> of models.ProjectionHead -> its index in the nn.Sequential."""
-    layer = _HEAD_LAYER.fullmatch(name)
-    if layer is None:
-        raise ValueError(f"unexpected projection head entry {name!r}")
-    return str(3 * (int(layer[2]) - 1) + (layer[1] == "bn"))
-
-
-def _head_length(kept: int, layers: int, bn_output: bool) -> int:
-    """How many modules the nn.Sequential of the projection head's first `kept` of `layers`
-    layers holds (each layer below the last: Linear, BN, ReLU; the last: Linear[, BN])."""
-    return 3 * min(kept, layers - 1) + (1 + bn_output if kept == layers else 0)
-
-
-def _torch_entries(module: str, leaves: dict, step: int) -> dict:
-    """One flax module's leaves (its params and batch_stats) -> its torch state_dict entries."""
-    leaves = dict(leaves)
-    if "kernel" in leaves:  # Conv (H, W, I, O) -> (O, I, H, W); Dense (I, O) -> (O, I)
-        kernel = leaves.pop("kernel")
-        out = {"weight": kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel.T}
-        if "bias" in leaves:
-            out["bias"] = leaves.pop("bias")
-    else:  # BatchNorm (a BN without centring: bias 0)
-        scale = leaves.pop("scale")
-        out = {
-            "weight": scale,
-            "bias": leaves.pop("bias", np.zeros_like(scale)),
-            "running_mean": leaves.pop("mean"),
-            "running_var": leaves.pop("var"),
-            "num_batches_tracked": np.array(step, np.int64),
-        }
-    if leaves:
-        raise ValueError(f"unexpected variables {sorted(leaves)} in {module}")
-    return {".".join(filter(None, (module, k))): np.ascontiguousarray(v) for k, v in out.items()}
-
-
-def _state_dict(params, batch_stats, rename, prefix: str = "", step: int = 0) -> dict:
-    """{torch key: array} of a flax module's variables (its 'params' and 'batch_stats' trees),
-    each submodule named by `rename`, under `prefix`."""
-    modules: dict[str, dict] = {}
-    for tree in (params, batch_stats):
-        for path, value in traverse_util.flatten_dict(dict(tree)).items():
-            *names, leaf = path
-            module = ".".join(filter(None, (prefix, *map(rename, names))))
-            modules.setdefault(module, {})[leaf] = np.asarray(value, np.float32)
-    out = {}
-    for module, leaves in modules.items():
-        out.update(_torch_entries(module, leaves, step))
-    return out
+ARCHS = ("resnet18", "resnet34", "resnet50")  # resnet.MODELS that torchvision has
 
 
 def _check_out(out: str, overwrite: bool) -> str:
@@ -148,7 +82,7 @@ def _check_out(out: str, overwrite: bool) -> str:
     return json_path
 
 
-def _check_architecture(config) -> models.ResNet:
+def _check_architecture(config) -> resnet.ResNet:
     """The run's f (unbound); UserError for an architecture torchvision has no ResNet for."""
     name = config.model.name
     if name not in ARCHS:
@@ -156,7 +90,7 @@ def _check_architecture(config) -> models.ResNet:
             f"model {name!r} has no torchvision ResNet to export to (its layout is not "
             f"torchvision's): export supports {', '.join(ARCHS)}."
         )
-    return models.build_encoder(config.model)
+    return networks.build_encoder(config.model)
 
 
 def _classifier_run(run: str, name: str):
@@ -164,11 +98,11 @@ def _classifier_run(run: str, name: str):
     workdir `run`; UserError before anything is read where there is none."""
     if name not in CLASSIFIER_RUNS:
         raise UserError(f"--classifier {name!r}: choose one of {', '.join(CLASSIFIER_RUNS)}.")
-    config = encoder.read_config(run)
+    config = pretrained.read_config(run)
     _check_architecture(config)
-    directory = os.path.join(os.path.abspath(run), "checkpoints", name)
+    directory = checkpoint_dir(run, name)
     if not has_steps(directory):
-        present = [r for r in CLASSIFIER_RUNS if has_steps(os.path.join(run, "checkpoints", r))]
+        present = [r for r in CLASSIFIER_RUNS if has_steps(checkpoint_dir(run, r))]
         raise CheckpointError(
             f"{directory} holds no checkpoint: run --mode=downstream with --workdir {run} first"
             + (f", or export one of the runs it holds ({', '.join(present)})." if present else ".")
@@ -185,7 +119,7 @@ def _classifier_run(run: str, name: str):
     return config, tree, int(step), directory
 
 
-def _head_spec(config, f: models.ResNet) -> dict:
+def _head_spec(config, f: resnet.ResNet) -> dict:
     m = config.model
     return {
         "layers": int(m.head_layers),
@@ -195,9 +129,9 @@ def _head_spec(config, f: models.ResNet) -> dict:
     }
 
 
-def _describe(config, f: models.ResNet, *, head: bool, fc: dict | None, source, step) -> dict:
+def _describe(config, f: resnet.ResNet, *, head: bool, fc: dict | None, source, step) -> dict:
     """The JSON beside the export: what a loader needs to build the network and feed it."""
-    mean, std = data.input_stats(config)
+    mean, std = dataset.input_stats(config)
     return {
         "format": FORMAT,
         "arch": config.model.name,
@@ -211,8 +145,8 @@ def _describe(config, f: models.ResNet, *, head: bool, fc: dict | None, source, 
         "input_size": int(config.data.image_size),
         "mean": [float(x) for x in mean],  # per channel, for pixels in [0, 1]
         "std": [float(x) for x in std],
-        "bn_eps": models.BN_EPSILON,
-        "bn_momentum": round(1.0 - models.BN_MOMENTUM, 6),  # torch's: the batch's weight
+        "bn_eps": resnet.BN_EPSILON,
+        "bn_momentum": round(1.0 - resnet.BN_MOMENTUM, 6),  # torch's: the batch's weight
         "projection_head": {**_head_spec(config, f), "exported": head},
         "classifier": fc,
         "precision": config.precision,  # of the run; the export is float32
@@ -228,9 +162,13 @@ def _classifier_head(variables, spec: dict, config, step: int) -> tuple[dict, di
     params, stats, kept = variables["params"], variables["batch_stats"], ft_proj_selector(config)
     tensors = {}
     if kept:
-        tensors = _state_dict(params["proj"], stats["proj"], _head_module, "fc", step)
-    length = _head_length(kept, spec["layers"], spec["bn_output"])
-    tensors |= _state_dict(params["head"], {}, _head_module, f"fc.{length}" if kept else "fc")
+        tensors = torch_layout.state_dict(
+            params["proj"], stats["proj"], torch_layout.head_module, "fc", step
+        )
+    length = torch_layout.head_length(kept, spec["layers"], spec["bn_output"])
+    tensors |= torch_layout.state_dict(
+        params["head"], {}, torch_layout.head_module, f"fc.{length}" if kept else "fc"
+    )
     num_classes, in_dim = params["head"]["kernel"].shape[::-1]  # (in, out) -> (out, in)
     return tensors, {
         "num_classes": int(num_classes),
@@ -254,15 +192,19 @@ def export(
     if classifier_run:
         config, variables, step, source = _classifier_run(run, classifier_run)
     else:
-        enc = encoder.load_encoder(run)
+        enc = pretrained.load_encoder(run)
         config, variables, step, source = enc.config, enc.variables, enc.step, enc.source
     f = _check_architecture(config)
     params, stats = variables["params"], variables["batch_stats"]
     step_bn = step or 0
-    tensors = _state_dict(params["encoder"], stats["encoder"], _encoder_module, step=step_bn)
+    tensors = torch_layout.state_dict(
+        params["encoder"], stats["encoder"], torch_layout.encoder_module, step=step_bn
+    )
     fc = None
     if head:
-        tensors |= _state_dict(params["head"], stats["head"], _head_module, "head", step_bn)
+        tensors |= torch_layout.state_dict(
+            params["head"], stats["head"], torch_layout.head_module, "head", step_bn
+        )
     if classifier_run:
         fc_tensors, fc = _classifier_head(variables, _head_spec(config, f), config, step_bn)
         tensors |= fc_tensors

@@ -31,14 +31,15 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
-from simclr_jax import augment, data, models
-from simclr_jax.checkpoint import Checkpointer, has_steps
-from simclr_jax.config import ft_proj_selector, resolve_selector
+from simclr_jax.core import augment, networks
+from simclr_jax.core.networks import ft_proj_selector, resolve_selector
+from simclr_jax.data import dataset
 from simclr_jax.errors import CheckpointError, InputError
-from simclr_jax.train_state import abstract_pretrain_tree, checked_restore, compute_dtype
-from simclr_jax.workdirs import CONFIG_FILE
+from simclr_jax.runtime.files import CONFIG_FILE, ENCODER_FILE, checkpoint_dir
+from simclr_jax.train.checkpoint import Checkpointer, has_steps
+from simclr_jax.train.state import abstract_pretrain_tree, checked_restore, compute_dtype
 
-EXPORT_FILE = "encoder.msgpack"  # in the workdir: {'params', 'batch_stats'} of f and g
+EXPORT_FILE = ENCODER_FILE  # in the workdir: {'params', 'batch_stats'} of f and g
 _INPUT_KEYS = ("image_size", "mean", "std")  # what `preprocess` reads of the spec
 
 
@@ -47,7 +48,7 @@ def preprocess(images, spec):
     resized to S = spec.image_size (`augment.downstream_batch` with train=False), normalised with
     the run's statistics (`data.normalize`). spec: `augment.spec_from_config(run config)`."""
     x = augment.downstream_batch(None, 0, images, None, train=False, image_size=spec.image_size)
-    return data.normalize(x, spec)
+    return dataset.normalize(x, spec)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec_items", "projection", "layer"))
@@ -92,11 +93,11 @@ class Encoder:
     `encoder(images, projection=True) -> (h, z)`, in batches of `batch_size`.
 
     `variables` are the model's ({'params': {'encoder', 'head'}, 'batch_stats': {...}}, what
-    `model.apply` takes; f alone: `encoder_variables`, for `models.build_encoder(config.model)`);
+    `model.apply` takes; f alone: `encoder_variables`, for `networks.build_encoder(config.model)`);
     `config` is the run's, `step` the pretraining step they come from (None: read from an export).
     """
 
-    model: nn.Module  # models.SimCLRModel: f then g
+    model: nn.Module  # networks.SimCLRModel: f then g
     variables: dict
     config: ml_collections.ConfigDict
     step: int | None
@@ -184,7 +185,7 @@ def _locate(path: str) -> tuple[str, str, str]:
     checkpoint directory or an export file."""
     if os.path.isfile(path):
         return "export", path, os.path.dirname(path)
-    ckpt_dir = os.path.join(path, "checkpoints", "pretrain")
+    ckpt_dir = checkpoint_dir(path, "pretrain")
     if has_steps(ckpt_dir):  # a workdir: its checkpoints are the newest state
         return "checkpoint", ckpt_dir, path
     if os.path.isfile(os.path.join(path, EXPORT_FILE)):  # a workdir holding the export only
@@ -225,7 +226,7 @@ def load_encoder(path: str, _chain: tuple[str, ...] = ()) -> Encoder:
             f"checkpoints/pretrain directory, or an {EXPORT_FILE} (with its config.json beside it)."
         )
     config = read_config(run_dir)
-    model = models.build_model(config.model, dtype=compute_dtype(config))
+    model = networks.build_model(config.model, dtype=compute_dtype(config))
     if kind == "checkpoint":
         variables, step = _restore(config, where)
     else:

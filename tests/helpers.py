@@ -88,7 +88,7 @@ FINISHED_FLAGS = [
     "--config.pretrain.checkpoint_every=4",
     "--config.downstream.epochs=3",
     "--config.downstream.batch_size=4",
-    "--config.downstream.warmup_epochs=3",  # as long as the runs: checks.py warns (test_after_training)
+    "--config.downstream.warmup_epochs=3",  # as long as the runs: app/data_checks.py warns (test_after_training)
     "--config.downstream.linear_folds=0",
     "--config.downstream.knn_k=5",
 ]
@@ -117,9 +117,9 @@ def checkpoint_tree(workdir: str, step: int, item: str = "state"):
     import orbax.checkpoint as ocp
     from etils import epath
 
-    from simclr_jax import pipeline
+    from simclr_jax.app import main
 
-    path = os.path.join(pipeline.pretrain_dir(workdir), str(step), item)
+    path = os.path.join(main.pretrain_dir(workdir), str(step), item)
 
     structure = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)

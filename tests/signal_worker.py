@@ -32,19 +32,21 @@ def main():
         sent.append(signum)
         os.kill(os.getpid(), signum)
 
-    from simclr_jax import xla_env
+    from simclr_jax.runtime import xla
 
-    xla_env.cpu_convolutions()  # as run.py does, before jax starts
-    xla_env.use_compilation_cache()
+    xla.cpu_convolutions()  # as run.py does, before jax starts
+    xla.use_compilation_cache()
     if point.startswith("call:"):
         _on_call(point, send)
     elif point.startswith("float-in:"):
         _in_float(point, send, sent)
     else:
         _in_loop(point, send, sent, signum, rest)
-    import run as run_py
+    from absl import app
 
-    run_py.app.run(run_py.main, flags_parser=run_py.parse_flags)
+    from simclr_jax.app import cli
+
+    app.run(cli.main, flags_parser=cli.parse_flags)
 
 
 def _on_call(point, send):
@@ -80,7 +82,7 @@ def _in_float(point, send, sent):
 
 
 def _in_loop(point, send, sent, signum, rest):
-    from simclr_jax import loop
+    from simclr_jax.train import loop
 
     phase, when = point.split("@")
     run = loop.run

@@ -21,7 +21,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from simclr_jax import data, parallel, pretrain, train_state  # noqa: E402
+from simclr_jax.data import dataset
+from simclr_jax.runtime import parallel
+from simclr_jax.stages import pretrain
+from simclr_jax.train import state as train_state  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 
 STEPS = 5  # 256 images at batch 64: 4 steps an epoch, so step 4 starts the second epoch
@@ -68,8 +71,8 @@ def main(out_path, *dist):
         port, nproc, pid = (int(x) for x in dist)
         jax.distributed.initialize(f"localhost:{port}", nproc, pid)
     config = tiny_config(**{"pretrain.batch_size": 64, "pretrain.num_steps": STEPS})
-    config = data.with_stats(config, data.load(config.data))
-    ds = data.load(config.data)
+    config = dataset.with_stats(config, dataset.load(config.data))
+    ds = dataset.load(config.data)
     n = len(ds.pretrain)
     p_step, state = pretrain.step_and_initial_state(config, n // 64, STEPS)
 

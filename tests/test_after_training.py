@@ -14,9 +14,13 @@ import pytest
 from PIL import Image
 
 import simclr_jax
-from simclr_jax import augment, data, encoder, models, pictures, plots, report, sources
+from simclr_jax import pretrained
+from simclr_jax.core import augment, networks
+from simclr_jax.data import dataset, sources
 from simclr_jax.errors import CheckpointError
-from simclr_jax.train_state import DATA_KEY, compute_dtype, restore_encoder, seed_key
+from simclr_jax.report import build, pictures, plots
+from simclr_jax.runtime import files
+from simclr_jax.train.state import DATA_KEY, compute_dtype, restore_encoder, seed_key
 from tests.helpers import FINISHED_FLAGS, FINISHED_STEPS, checkpoint_tree, run_cli
 
 STEPS = FINISHED_STEPS  # two epochs of 256 images at batch 32: the kNN monitor runs twice
@@ -26,13 +30,13 @@ STEPS = FINISHED_STEPS  # two epochs of 256 images at batch 32: the kNN monitor 
 def run(finished_run):
     """The session's shared finished run (read only: tests that change it copy it)."""
     workdir = finished_run["workdir"]
-    config = encoder.read_config(workdir)
+    config = pretrained.read_config(workdir)
     out = SimpleNamespace(stdout=finished_run["stdout"], stderr=finished_run["stderr"])
     return {
         "workdir": workdir,
         "out": out,
         "config": config,
-        "ds": data.load(config.data),
+        "ds": dataset.load(config.data),
         "args": FINISHED_FLAGS,  # the command, but its --workdir
     }
 
@@ -52,14 +56,14 @@ def test_load_encoder_matches_the_models_own_encode(run):
 
     # The model's own encode, with f as downstream restores it.
     f, step = restore_encoder(config, os.path.join(workdir, "checkpoints", "pretrain"))
-    model = models.build_model(config.model, dtype=compute_dtype(config))
+    model = networks.build_model(config.model, dtype=compute_dtype(config))
     spec = augment.spec_from_config(config)  # the run's input size and normalisation
     x = augment.downstream_batch(None, 0, images, None, train=False, image_size=spec.image_size)
-    x = data.normalize(x, spec)
+    x = dataset.normalize(x, spec)
     variables = {"params": {"encoder": f["params"]}, "batch_stats": {"encoder": f["batch_stats"]}}
     want_h = model.apply(variables, x, train=False, method="encode")
     h = enc(images)
-    assert h.shape == want_h.shape == (20, models.build_encoder(config.model).feat_dim)
+    assert h.shape == want_h.shape == (20, networks.build_encoder(config.model).feat_dim)
     np.testing.assert_allclose(h, want_h, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(enc(images / 255.0), want_h, rtol=1e-4, atol=1e-5)  # float input
     np.testing.assert_allclose(enc(images, batch_size=7), want_h, rtol=1e-5, atol=1e-6)
@@ -83,8 +87,8 @@ def test_load_encoder_gives_each_head_layer_as_the_model_does(run, tmp_path):
     enc = simclr_jax.load_encoder(workdir)
     assert enc.layer == 0 and config.model.head_layers == 3
     images = ds.test.read(np.arange(12))
-    model = models.build_model(config.model, dtype=compute_dtype(config))
-    x = encoder.preprocess(images, augment.spec_from_config(config))
+    model = networks.build_model(config.model, dtype=compute_dtype(config))
+    x = pretrained.preprocess(images, augment.spec_from_config(config))
     h, z = model.apply(enc.variables, x, train=False)
     want_1 = model.apply(enc.variables, x, False, 1, method="features")
     np.testing.assert_allclose(enc(images, layer=1), want_1, rtol=1e-5, atol=1e-5)
@@ -107,7 +111,7 @@ def test_load_encoder_gives_each_head_layer_as_the_model_does(run, tmp_path):
 
 def test_the_portable_export_is_the_final_state(run):
     workdir = run["workdir"]
-    path = os.path.join(workdir, encoder.EXPORT_FILE)
+    path = os.path.join(workdir, pretrained.EXPORT_FILE)
     exported = simclr_jax.load_encoder(path)
     tree = checkpoint_tree(workdir, STEPS)
     assert exported.step is None and exported.source == path
@@ -150,14 +154,14 @@ def test_load_encoder_refuses_a_directory_without_a_run(tmp_path):
 def test_the_pictures_are_written_and_linked_from_the_report(run):
     workdir = run["workdir"]
     sizes = {}
-    for name in (plots.VIEWS_PNG, plots.PRETRAIN_PNG, plots.NEIGHBOURS_PNG):
+    for name in (files.VIEWS_PNG, files.PRETRAIN_PNG, files.NEIGHBOURS_PNG):
         with Image.open(os.path.join(workdir, name)) as im:
             sizes[name] = im.size
-    assert sizes[plots.VIEWS_PNG] == (1020, 420)  # 8 columns x (source, view 1, view 2)
-    assert sizes[plots.PRETRAIN_PNG] == (1260, 360)  # loss, learning rate, kNN: 3 panels
-    assert sizes[plots.NEIGHBOURS_PNG] == (790, 1160)  # 8 test images x (itself + 5 neighbours)
-    md = open(os.path.join(workdir, report.REPORT_MD)).read()
-    for name in (plots.VIEWS_PNG, plots.PRETRAIN_PNG, plots.NEIGHBOURS_PNG):
+    assert sizes[files.VIEWS_PNG] == (1020, 420)  # 8 columns x (source, view 1, view 2)
+    assert sizes[files.PRETRAIN_PNG] == (1260, 360)  # loss, learning rate, kNN: 3 panels
+    assert sizes[files.NEIGHBOURS_PNG] == (790, 1160)  # 8 test images x (itself + 5 neighbours)
+    md = open(os.path.join(workdir, build.REPORT_MD)).read()
+    for name in (files.VIEWS_PNG, files.PRETRAIN_PNG, files.NEIGHBOURS_PNG):
         assert f"]({name})" in md
 
 
@@ -181,8 +185,8 @@ def test_views_are_the_first_steps_own(run, tmp_path):
         "source", "view 1", "view 2"
     ]  # fmt: skip
     np.testing.assert_array_equal(  # the run's picture is this one
-        _pixels(os.path.join(tmp_path, plots.VIEWS_PNG)),
-        _pixels(os.path.join(run["workdir"], plots.VIEWS_PNG)),
+        _pixels(os.path.join(tmp_path, files.VIEWS_PNG)),
+        _pixels(os.path.join(run["workdir"], files.VIEWS_PNG)),
     )
 
 
@@ -191,7 +195,7 @@ def test_pretrain_picture_shows_the_runs_records(run, tmp_path):
     for name in ("metrics.jsonl", "config.json"):
         (tmp_path / name).write_text(open(os.path.join(workdir, name)).read())
     fig = pictures.write_pretrain_curves(config, str(tmp_path), num_classes=10)
-    records = [r for r in report.read_records(str(tmp_path / "metrics.jsonl"))]
+    records = [r for r in build.read_records(str(tmp_path / "metrics.jsonl"))]
     records = [r for r in records if r["phase"] == "pretrain"]
     loss_ax, lr_ax, knn_ax = fig.axes
     assert loss_ax.get_ylabel() == "NT-Xent loss" and loss_ax.get_xlabel() == "step"
@@ -210,14 +214,14 @@ def test_pretrain_picture_shows_the_runs_records(run, tmp_path):
     assert list(train.get_ydata()) == [r["online_probe_acc"] for r in records]
     assert list(train.get_xdata()) == [r["step"] for r in records]
     np.testing.assert_array_equal(
-        _pixels(tmp_path / plots.PRETRAIN_PNG), _pixels(os.path.join(workdir, plots.PRETRAIN_PNG))
+        _pixels(tmp_path / files.PRETRAIN_PNG), _pixels(os.path.join(workdir, files.PRETRAIN_PNG))
     )
 
 
 def test_the_report_shows_the_online_probe_beside_the_knn_monitor(run):
     workdir = run["workdir"]
-    rep = json.load(open(os.path.join(workdir, report.REPORT_JSON)))
-    records = report.read_records(os.path.join(workdir, "metrics.jsonl"))
+    rep = json.load(open(os.path.join(workdir, build.REPORT_JSON)))
+    records = build.read_records(os.path.join(workdir, "metrics.jsonl"))
     records = [r for r in records if r["phase"] == "pretrain"]
     head, pre = rep["pretrain"]["online_probe"], rep["pretrain"]
     assert head["on"] and head["off_because"] is None
@@ -225,7 +229,7 @@ def test_the_report_shows_the_online_probe_beside_the_knn_monitor(run):
     assert head["test_curve"] == [[r["step"], r["online_probe_test_acc"]] for r in points]
     assert head["train_acc"] == records[-1]["online_probe_acc"]
     assert head["test_acc"] == points[-1]["online_probe_test_acc"]
-    md = open(os.path.join(workdir, report.REPORT_MD)).read()
+    md = open(os.path.join(workdir, build.REPORT_MD)).read()
     assert f"train-view top-1 {100 * head['train_acc']:.2f}%" in md
     assert f"test top-1 {100 * head['test_acc']:.2f}% at step {STEPS}" in md
     for r in points:  # the monitor's points, both evaluations side by side
@@ -265,8 +269,8 @@ def test_neighbours_are_the_nearest_in_h_space(run, tmp_path):
     np.testing.assert_allclose(np.sort(sims, axis=1)[:, ::-1][:, :5], nn["sims"], atol=1e-4)
     chosen = np.take_along_axis(sims, nn["neighbours"], axis=1)
     np.testing.assert_allclose(chosen, nn["sims"], atol=1e-4)
-    with Image.open(tmp_path / plots.NEIGHBOURS_PNG) as a:
-        with Image.open(os.path.join(workdir, plots.NEIGHBOURS_PNG)) as b:
+    with Image.open(tmp_path / files.NEIGHBOURS_PNG) as a:
+        with Image.open(os.path.join(workdir, files.NEIGHBOURS_PNG)) as b:
             assert a.size == b.size
 
 
@@ -295,12 +299,12 @@ def test_classifier_plots_say_what_they_show_and_mark_chance(tmp_path):
 def test_the_console_ends_with_the_numbers_and_the_report_path(run):
     workdir, out = run["workdir"], run["out"]
     lines = out.stdout.strip().splitlines()
-    rep = json.load(open(os.path.join(workdir, report.REPORT_JSON)))
+    rep = json.load(open(os.path.join(workdir, build.REPORT_JSON)))
     ft = rep["finetune"]["final_test_acc"]
     assert lines[0] == f"done: results in {workdir}"
     assert any(f"fine-tuned from SimCLR {100 * ft:.2f}%" in line for line in lines)
     assert any("linear probe" in line and "kNN" in line for line in lines)
-    assert lines[-1] == f"  report: {os.path.join(workdir, report.REPORT_MD)}"
+    assert lines[-1] == f"  report: {os.path.join(workdir, build.REPORT_MD)}"
     assert os.path.isabs(lines[-1].split("report: ")[1])
 
 
@@ -317,13 +321,13 @@ def test_log_lines_print_above_the_progress_bars(run):
 
 
 def test_a_legal_but_odd_setting_is_warned_of_once_in_the_log_and_the_report(run):
-    """The shared run's classifier warm-up (3 epochs) is as long as its 3-epoch runs (checks.py)."""
+    """The shared run's classifier warm-up (3 epochs) is as long as its 3-epoch runs (app/data_checks.py)."""
     workdir, err = run["workdir"], run["out"].stderr
     note = "downstream.warmup_epochs=3 is 6 steps and the 3-epoch classifier run has 6"
     assert err.count(note) == 1, err[-3000:]
     config = json.load(open(os.path.join(workdir, "config.json")))
     assert any(w.startswith(note) for w in config["warnings"])
-    md = open(os.path.join(workdir, report.REPORT_MD)).read()
+    md = open(os.path.join(workdir, build.REPORT_MD)).read()
     assert "## Warnings" in md and f"- {note}" in md
 
 

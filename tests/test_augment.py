@@ -1,4 +1,4 @@
-"""Tests of simclr_jax.augment: shapes, ranges, determinism, application rates, reference
+"""Tests of simclr_jax.core.augment: shapes, ranges, determinism, application rates, reference
 formulas (torchvision's crop sampling, colorsys HSV, numpy blur) and device-count invariance.
 
 Compiles dominate the run time on CPU, so tests share jitted functions where they can (e.g. one
@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from simclr_jax import augment
+from simclr_jax.core import augment, image_ops
 
 N_KEYS = 4000  # keys per rate test: binomial sd <= 0.008
 LUMA = np.array([0.2989, 0.587, 0.114], np.float32)
@@ -79,7 +79,7 @@ def _torchvision_crop_params(rng, height, width, scale, ratio):
 )
 def test_crop_box_statistics_match_torchvision(height, width, scale):
     ratio = (3 / 4, 4 / 3)
-    sample = jax.jit(jax.vmap(lambda k: augment._crop_box(k, height, width, scale, ratio)))
+    sample = jax.jit(jax.vmap(lambda k: image_ops._crop_box(k, height, width, scale, ratio)))
     top, left, h, w = (np.asarray(a) for a in sample(_keys()))
     rng = np.random.default_rng(0)
     ref = np.array([_torchvision_crop_params(rng, height, width, scale, ratio) for _ in top])
@@ -105,7 +105,7 @@ def test_crop_box_statistics_match_torchvision(height, width, scale):
 def test_full_crop_reproduces_image():
     image = _image((16, 16, 3))
     # scale traced: one compile serves both calls.
-    crop = jax.jit(lambda s: augment.random_resized_crop(jax.random.key(3), image, 16, s, (1, 1)))
+    crop = jax.jit(lambda s: image_ops.random_resized_crop(jax.random.key(3), image, 16, s, (1, 1)))
     np.testing.assert_allclose(crop(jnp.array([1.0, 1.0])), image, atol=1e-6)
     # ... and a smaller (square) crop does not.
     assert not np.allclose(crop(jnp.array([0.08, 0.5])), image, atol=1e-3)
@@ -121,8 +121,8 @@ def test_crop_resamples_the_sampled_box():
     scale, ratio = (0.1, 0.4), (3 / 4, 4 / 3)  # boxes <= 31 px < out_size: upsampling only
     keys = _keys(8, seed=1)
     box_and_crop = lambda k: (
-        augment._crop_box(k, size, size, scale, ratio),
-        augment.random_resized_crop(k, image, out_size, scale=scale),
+        image_ops._crop_box(k, size, size, scale, ratio),
+        image_ops.random_resized_crop(k, image, out_size, scale=scale),
     )
     boxes, outs = jax.jit(jax.vmap(box_and_crop))(keys)
     grid = np.arange(out_size) + 0.5
@@ -139,7 +139,7 @@ def test_crop_resamples_the_sampled_box():
 
 def test_flip_rate_and_values():
     image = np.asarray(_image((4, 4, 3)))
-    out = np.asarray(jax.jit(jax.vmap(lambda k: augment.random_flip(k, image)))(_keys()))
+    out = np.asarray(jax.jit(jax.vmap(lambda k: image_ops.random_flip(k, image)))(_keys()))
     flipped = (out == image[:, ::-1]).all(axis=(1, 2, 3))
     same = (out == image).all(axis=(1, 2, 3))
     assert (flipped ^ same).all()  # each output is exactly one of the two
@@ -149,7 +149,7 @@ def test_flip_rate_and_values():
 def test_crop_flip_is_a_window_of_the_padded_image():
     image, pad = _image((8, 8, 3)), 2
     padded = np.pad(np.asarray(image), ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
-    outs = np.asarray(jax.jit(jax.vmap(lambda k: augment.crop_flip(k, image, pad)))(_keys(64)))
+    outs = np.asarray(jax.jit(jax.vmap(lambda k: image_ops.crop_flip(k, image, pad)))(_keys(64)))
     assert outs.shape == (64, 8, 8, 3) and outs.dtype == np.float32
     seen = set()
     for out in outs:
@@ -171,7 +171,7 @@ def test_crop_flip_is_a_window_of_the_padded_image():
 
 def test_to_grayscale_luma_and_equal_channels():
     image = _image((5, 6, 3))
-    gray = np.asarray(augment.to_grayscale(image))
+    gray = np.asarray(image_ops.to_grayscale(image))
     want = np.asarray(image) @ LUMA
     for c in range(3):
         np.testing.assert_allclose(gray[..., c], want, atol=1e-6)
@@ -179,7 +179,7 @@ def test_to_grayscale_luma_and_equal_channels():
 
 def test_random_grayscale_rate():
     image = np.asarray(_image((4, 4, 3)))
-    out = np.asarray(jax.jit(jax.vmap(lambda k: augment.random_grayscale(k, image)))(_keys()))
+    out = np.asarray(jax.jit(jax.vmap(lambda k: image_ops.random_grayscale(k, image)))(_keys()))
     is_gray = ((out[..., :1] == out[..., 1:]).all(axis=-1)).all(axis=(1, 2))
     unchanged = (out == image).all(axis=(1, 2, 3))
     assert (is_gray ^ unchanged).all()
@@ -192,7 +192,7 @@ JITTER_IMAGE = _image((4, 4, 3), seed=5)
 @pytest.fixture(scope="module")
 def jitter():
     """color_jitter on JITTER_IMAGE for (N_KEYS,) keys; strength and p traced: one compile."""
-    batched = jax.jit(jax.vmap(augment.color_jitter, in_axes=(0, None, None, None)))
+    batched = jax.jit(jax.vmap(image_ops.color_jitter, in_axes=(0, None, None, None)))
     return lambda strength, p: np.asarray(batched(_keys(), JITTER_IMAGE, strength, p))
 
 
@@ -236,7 +236,7 @@ def test_color_jitter_matches_numpy_in_random_order(jitter):
     orders, order_matters = set(), 0
     for key, got in zip(_keys(16), out[:16], strict=True):
         # The documented sampling: 3 factors in [0.2, 1.8], hue shift in [-0.2, 0.2], sort keys.
-        u = np.asarray(augment._uniforms(key, 9))
+        u = np.asarray(image_ops._uniforms(key, 9))
         factors, delta, order = 0.2 + 1.6 * u[:3], 0.2 * (2 * u[3] - 1), tuple(np.argsort(u[4:8]))
         want = _np_jitter(np.asarray(JITTER_IMAGE), factors, delta, order)
         np.testing.assert_allclose(got, want, atol=1e-5)
@@ -250,10 +250,10 @@ def test_color_jitter_matches_numpy_in_random_order(jitter):
 def test_hsv_and_hue_shift_match_colorsys():
     pixels = np.random.default_rng(1).uniform(size=(200, 3)).astype(np.float32)
     pixels[:4] = [[0.5, 0.5, 0.5], [1, 0, 0], [0, 1, 0], [0, 0, 1]]  # gray and primaries
-    hsv = np.stack([np.asarray(a) for a in augment._rgb_to_hsv(jnp.asarray(pixels))], -1)
+    hsv = np.stack([np.asarray(a) for a in image_ops._rgb_to_hsv(jnp.asarray(pixels))], -1)
     want = np.array([colorsys.rgb_to_hsv(*p) for p in pixels])
     np.testing.assert_allclose(hsv, want, atol=1e-5)
-    shifted = np.asarray(augment._adjust_hue(jnp.asarray(pixels), 0.15))
+    shifted = np.asarray(image_ops._adjust_hue(jnp.asarray(pixels), 0.15))
     np.testing.assert_allclose(shifted, _np_hue(pixels, 0.15), atol=1e-5)
 
 
@@ -261,7 +261,7 @@ def test_hsv_and_hue_shift_match_colorsys():
 
 
 def test_gaussian_blur_matches_numpy_reference():
-    blur = jax.jit(augment.gaussian_blur)  # p and sigma traced: one compile for the 3 calls
+    blur = jax.jit(image_ops.gaussian_blur)  # p and sigma traced: one compile for the 3 calls
     image = _image((30, 30, 3))  # int(0.1 * 30) // 2 = 1: a 3-tap kernel
     out = np.asarray(blur(jax.random.key(0), image, 1.0, sigma=(1.0, 1.0)))
     k = np.exp(-(np.array([-1.0, 0.0, 1.0]) ** 2) / 2)
@@ -363,4 +363,4 @@ def test_downstream_batch_eval_and_train():
     assert not np.array_equal(tr, ev)
     # Per-example keys from global ids, as two_views: example 4 gets crop_flip(its key).
     keys = augment.example_keys(key, 0, ids)
-    np.testing.assert_allclose(tr[4], augment.crop_flip(keys[4], ev[4], pad=4), atol=1e-6)
+    np.testing.assert_allclose(tr[4], image_ops.crop_flip(keys[4], ev[4], pad=4), atol=1e-6)

@@ -84,14 +84,14 @@ def test_recipe_run_packs_an_npz_and_reads_it_back(tmp_path):
     call's end-to-end test below); subset_baselines.py gives the run's baselines on it."""
     import recipe_run
 
-    from simclr_jax import data, sources
+    from simclr_jax.data import dataset, sources
 
     npz = tmp_path / "digits.npz"
     stdout = _run("recipe_run.py", "--config", "configs/digits_simclr.py", "--pack", str(npz))
     assert "1437 train images" in stdout, stdout
     args = recipe_run.parse_args(["--config", "configs/digits_simclr.py", "--npz", str(npz)])
     config = recipe_run.load_config(args)
-    got, want = recipe_run.load_data(config, args), data.load(config.data)
+    got, want = recipe_run.load_data(config, args), dataset.load(config.data)
     assert (len(got.train), len(got.test), got.num_classes) == (1437, 360, 10)
     assert got.pretrain is got.train  # the run pretrains on the packed train split
     for split in ("train", "test"):
@@ -173,13 +173,13 @@ def test_vs_torch_writes_its_json_and_table(tmp_path):
 
 def _digits_pack(tmp_path) -> str:
     """The embedded digits (1437 train, 360 test images) written as an image folder and packed
-    by simclr_jax.pack, as the CIFAR-10 pack is made for the device."""
+    by simclr_jax.data.pack, as the CIFAR-10 pack is made for the device."""
     from PIL import Image
 
     from configs import digits_simclr
-    from simclr_jax import data, pack, sources
+    from simclr_jax.data import dataset, pack, sources
 
-    ds = data.load(digits_simclr.get_config().data)
+    ds = dataset.load(digits_simclr.get_config().data)
     folder = tmp_path / "digits"
     for split, source in (("train", ds.train), ("test", ds.test)):
         images = sources.read_all(source)
@@ -588,7 +588,7 @@ def test_torch_nt_xent_is_the_project_loss():
     import jax.numpy as jnp
     import torch_reference
 
-    from simclr_jax import losses
+    from simclr_jax.core import losses
 
     assert torch_reference.OBJECTIVE_SCALE == losses.OBJECTIVE_SCALE
     assert torch_reference.LARGE_NUM == losses.LARGE_NUM
@@ -607,11 +607,11 @@ def test_torch_model_has_the_flax_model_parameters():
     import torch_reference
 
     from configs import cifar_simclr
-    from simclr_jax import models
+    from simclr_jax.core import networks
 
     config = cifar_simclr.get_config()
     config.model.width = 0.25
-    model = models.build_model(config.model)
+    model = networks.build_model(config.model)
     x = jnp.zeros((2, 32, 32, 3))
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
     flax_sizes = sorted(p.size for p in jax.tree.leaves(shapes["params"]))
@@ -630,7 +630,7 @@ def test_torch_lars_is_optax_lars():
     import optax
     import torch_reference
 
-    from simclr_jax import optim
+    from simclr_jax.core import optim
 
     rng = np.random.default_rng(0)
     shapes = {"kernel": (3, 3, 4, 8), "bias": (8,), "zero_kernel": (5, 6)}
@@ -674,11 +674,11 @@ def test_conv_layers_ab_writes_its_json_and_tables(tmp_path):
     import conv_layers
     import jax
 
-    from simclr_jax import models
+    from simclr_jax.core import networks
     from tests.helpers import tiny_config
 
     config = tiny_config(**{"model.name": "resnet18", "model.width": 0.125})
-    model = models.build_model(config.model)
+    model = networks.build_model(config.model)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)), True))
     kernels = {
         tuple(leaf.shape)

@@ -13,8 +13,8 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from simclr_jax import config as config_lib
-from simclr_jax import losses
+from simclr_jax.app import validate as config_lib
+from simclr_jax.core import losses
 from simclr_jax.errors import ConfigError
 from tests.helpers import TINY_FLAGS, run_cli, tiny_config
 from tests.test_resume import _assert_same_tree
@@ -240,7 +240,11 @@ def test_the_official_distillation_view_is_a_resized_crop_and_flip_without_colou
 
     import optax
 
-    from simclr_jax import augment, classifier, distill, parallel, train_state
+    from simclr_jax.core import augment
+    from simclr_jax.runtime import parallel
+    from simclr_jax.stages import distill
+    from simclr_jax.train import classifier
+    from simclr_jax.train import state as train_state
 
     rng = np.random.default_rng(0)
     grey = rng.integers(0, 256, (4, 20, 20, 1), np.uint8).repeat(3, -1)  # (4, 20, 20, 3)

@@ -9,27 +9,20 @@ import numpy as np
 import optax
 import pytest
 
-from simclr_jax import (
-    augment,
-    classifier,
-    data,
-    downstream,
-    evaluate,
-    models,
-    optim,
-    parallel,
-    pipeline,
-    report,
-    report_md,
-    runs,
-    sources,
-    stream,
-    train_state,
-)
-from simclr_jax import config as config_lib
-from simclr_jax.checkpoint import Checkpointer
+from simclr_jax.app import main
+from simclr_jax.app import validate as config_lib
+from simclr_jax.core import augment, networks, optim
+from simclr_jax.data import dataset, sources, stream
 from simclr_jax.errors import CheckpointError, ConfigError
-from simclr_jax.metrics import MetricWriter
+from simclr_jax.evaluation import frozen as evaluate
+from simclr_jax.report import build as report
+from simclr_jax.report import markdown as report_md
+from simclr_jax.runtime import files, parallel
+from simclr_jax.runtime.records import MetricWriter
+from simclr_jax.stages import downstream
+from simclr_jax.train import classifier, supervised
+from simclr_jax.train import state as train_state
+from simclr_jax.train.checkpoint import Checkpointer
 from tests.helpers import TINY_FLAGS, checkpoint_tree, run_cli, tiny_config
 
 
@@ -57,24 +50,26 @@ def _phase(records, phase):
 def test_labelled_subset_is_class_balanced_and_deterministic():
     labels = np.repeat(np.arange(10), [50, 60, 70, 80, 90, 100, 110, 120, 130, 140])
     np.random.default_rng(1).shuffle(labels)
-    a = data.labelled_subset(labels, 0.1, 10, seed=3)
+    a = dataset.labelled_subset(labels, 0.1, 10, seed=3)
     counts = np.bincount(labels[a], minlength=10)
     assert counts.tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]  # round(0.1 * class size)
     assert len(np.unique(a)) == len(a) and np.all(np.diff(a) > 0)
-    np.testing.assert_array_equal(a, data.labelled_subset(labels, 0.1, 10, seed=3))
-    assert not np.array_equal(a, data.labelled_subset(labels, 0.1, 10, seed=4))
-    tiny = data.labelled_subset(labels, 0.001, 10, seed=3)  # at least one image a class
+    np.testing.assert_array_equal(a, dataset.labelled_subset(labels, 0.1, 10, seed=3))
+    assert not np.array_equal(a, dataset.labelled_subset(labels, 0.1, 10, seed=4))
+    tiny = dataset.labelled_subset(labels, 0.001, 10, seed=3)  # at least one image a class
     assert np.bincount(labels[tiny], minlength=10).tolist() == [1] * 10
-    np.testing.assert_array_equal(data.labelled_subset(labels, 1.0, 10, 0), np.arange(len(labels)))
+    np.testing.assert_array_equal(
+        dataset.labelled_subset(labels, 1.0, 10, 0), np.arange(len(labels))
+    )
 
 
 def test_a_validation_split_is_held_out_of_train_and_pretraining():
     c = _config(**{"data.validation_fraction": 0.2}).data
-    ds = data.load(c)
+    ds = dataset.load(c)
     held, kept = ds.test, ds.train  # the validation split stands where the test split was
     assert held.name.endswith("[validation]") and ds.pretrain is kept
-    whole = data.load(_config().data).train  # the same train split, nothing held out
-    ids = data.validation_ids(whole.labels, 0.2)
+    whole = dataset.load(_config().data).train  # the same train split, nothing held out
+    ids = dataset.validation_ids(whole.labels, 0.2)
     rest = np.setdiff1d(np.arange(len(whole)), ids)  # disjoint: kept out of train and pretraining
     assert len(held) == len(ids) and len(kept) == len(rest) == 1437 - len(ids)
     np.testing.assert_array_equal(sources.read_all(held), whole.read(ids))
@@ -82,23 +77,23 @@ def test_a_validation_split_is_held_out_of_train_and_pretraining():
     np.testing.assert_array_equal(held.labels, whole.labels[ids])
     counts = np.bincount(held.labels, minlength=10)
     assert abs(len(ids) - 0.2 * 1437) <= 10 and counts.min() >= 0.8 * counts.max() - 2
-    assert data.identity(ds)["test"] != data.identity(data.load(_config().data))["test"]
+    assert dataset.identity(ds)["test"] != dataset.identity(dataset.load(_config().data))["test"]
     c.pretrain_split = "train+test"  # pretraining would read the held-out images: refused
-    with pytest.raises(data.ConfigError, match="validation_fraction"):
-        data.load(c)
+    with pytest.raises(dataset.ConfigError, match="validation_fraction"):
+        dataset.load(c)
 
 
 def test_random_init_bn_statistics_are_the_labelled_images():
     """The random-init baseline's BN statistics, estimated on images, make the frozen (inference
     mode) features exactly the training-mode features of those images."""
     c = _config(**{"data.mean": (0.3,) * 3, "data.std": (0.3,) * 3})
-    ds = data.load(c.data)
+    ds = dataset.load(c.data)
     initial = downstream.random_encoder(c)
     ids = np.arange(64)
     est = evaluate.estimate_batch_stats(c, ds.train, ids, initial, chunk=64)
     chunked = evaluate.estimate_batch_stats(c, ds.train, ids, initial, chunk=16)
-    model = models.build_model(c.model)
-    x = data.normalize(
+    model = networks.build_model(c.model)
+    x = dataset.normalize(
         augment.downstream_batch(None, 0, ds.train.read(ids), None, False, c.data.image_size),
         augment.spec_from_config(c),
     )
@@ -120,8 +115,8 @@ def test_random_init_bn_statistics_are_the_labelled_images():
 
 def test_epoch_indices_repeat_a_subset_smaller_than_a_batch():
     subset = np.array([3, 7, 9])
-    np.testing.assert_array_equal(runs.epoch_indices(subset, 2), subset)
-    assert runs.epoch_indices(subset, 8).tolist() == [3, 7, 9] * 3
+    np.testing.assert_array_equal(supervised.epoch_indices(subset, 2), subset)
+    assert supervised.epoch_indices(subset, 8).tolist() == [3, 7, 9] * 3
 
 
 # ----------------------------------------------------------------------------- classifier step
@@ -173,7 +168,7 @@ def test_pretrained_init_copies_the_encoder_and_keeps_the_head(step_setup):
     sc = train_state.create_state(model, tx, key, 32)
     # A SimCLR model's encoder subtree has the classifier encoder's structure (traced only).
     simclr = jax.eval_shape(
-        lambda: train_state.init_variables(models.build_model(config.model), key, 32)
+        lambda: train_state.init_variables(networks.build_model(config.model), key, 32)
     )
     for col in ("params", "batch_stats"):
         assert jax.tree.structure(simclr[col]["encoder"]) == jax.tree.structure(
@@ -197,9 +192,9 @@ def test_finetune_and_scratch_from_the_same_encoder_give_identical_records(tmp_p
     """Only the encoder differs between the two runs: handed the scratch run's own starting
     encoder as the 'pretrained' one, the fine-tune run must log exactly the scratch run's records."""
     config = _config(**{"data.max_train_examples": 256, "downstream.long_epochs": 0})
-    ds = data.load(config.data)
-    config = data.with_stats(config, ds)
-    subset = data.labelled_subset(ds.train_labels, 0.1, ds.num_classes, config.seed)
+    ds = dataset.load(config.data)
+    config = dataset.with_stats(config, ds)
+    subset = dataset.labelled_subset(ds.train_labels, 0.1, ds.num_classes, config.seed)
     same = downstream.random_encoder(config)  # what scratch starts from
     starts = {
         downstream.FINETUNE: (same, {"dir": "-", "step": 0}),
@@ -208,7 +203,7 @@ def test_finetune_and_scratch_from_the_same_encoder_give_identical_records(tmp_p
     writer = MetricWriter(str(tmp_path))
     downstream.compare(config, ds, str(tmp_path), writer, subset, starts)
     writer.close()
-    records = report.read_records(str(tmp_path / report.METRICS_FILE))
+    records = files.read_records(str(tmp_path / files.METRICS_FILE))
     strip = lambda rs: [
         {k: v for k, v in r.items() if k not in ("phase", "images_per_s")} for r in rs
     ]
@@ -222,9 +217,9 @@ def test_each_classifier_run_trains_at_its_own_learning_rate(tmp_path, caplog):
     checkpoints are not resumed) while the finished fine-tuned run is left as it was."""
     config = _config(**{"data.max_train_examples": 256, "downstream.long_epochs": 0})
     config.downstream.runs.scratch.learning_rate = 0.05  # fine-tuned: the shared 0.01
-    ds = data.load(config.data)
-    config = data.with_stats(config, ds)
-    subset = data.labelled_subset(ds.train_labels, 0.1, ds.num_classes, config.seed)
+    ds = dataset.load(config.data)
+    config = dataset.with_stats(config, ds)
+    subset = dataset.labelled_subset(ds.train_labels, 0.1, ds.num_classes, config.seed)
     same = downstream.random_encoder(config)
     starts = {
         downstream.FINETUNE: (same, {"dir": "-", "step": 0}),
@@ -235,7 +230,7 @@ def test_each_classifier_run_trains_at_its_own_learning_rate(tmp_path, caplog):
         writer = MetricWriter(str(tmp_path))
         downstream.compare(cfg, ds, str(tmp_path), writer, subset, starts)
         writer.close()
-        return report.read_records(str(tmp_path / report.METRICS_FILE))
+        return files.read_records(str(tmp_path / files.METRICS_FILE))
 
     def saved_lr(phase):
         ckpt = Checkpointer(str(tmp_path / "checkpoints" / phase))
@@ -268,17 +263,19 @@ def test_a_run_that_named_its_encoder_by_directory_is_still_that_run(tmp_path):
     those written before named its directory. Such a run is kept where its record is what that
     version wrote for this encoder (`earlier`), and started anew where it is not."""
     config = tiny_config()
-    new = runs.run_meta(config, "finetune", 1, {"step": 4, "digest": "0123456789abcdef"})
-    old = runs.run_meta(config, "finetune", 1, {"dir": "/old/run/checkpoints/pretrain", "step": 4})
+    new = supervised.run_meta(config, "finetune", 1, {"step": 4, "digest": "0123456789abcdef"})
+    old = supervised.run_meta(
+        config, "finetune", 1, {"dir": "/old/run/checkpoints/pretrain", "step": 4}
+    )
     directory = str(tmp_path / "finetune")
     ckpt = Checkpointer(directory, async_save=False)
     ckpt.save(1, {"w": np.zeros(3, np.float32)}, old)
     ckpt.close()
-    kept = runs.open_run_checkpoints(directory, config, new, earlier=old["run"])
+    kept = supervised.open_run_checkpoints(directory, config, new, earlier=old["run"])
     assert kept.steps() == [1]
     kept.close()
     moved = {**old["run"], "encoder": {"dir": "/elsewhere/checkpoints/pretrain", "step": 4}}
-    anew = runs.open_run_checkpoints(directory, config, new, earlier=moved)
+    anew = supervised.open_run_checkpoints(directory, config, new, earlier=moved)
     assert anew.steps() == []
     anew.close()
 
@@ -313,10 +310,10 @@ def test_a_bad_run_learning_rate_on_the_command_line_is_one_line_before_any_work
 
 def test_a_run_without_its_own_learning_rate_takes_the_shared_one():
     dc = _config(**{"downstream.runs.scratch_long.learning_rate": 0.3}).downstream
-    assert config_lib.run_learning_rate(dc, "scratch_long") == 0.3
-    assert config_lib.run_learning_rate(dc, "scratch") == dc.learning_rate == 0.01
-    meta = {p: runs.run_meta(_config(), p, 2, None) for p in ("scratch", "scratch_long")}
-    other = runs.run_meta(_config(**{"downstream.runs.scratch_long.learning_rate": 0.3}),
+    assert supervised.run_learning_rate(dc, "scratch_long") == 0.3
+    assert supervised.run_learning_rate(dc, "scratch") == dc.learning_rate == 0.01
+    meta = {p: supervised.run_meta(_config(), p, 2, None) for p in ("scratch", "scratch_long")}
+    other = supervised.run_meta(_config(**{"downstream.runs.scratch_long.learning_rate": 0.3}),
                                 "scratch_long", 2, None)  # fmt: skip
     assert other["run"] != meta["scratch_long"]["run"]
     assert other["run"]["downstream"]["learning_rate"] == 0.3
@@ -329,7 +326,7 @@ def _synthetic_workdir(tmp_path, config=None, peaks=None):
     """A workdir's config.json and metrics.jsonl; peaks: {phase: the peak_learning_rate its test
     records carry, as compare writes them} (none: a workdir from before downstream.runs)."""
     config = config or _config()
-    (tmp_path / report.CONFIG_FILE).write_text(config.to_json())
+    (tmp_path / files.CONFIG_FILE).write_text(config.to_json())
     rows = [
         {"step": 2, "phase": "pretrain", "loss": 5.0, "images_per_s": 64.0},
         {"step": 4, "phase": "pretrain", "loss": 4.0, "images_per_s": 128.0, "knn_acc": 0.5},
@@ -364,15 +361,15 @@ def _synthetic_workdir(tmp_path, config=None, peaks=None):
             | ({"encoder_step": 4} if phase in ("linear", "knn") else {})
         )  # fmt: skip
     text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "pha'  # torn last line
-    (tmp_path / report.METRICS_FILE).write_text(text)
+    (tmp_path / files.METRICS_FILE).write_text(text)
 
 
 def test_report_from_a_synthetic_metrics_file(tmp_path):
     _synthetic_workdir(tmp_path)
     rep = report.write(str(tmp_path))
-    for name in (report.REPORT_JSON, report.REPORT_MD, report.ACCURACY_PNG, report.LOSS_PNG):
+    for name in (files.REPORT_JSON, files.REPORT_MD, files.ACCURACY_PNG, files.LOSS_PNG):
         assert (tmp_path / name).stat().st_size > 0
-    on_disk = json.loads((tmp_path / report.REPORT_JSON).read_text())
+    on_disk = json.loads((tmp_path / files.REPORT_JSON).read_text())
     assert on_disk["finetune"]["epoch"] == [1, 2] and len(on_disk["scratch_long"]["epoch"]) == 10
     assert on_disk["finetune"]["test_acc"] == pytest.approx([0.7, 0.8])
     assert on_disk["scratch"]["train_loss"] == pytest.approx([2.0, 1.0])
@@ -389,7 +386,7 @@ def test_report_from_a_synthetic_metrics_file(tmp_path):
     assert s["pretrained_minus_scratch"] == pytest.approx(0.3)
     assert s["linear_minus_pixels"] == pytest.approx(-0.05)
     assert s["knn_minus_pixels"] == pytest.approx(0.05)
-    md = (tmp_path / report.REPORT_MD).read_text()
+    md = (tmp_path / files.REPORT_MD).read_text()
     table = md[md.index("| Method |") : md.index("## Findings")]
     for row in ("Chance", "Raw pixels: logistic", "Raw pixels: kNN", "Random-init encoder"):
         assert f"| {row}" in table
@@ -402,7 +399,7 @@ def test_report_from_a_synthetic_metrics_file(tmp_path):
     assert "every* train label" in md and "Best epoch" not in md
     assert "Each classifier's learning rate, chosen on: as the settings above:" in md
     assert "- Classifier trained from scratch, 10 epochs: peak lr 0.01." in md  # the shared one
-    with open(tmp_path / report.ACCURACY_PNG, "rb") as f:
+    with open(tmp_path / files.ACCURACY_PNG, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -415,7 +412,7 @@ def test_the_report_says_each_classifiers_learning_rate_and_what_it_was_chosen_o
     assert {run: rep[run]["learning_rate"] for run in report.RUNS} == peaks  # as logged
     assert rep["scratch_long"]["chosen_on"] == chosen
     assert rep["finetune"]["chosen_on"] == config.settings_chosen_on  # no run-specific one
-    md = (tmp_path / report.REPORT_MD).read_text()
+    md = (tmp_path / files.REPORT_MD).read_text()
     table = md[md.index("| Method |") : md.index("## Findings")]
     assert "| Classifier trained from scratch, 10 epochs, lr 0.05 |" in table
     assert "| Classifier fine-tuned from the SimCLR encoder, 2 epochs, lr 0.01 (not" in table
@@ -458,37 +455,37 @@ def test_the_report_says_why_the_online_probe_was_off(tmp_path):
 
 def test_end_to_end_then_downstream_only_then_a_mismatched_model(tmp_path):
     workdir = str(tmp_path / "run")
-    summary = pipeline.run(_config(), workdir, "all")
+    summary = main.run(_config(), workdir, "all")
     out = summary["downstream"]
     n_labelled = out["num_labelled"]
     assert 130 <= n_labelled <= 160  # 10% of the 1,437 digits train images, per class
     for key in report.RUNS + report.FROZEN:
         assert 0.0 <= out[f"{key}_test_acc"] <= 1.0, key
 
-    records = report.read_records(os.path.join(workdir, report.METRICS_FILE))
+    records = files.read_records(os.path.join(workdir, files.METRICS_FILE))
     for phase, epochs in (("finetune", 2), ("scratch", 2), ("finetune_long", 3)):
         evals = [r for r in _phase(records, phase) if "test_acc" in r]
         assert [r["epoch"] for r in evals] == list(range(1, epochs + 1))
         assert all({"loss", "accuracy", "test_loss", "test_acc"} <= set(r) for r in evals)
     # Every method and baseline saw exactly the classifiers' labelled images.
-    config = data.with_stats(_config(), data.load(_config().data))
-    ds = data.load(config.data)
-    subset = data.labelled_subset(ds.train_labels, 0.1, ds.num_classes, config.seed)
-    digest = data.subset_digest(subset)
+    config = dataset.with_stats(_config(), dataset.load(_config().data))
+    ds = dataset.load(config.data)
+    subset = dataset.labelled_subset(ds.train_labels, 0.1, ds.num_classes, config.seed)
+    digest = dataset.subset_digest(subset)
     for phase in report.FROZEN + report.RUNS:
         rows = _phase(records, phase)
         assert rows and all(r["subset"] == digest for r in rows if "test_acc" in r), phase
     for phase in report.FROZEN[1:]:
         assert _phase(records, phase)[0]["num_labelled"] == n_labelled == len(subset)
 
-    rep = json.loads(open(os.path.join(workdir, report.REPORT_JSON)).read())
+    rep = json.loads(open(os.path.join(workdir, files.REPORT_JSON)).read())
     for run in report.RUNS:
         assert rep[run]["wall_s"] > 0 and rep[run]["subset"] == digest
     assert rep["pretrain"]["steps"] == 4 and rep["encoder_step"] == 4
     assert rep["config"]["data"]["mean"] == pytest.approx(list(ds.channel_stats()[0]))
-    md = open(os.path.join(workdir, report.REPORT_MD)).read()
+    md = open(os.path.join(workdir, files.REPORT_MD)).read()
     assert md.startswith("# ") and "| Method |" in md and digest in md
-    for png in (report.ACCURACY_PNG, report.LOSS_PNG):
+    for png in (files.ACCURACY_PNG, files.LOSS_PNG):
         assert os.path.getsize(os.path.join(workdir, png)) > 0
     for phase in report.RUNS:
         assert os.listdir(os.path.join(workdir, "checkpoints", phase))
@@ -496,8 +493,8 @@ def test_end_to_end_then_downstream_only_then_a_mismatched_model(tmp_path):
     # --mode=downstream on the same workdir: no pretraining, the classifier runs are finished
     # (restored, not retrained), the probes rerun and replace their records.
     before = len(_phase(records, "pretrain"))
-    again = pipeline.run(_config(), workdir, "downstream")["downstream"]
-    records = report.read_records(os.path.join(workdir, report.METRICS_FILE))
+    again = main.run(_config(), workdir, "downstream")["downstream"]
+    records = files.read_records(os.path.join(workdir, files.METRICS_FILE))
     assert len(_phase(records, "pretrain")) == before
     for phase in ("finetune", "scratch"):
         assert len(_phase(records, phase)) == 2
@@ -507,9 +504,9 @@ def test_end_to_end_then_downstream_only_then_a_mismatched_model(tmp_path):
     assert again["knn_test_acc"] == pytest.approx(out["knn_test_acc"])
 
     # The encoder restored into the classifier is the pretraining checkpoint's, bitwise.
-    encoder, step = train_state.restore_encoder(config, pipeline.pretrain_dir(workdir))
+    encoder, step = train_state.restore_encoder(config, main.pretrain_dir(workdir))
     saved = checkpoint_tree(workdir, 4)
-    classifier_model = models.build_model(config.model, num_classes=10)
+    classifier_model = networks.build_model(config.model, num_classes=10)
     state = train_state.create_state(
         classifier_model, optax.sgd(0.1), jax.random.key(0), 32, encoder
     )
@@ -523,14 +520,14 @@ def test_end_to_end_then_downstream_only_then_a_mismatched_model(tmp_path):
     other = _config(**{"model.width": 2.0})
     other.restore = workdir
     with pytest.raises(CheckpointError, match="model"):
-        pipeline.run(other, str(tmp_path / "other"), "downstream")
+        main.run(other, str(tmp_path / "other"), "downstream")
 
 
 def test_the_classifier_state_without_compiled_init_is_create_states():
     """classifier.initial_state skips compiling the model's initialisers: it must give exactly
     what the generic create_state gives with the same encoder (a zero head)."""
     config = _config(**{"data.mean": (0.5,) * 3, "data.std": (0.29,) * 3})
-    model = models.build_model(config.model, num_classes=10)
+    model = networks.build_model(config.model, num_classes=10)
     encoder = downstream.random_encoder(config)
     tx = optax.sgd(0.1, momentum=0.9)
     fast = classifier.initial_state(model, tx, encoder, 32)
@@ -550,5 +547,5 @@ def test_the_demo_config_uses_the_rates_its_validation_search_picked():
     with open(path) as f:
         picks = json.load(f)["lr"]
     dc = digits_simclr.get_config().downstream
-    assert {run: config_lib.run_learning_rate(dc, run) for run in report.RUNS} == picks
+    assert {run: supervised.run_learning_rate(dc, run) for run in report.RUNS} == picks
     assert all(dc.runs[run].chosen_on.startswith("validation") for run in report.RUNS)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from simclr_jax import evaluate, probe
+from simclr_jax.evaluation import frozen
+from simclr_jax.evaluation import linear_probe as probe
 
 
 def brute_knn(train, labels, test, num_classes, k, temperature):
@@ -34,12 +35,12 @@ def test_knn_weighting_changes_the_vote():
     train = np.stack([_unit(0.63), _unit(-0.63), _unit(0.14)])
     labels = np.array([0, 0, 1])
     test = _unit(0.0)[None]
-    sharp = evaluate.knn_accuracy(train, labels, test, np.array([1]), 2, k=3, temperature=0.1)
-    flat = evaluate.knn_accuracy(train, labels, test, np.array([0]), 2, k=3, temperature=100.0)
+    sharp = frozen.knn_accuracy(train, labels, test, np.array([1]), 2, k=3, temperature=0.1)
+    flat = frozen.knn_accuracy(train, labels, test, np.array([0]), 2, k=3, temperature=100.0)
     assert sharp == 1.0  # exp(0.99 / 0.1) > 2 exp(0.81 / 0.1): the close neighbour wins
     assert flat == 1.0  # near-equal weights: the majority (class 0) wins
     # k larger than the memory bank: capped at its size, the same vote as k = 3.
-    assert evaluate.knn_accuracy(train, labels, test, np.array([1]), 2, k=50, temperature=0.1) == 1
+    assert frozen.knn_accuracy(train, labels, test, np.array([1]), 2, k=50, temperature=0.1) == 1
 
 
 def test_knn_matches_brute_force_numpy_in_any_chunking():
@@ -52,7 +53,7 @@ def test_knn_matches_brute_force_numpy_in_any_chunking():
     for k, temperature in ((1, 0.1), (7, 0.1), (20, 0.5), (200, 0.07)):
         want = np.mean(brute_knn(train, labels, test, 4, k, temperature) == test_labels)
         for chunk in (1, 5, 1024):
-            got = evaluate.knn_accuracy(
+            got = frozen.knn_accuracy(
                 train, labels, test, test_labels, 4, k=k, temperature=temperature, chunk=chunk
             )
             assert got == pytest.approx(want), (k, temperature, chunk)
@@ -117,18 +118,19 @@ def test_pixel_baselines_are_as_strong_as_scikit_learns_defaults():
     from sklearn.neighbors import KNeighborsClassifier
 
     from configs import digits_simclr
-    from simclr_jax import data, downstream
+    from simclr_jax.data import dataset
+    from simclr_jax.stages import downstream
 
     c = digits_simclr.get_config()
-    ds = data.load(c.data)
-    c = data.with_stats(c, ds)
+    ds = dataset.load(c.data)
+    c = dataset.with_stats(c, ds)
     dc = c.downstream
-    subset = data.labelled_subset(ds.train_labels, dc.label_fraction, ds.num_classes, c.seed)
+    subset = dataset.labelled_subset(ds.train_labels, dc.label_fraction, ds.num_classes, c.seed)
     x, xt = downstream.pixel_features(c, ds, subset)
     y, yt = ds.train_labels[subset], ds.test_labels
     ours = probe.configured_linear_probe(c, x, y, xt, yt, ds.num_classes)
     default = LogisticRegression().fit(x, y).score(xt, yt)
     assert ours["test_acc"] >= default - 1e-6, (ours, default)
-    knn = evaluate.knn_accuracy(x, y, xt, yt, ds.num_classes, dc.knn_k, dc.knn_temperature)
+    knn = frozen.knn_accuracy(x, y, xt, yt, ds.num_classes, dc.knn_k, dc.knn_temperature)
     cosine = KNeighborsClassifier(metric="cosine").fit(x, y).score(xt, yt)
     assert knn >= cosine, (knn, cosine)

@@ -24,11 +24,15 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file
 
-from simclr_jax import augment, classifier, data, encoder, export, models, runs
-from simclr_jax.checkpoint import Checkpointer
+from simclr_jax import export, pretrained
+from simclr_jax.core import augment, resnet
+from simclr_jax.core import networks as models
+from simclr_jax.data import dataset
 from simclr_jax.errors import CheckpointError, UserError
-from simclr_jax.train_state import abstract_pretrain_tree, checkpoint_meta
-from simclr_jax.workdirs import CONFIG_FILE
+from simclr_jax.runtime.files import CONFIG_FILE
+from simclr_jax.train import classifier, supervised
+from simclr_jax.train.checkpoint import Checkpointer
+from simclr_jax.train.state import abstract_pretrain_tree, checkpoint_meta
 from tests.helpers import REPO, tiny_config
 
 TOLERANCE = 1e-4  # max |PyTorch - load_encoder|, float32
@@ -90,12 +94,12 @@ def _calibrated(model, config, seed: int = 0) -> dict:
     stay O(1) through the network rather than growing block after block."""
     variables = _random_variables(model, config, seed)
     spec = augment.spec_from_config(config)
-    x = encoder.preprocess(_images(16, config.data.image_size, seed=seed + 100), spec)
+    x = pretrained.preprocess(_images(16, config.data.image_size, seed=seed + 100), spec)
     _, updates = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]))(
         variables
     )
     # running = m * 0 + (1 - m) * the batch's
-    stats = jax.tree.map(lambda s: np.asarray(s) / (1 - models.BN_MOMENTUM), updates)
+    stats = jax.tree.map(lambda s: np.asarray(s) / (1 - resnet.BN_MOMENTUM), updates)
     return {"params": variables["params"], **stats}
 
 
@@ -114,7 +118,7 @@ def _saved_encoder(workdir: str, config, calibrate: bool = True) -> str:
     model = models.build_model(config.model)
     variables = (_calibrated if calibrate else _random_variables)(model, config)
     _write_config(workdir, config)
-    encoder.export(variables, os.path.join(workdir, encoder.EXPORT_FILE))
+    pretrained.export(variables, os.path.join(workdir, pretrained.EXPORT_FILE))
     return workdir
 
 
@@ -171,7 +175,7 @@ def test_the_demo_encoder_and_head_give_load_encoders_h_and_z_in_pytorch(
 
     out = str(tmp_path / "digits.safetensors")
     meta = export.export(demo_run, out, head=True)
-    enc = encoder.load_encoder(demo_run)
+    enc = pretrained.load_encoder(demo_run)
     assert meta["step"] == enc.step == 2 and meta["source"] == enc.source
     assert (meta["arch"], meta["base_channels"], meta["stem"]) == ("resnet18", 8, "cifar")
     assert meta["mean"] == list(enc.config.data.mean) and not meta["stock_torchvision"]
@@ -179,7 +183,7 @@ def test_the_demo_encoder_and_head_give_load_encoders_h_and_z_in_pytorch(
     assert os.stat(out).st_mode == os.stat(tmp_path / "digits.json").st_mode  # the umask's
     keys = [k for k in load_file(out) if not k.startswith("head.")]
     assert len(keys) == TORCHVISION_KEYS["resnet18"]  # torchvision's keys, fc left out
-    images = data.load(enc.config.data).test.read(np.arange(64))  # (64, 16, 16, 3) uint8
+    images = dataset.load(enc.config.data).test.read(np.arange(64))  # (64, 16, 16, 3) uint8
     monkeypatch.chdir(tmp_path)
     fed = {**docs.ns, "images": images}
     exec(compile(docs.feed, "docs/pytorch.md", "exec"), fed)  # load, normalise, h = model(x)
@@ -208,7 +212,7 @@ def test_an_export_gives_load_encoders_features_in_pytorch(docs, tmp_path, name,
     with torch.no_grad():
         h = model(_pixels(images, meta))
     assert meta["feature_dim"] == h.shape[1] and meta["step"] is None
-    assert _max_diff(h, encoder.load_encoder(run)(images)) <= TOLERANCE
+    assert _max_diff(h, pretrained.load_encoder(run)(images)) <= TOLERANCE
 
 
 @pytest.mark.torch
@@ -238,7 +242,7 @@ def test_the_ten_torchvision_lines_load_a_width_1_export_with_the_cifar_stem(
     images = _images(8, 16)
     with torch.no_grad():
         h = lines["model"](_pixels(images, lines["meta"]))
-    assert _max_diff(h, encoder.load_encoder(run)(images)) <= TOLERANCE
+    assert _max_diff(h, pretrained.load_encoder(run)(images)) <= TOLERANCE
 
 
 def _classifier_workdir(workdir: str, kept: int, calibrate: bool = True):
@@ -248,7 +252,7 @@ def _classifier_workdir(workdir: str, kept: int, calibrate: bool = True):
     _write_config(workdir, config)
     flax_model = models.build_model(config.model, 10, proj_layers=kept)
     variables = (_calibrated if calibrate else _random_variables)(flax_model, config)
-    meta = runs.run_meta(config, "finetune", 1, None)
+    meta = supervised.run_meta(config, "finetune", 1, None)
     target = classifier.abstract_tree(config, 10)
     _checkpoint(os.path.join(workdir, "checkpoints", "finetune"), target, variables, 3, meta)
     return config, variables, flax_model
@@ -271,7 +275,7 @@ def test_a_classifier_export_gives_its_logits_in_pytorch(docs, tmp_path):
     images = _images(16, 16)
     with torch.no_grad():
         logits = model(_pixels(images, meta))
-    x = encoder.preprocess(images, augment.spec_from_config(config))
+    x = pretrained.preprocess(images, augment.spec_from_config(config))
     want = jax.jit(lambda v: flax_model.apply(v, x, train=False))(variables)
     assert _max_diff(logits, want) <= TOLERANCE
 

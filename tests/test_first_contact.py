@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from simclr_jax import pipeline
+from simclr_jax.app import main
 from simclr_jax.errors import ConfigError
 from tests.helpers import TINY_FLAGS, run_cli, tiny_config
 
@@ -66,7 +66,7 @@ def test_a_run_that_fails_before_any_work_leaves_the_workdir_as_it_found_it(tmp_
     bad = {"pretrain.batch_size": 512, "data.max_train_examples": 256}
     new = tmp_path / "a" / "b" / "run"
     with pytest.raises(ConfigError, match="larger than the 256 training images"):
-        pipeline.run(tiny_config(**bad), str(new), "pretrain")
+        main.run(tiny_config(**bad), str(new), "pretrain")
     assert not (tmp_path / "a").exists()  # every directory the run made is gone
 
     existing = tmp_path / "existing"
@@ -75,7 +75,7 @@ def test_a_run_that_fails_before_any_work_leaves_the_workdir_as_it_found_it(tmp_
     (existing / "config.json").write_text(json.dumps(old_config))
     (existing / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError):
-        pipeline.run(tiny_config(**bad), str(existing), "pretrain")
+        main.run(tiny_config(**bad), str(existing), "pretrain")
     assert sorted(os.listdir(existing)) == ["config.json", "notes.txt"]
     assert json.loads((existing / "config.json").read_text()) == old_config
 
@@ -84,7 +84,7 @@ def test_a_run_that_fails_before_any_work_leaves_the_workdir_as_it_found_it(tmp_
 def test_every_shipped_config_passes_the_config_check(name):
     import importlib
 
-    from simclr_jax import config as config_lib
+    from simclr_jax.app import validate as config_lib
 
     config = importlib.import_module(f"configs.{name}").get_config()
     config_lib.validate(config)  # raises ConfigError naming the key otherwise

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simclr_jax import data, sources, splits
+from simclr_jax.data import catalog as splits
+from simclr_jax.data import dataset, sources
 from tests.folder_fixture import write_folder
 from tests.helpers import run_cli
 
@@ -76,7 +77,7 @@ def test_a_folder_of_mixed_files_pretrains_evaluates_and_reports(folder, tmp_pat
 def test_the_online_probe_on_unlabelled_images_is_an_error_before_any_work(folder, tmp_path):
     """pretrain.online_probe=True where pretraining reads images without labels: a ConfigError
     (run.py: one line, exit 2) once the data is loaded, before the workdir exists."""
-    from simclr_jax import pipeline
+    from simclr_jax.app import main
     from simclr_jax.errors import ConfigError
     from tests.helpers import tiny_config
 
@@ -87,7 +88,7 @@ def test_the_online_probe_on_unlabelled_images_is_an_error_before_any_work(folde
     )
     workdir = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"config.pretrain.online_probe=True, but \d+ of the"):
-        pipeline.run(config, str(workdir), "pretrain")
+        main.run(config, str(workdir), "pretrain")
     assert not workdir.exists()
 
 
@@ -203,7 +204,7 @@ def test_stl10_pretrains_on_its_unlabelled_split(tmp_path, monkeypatch):
     with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
         for split, want in (("unlabelled", 24), ("train+unlabelled", 48)):
             c.pretrain_split = split
-            ds = data.load(c)
+            ds = dataset.load(c)
             assert len(ds.pretrain) == want and ds.pretrain.canvas == 96  # STL-10's own size
             assert ds.pretrain.name.endswith("stl10/unlabelled")  # joined after train
             assert ds.train.name == "tfds:stl10/train" and ds.test.name == "tfds:stl10/test"
@@ -220,8 +221,8 @@ def test_stl10_pretrains_on_its_unlabelled_split(tmp_path, monkeypatch):
         "train",
         "unlabelled",
     )
-    with pytest.raises(data.DataError, match="train_split='unlabelled'.* is unlabelled"):
-        data.load(c)
+    with pytest.raises(dataset.DataError, match="train_split='unlabelled'.* is unlabelled"):
+        dataset.load(c)
 
 
 def test_tfds_labels_are_read_once_then_from_the_cache_until_the_files_change(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simclr_jax import folders, images
+from simclr_jax.data import folders, images
 from simclr_jax.errors import DataError
 from tests.folder_fixture import ORIENTATION, write_folder
 
@@ -294,7 +294,7 @@ def test_scan_split_errors_name_the_path_and_the_fix(tmp_path):
 def test_verify_skips_corrupt_files_with_one_warning(folder, caplog):
     root, info = folder
     split = folders.scan_split(root, "unlabelled")
-    with caplog.at_level(logging.WARNING, logger="simclr_jax.images"):
+    with caplog.at_level(logging.WARNING, logger="simclr_jax.data.images"):
         kept, bad = folders.verify(root, split, 24, max_bad_fraction=0.2, num_threads=2)
     assert bad == info["corrupt"] and len(kept) == info["unlabelled"]
     assert kept.files == tuple(f for f in split.files if f not in bad)

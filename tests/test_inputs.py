@@ -4,7 +4,7 @@ settings are warned of once, in the log and the report (docs/inputs.md):
 * every leaf key of every configs/*.py against values derived from its type and its rule (NaN,
   inf, far out of range, just outside its range, the wrong type, an unknown choice), in process;
 * a few of them on the command line: exit 2, one stderr line, the workdir untouched;
-* what needs the data (checks.py), the report's warnings, the public encoder's inputs, the
+* what needs the data (app/data_checks.py), the report's warnings, the public encoder's inputs, the
   messages that named the wrong problem (an unknown tfds name, a checkpoint of other data), the
   linear probe's convergence flag.
 """
@@ -20,10 +20,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simclr_jax import checks, data, encoder, models, pipeline, probe, report, splits
-from simclr_jax import config as config_lib
+from simclr_jax import pretrained
+from simclr_jax.app import data_checks, main, rules
+from simclr_jax.app import validate as config_lib
+from simclr_jax.core import networks
+from simclr_jax.data import catalog, dataset
 from simclr_jax.errors import CheckpointError, ConfigError, DataError, InputError
-from simclr_jax.train_state import check_meta, checkpoint_meta
+from simclr_jax.evaluation import linear_probe as probe
+from simclr_jax.report import build
+from simclr_jax.train.state import check_meta, checkpoint_meta
 from tests.helpers import REPO, TINY_FLAGS, run_cli, tiny_config
 
 CONFIG_NAMES = sorted(
@@ -38,9 +43,7 @@ def _defaults() -> dict:
     """{key: (a config that has it, its value there)} over every leaf of every shipped config."""
     out = {}
     for name in CONFIG_NAMES:
-        for key, value in config_lib.leaves(
-            importlib.import_module(f"configs.{name}").get_config()
-        ):
+        for key, value in rules.leaves(importlib.import_module(f"configs.{name}").get_config()):
             out.setdefault(key, (name, value))
     return out
 
@@ -51,13 +54,13 @@ DEFAULTS = _defaults()
 def test_every_config_key_has_a_rule():
     """A key added to a config without a rule in config.RULES fails here (and so is validated
     by its meaning before it ships)."""
-    missing = [k for k in DEFAULTS if config_lib.rule_for(k) is None and k not in ALLOWED]
-    assert not missing, f"config keys without a rule in simclr_jax/config.py RULES: {missing}"
+    missing = [k for k in DEFAULTS if rules.rule_for(k) is None and k not in ALLOWED]
+    assert not missing, f"config keys without a rule in simclr_jax/app/validate.py RULES: {missing}"
 
 
 def _outside(rule) -> list:
     """Values just outside the rule's range: its open bounds, one below / above its closed ones."""
-    step = 1 if rule.kind == config_lib.INT else 0.5
+    step = 1 if rule.kind == rules.INT else 0.5
     out = []
     if rule.lo is not None:
         out += [rule.lo] if rule.open_lo and not rule.zero_ok else []
@@ -71,9 +74,9 @@ def _outside(rule) -> list:
 
 def _bad_values(key: str, default) -> list:
     """What a key must refuse, derived from the type of its shipped value and from its rule."""
-    rule = config_lib.rule_for(key)
+    rule = rules.rule_for(key)
     nan, inf = math.nan, math.inf
-    if isinstance(default, bool) or (default is None and rule.kind == config_lib.BOOL):
+    if isinstance(default, bool) or (default is None and rule.kind == rules.BOOL):
         return ["yes", 1] + ([] if rule.none_ok else [None])
     if isinstance(default, str):
         return [123, None] + (["no-such-choice"] if rule.choices else []) + [" "] * rule.nonempty
@@ -188,33 +191,33 @@ def test_a_labelled_split_with_one_class_is_refused_before_the_workdir(tmp_path)
     config = tiny_config(**{"data.name": "folder", "data.data_dir": root})
     workdir = tmp_path / "run"
     with pytest.raises(DataError, match=r"train holds one class, so every accuracy") as err:
-        pipeline.run(config, str(workdir), "all")
+        main.run(config, str(workdir), "all")
     assert "\n" not in str(err.value) and not workdir.exists()
 
 
 @pytest.fixture(scope="module")
 def digits():
     config = tiny_config()
-    return config, data.load(config.data)
+    return config, dataset.load(config.data)
 
 
 def test_legal_but_odd_settings_are_warned_of_once(digits, caplog):
     config, ds = digits  # tiny: batch 32 over 11 labelled images, 4 steps of a 10-epoch warm-up
-    with caplog.at_level(logging.WARNING, logger="simclr_jax.checks"):
-        notes = checks.check(config, "all", ds, ds)
+    with caplog.at_level(logging.WARNING, logger="simclr_jax.app.data_checks"):
+        notes = data_checks.check(config, "all", ds, ds)
     assert [r.getMessage() for r in caplog.records] == list(notes)
     assert notes[0].startswith("pretrain.warmup_epochs=10 is 80 steps and pretraining has 4")
     assert notes[1].startswith("downstream.batch_size=32 is larger than the 11 labelled images")
     assert len(notes) == 2  # the classifier run has one step: no warm-up to speak of
-    assert checks.check(config, "pretrain", ds, None) == notes[:1]  # only the stage it runs
+    assert data_checks.check(config, "pretrain", ds, None) == notes[:1]  # only the stage it runs
     config.pretrain.knn_every = 1  # 4 steps of 8 an epoch: the monitor would never run
-    assert "the kNN monitor never runs" in checks.check(config, "pretrain", ds, None)[1]
+    assert "the kNN monitor never runs" in data_checks.check(config, "pretrain", ds, None)[1]
     from configs import digits_simclr
 
     demo = digits_simclr.get_config()
-    demo_data = data.load(demo.data)
-    assert checks.check(demo, "all", demo_data, demo_data) == ()  # the demo's are all plain
-    assert checks.check(demo, "distill", demo_data, demo_data) == ()
+    demo_data = dataset.load(demo.data)
+    assert data_checks.check(demo, "all", demo_data, demo_data) == ()  # the demo's are all plain
+    assert data_checks.check(demo, "distill", demo_data, demo_data) == ()
 
 
 def test_a_distill_batch_larger_than_its_images_is_refused(digits):
@@ -223,7 +226,7 @@ def test_a_distill_batch_larger_than_its_images_is_refused(digits):
     with pytest.raises(
         ConfigError, match=r"config\.distill\.batch_size=512 is larger than the 256"
     ):
-        checks.check(config, "distill", ds, ds)
+        data_checks.check(config, "distill", ds, ds)
 
 
 def test_the_report_lists_the_warnings_and_the_probe_that_did_not_converge(tmp_path):
@@ -236,7 +239,7 @@ def test_the_report_lists_the_warnings_and_the_probe_that_did_not_converge(tmp_p
     curve = {"step": 1, "phase": "finetune", "epoch": 1, "test_acc": 0.4, "test_loss": 1.0}
     curve.update(accuracy=0.3, loss=1.2)  # a classifier curve for the plots to draw
     (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(curve) + "\n")
-    rep = report.write(str(tmp_path))
+    rep = build.write(str(tmp_path))
     assert rep["warnings"] == [
         config["warnings"][0],
         f"SimCLR encoder, frozen: logistic regression: {note}",
@@ -266,11 +269,11 @@ def test_the_linear_probe_says_when_its_fits_did_not_converge():
 def test_an_unknown_tfds_name_says_so_not_that_it_is_unprepared(tmp_path):
     config = tiny_config(**{"data.name": "cifar100x", "data.data_dir": str(tmp_path / "none")})
     with pytest.raises(DataError) as err:
-        data.load(config.data)
+        dataset.load(config.data)
     message = str(err.value)
     assert message.startswith("config.data.name='cifar100x' is not a tfds dataset: did you mean")
     assert "'cifar100'" in message and "prepare" not in message and "\n" not in message
-    splits.check_tfds_name("cifar10")  # a known name passes (prepared or not)
+    catalog.check_tfds_name("cifar10")  # a known name passes (prepared or not)
 
 
 def test_a_checkpoint_of_other_data_or_model_names_what_differs():
@@ -302,7 +305,7 @@ def test_a_checkpoint_of_other_data_or_model_names_what_differs():
 def _encoder():
     """An Encoder without variables: its inputs are refused before anything runs."""
     config = tiny_config()
-    return encoder.Encoder(models.build_model(config.model), None, config, None, "nowhere")
+    return pretrained.Encoder(networks.build_model(config.model), None, config, None, "nowhere")
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from simclr_jax.losses import nt_xent, nt_xent_with_metrics
+from simclr_jax.core.losses import nt_xent, nt_xent_with_metrics
 
 TAU = 0.5
 

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclr_jax import config as config_lib
-from simclr_jax import models
+from simclr_jax.app import validate as config_lib
+from simclr_jax.core import networks
 from simclr_jax.errors import ConfigError
 
 
@@ -37,7 +37,7 @@ def init(model, x):
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny SimCLR model and its variables, initialised once for the module."""
-    model = models.build_model(make_cfg())
+    model = networks.build_model(make_cfg())
     return model, init(model, images(4))
 
 
@@ -61,7 +61,7 @@ def count(tree):
 def test_tiny_forward_shapes(tiny):
     (model, variables), x = tiny, images(4)
     h, z = apply(model, variables, x)
-    assert h.shape == (4, models.build_encoder(make_cfg()).feat_dim) == (4, 16)
+    assert h.shape == (4, networks.build_encoder(make_cfg()).feat_dim) == (4, 16)
     assert z.shape == (4, 128)
     h_only = apply(model, variables, x, method="encode")
     np.testing.assert_allclose(h_only, h)
@@ -73,12 +73,12 @@ def test_tiny_forward_shapes(tiny):
 def test_resnet_cifar_shapes_and_param_count(name, params, feat):
     # Counts: torchvision's ResNet without fc, with the 7x7 stem replaced by a 3x3 one.
     cfg = make_cfg(name)
-    model = models.build_model(cfg)
+    model = networks.build_model(cfg)
     variables, x = abstract_init(model, batch=2)
     assert count(variables["params"]["encoder"]) == params
     h, z = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
     assert h.shape == (2, feat) and z.shape == (2, 128)
-    assert models.build_encoder(cfg).feat_dim == feat
+    assert networks.build_encoder(cfg).feat_dim == feat
     # Default head: Dense(feat -> feat) -> BN -> ReLU -> Dense(feat -> 128).
     assert variables["params"]["head"]["dense1"]["kernel"].shape == (feat, feat)
     assert variables["params"]["head"]["dense2"]["kernel"].shape == (feat, 128)
@@ -86,20 +86,20 @@ def test_resnet_cifar_shapes_and_param_count(name, params, feat):
 
 def test_width_and_head_options():
     cfg = make_cfg("resnet50", width=2, head_layers=3, head_hidden_dim=256, proj_dim=64)
-    assert models.build_encoder(cfg).feat_dim == 4096
-    variables, x = abstract_init(models.build_model(cfg))
+    assert networks.build_encoder(cfg).feat_dim == 4096
+    variables, x = abstract_init(networks.build_model(cfg))
     head = variables["params"]["head"]
     kernels = [head[f"dense{i}"]["kernel"].shape for i in (1, 2, 3)]
     assert kernels == [(4096, 256), (256, 256), (256, 64)]
     assert "bias" not in head["dense3"] and "bn3" not in head  # z = W3 x: no bias (see the head)
     cfg = make_cfg(head_layers=1, head_bn_output=True)
-    head = abstract_init(models.build_model(cfg))[0]["params"]["head"]
+    head = abstract_init(networks.build_model(cfg))[0]["params"]["head"]
     assert set(head) == {"dense1", "bn1"} and "bias" not in head["dense1"]
 
 
 @pytest.mark.parametrize("stem, spatial", [("cifar", [32, 16]), ("imagenet", [8, 4])])
 def test_stem_downsampling(stem, spatial):
-    model = models.build_model(make_cfg(stem=stem)).encoder
+    model = networks.build_model(make_cfg(stem=stem)).encoder
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
     fn = lambda v, x: model.apply(v, x, train=False, capture_intermediates=True)
@@ -130,7 +130,7 @@ def test_batch_norm_train_vs_eval(tiny):
 
 def test_classifier_takes_pretrained_encoder(tiny):
     (simclr, pre), x = tiny, images(4)
-    clf = models.build_model(make_cfg(), num_classes=10)
+    clf = networks.build_model(make_cfg(), num_classes=10)
     fresh = abstract_init(clf, size=16)[0]
     for col in ("params", "batch_stats"):
         shapes = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)
@@ -148,7 +148,7 @@ def test_classifier_takes_pretrained_encoder(tiny):
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs(tiny):
     (model32, variables), x = tiny, images(4)
-    model = models.build_model(make_cfg(), dtype=jnp.bfloat16)
+    model = networks.build_model(make_cfg(), dtype=jnp.bfloat16)
     shapes = abstract_init(model, size=16)[0]
     assert {a.dtype for a in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
     assert jax.tree.structure(shapes) == jax.tree.structure(variables)
@@ -167,7 +167,7 @@ def test_cross_device_batch_norm_matches_global_batch(tiny):
     x = images(ndev * per_device, seed=1)
     (h, z), upd = apply(single, variables, x, train=True)
 
-    pmodel = models.build_model(make_cfg(), bn_axis_name="batch")
+    pmodel = networks.build_model(make_cfg(), bn_axis_name="batch")
 
     @functools.partial(jax.pmap, axis_name="batch", in_axes=(None, 0))
     def step(variables, x):

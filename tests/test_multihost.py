@@ -11,8 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from simclr_jax import models, optim, parallel, train_state
-from simclr_jax.checkpoint import Checkpointer
+from simclr_jax.core import networks, optim
+from simclr_jax.runtime import parallel
+from simclr_jax.train import state as train_state
+from simclr_jax.train.checkpoint import Checkpointer
 from tests.helpers import REPO, TINY_FLAGS, checkpoint_tree, max_param_diff, run_cli, tiny_config
 
 STEPS = 4
@@ -76,7 +78,7 @@ def _records(workdir):
 def _restore(workdir, step):
     """The pretraining state of `step`, restored in this (single) process by the Checkpointer."""
     config = tiny_config()
-    model = models.build_model(config.model, bn_axis_name=parallel.AXIS)
+    model = networks.build_model(config.model, bn_axis_name=parallel.AXIS)
     tx = optim.make_optimizer(config.pretrain, optim.make_schedule(config.pretrain, 8, STEPS))
     target = train_state.state_tree(
         train_state.create_state(model, tx, train_state.seed_key(0, 0), 32)

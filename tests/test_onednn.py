@@ -1,4 +1,4 @@
-"""oneDNN convolutions on XLA:CPU (simclr_jax/xla_env.py): which convolutions run.py asks for per
+"""oneDNN convolutions on XLA:CPU (simclr_jax/runtime/xla.py): which convolutions run.py asks for per
 jaxlib version and SIMCLR_JAX_CPU_CONVS; on jaxlib >= 0.12 with a CPU, with the flags run.py
 sets, a convolution compiles to oneDNN's custom call, and one pretraining step of the tiny model
 gives the loss, parameters, BatchNorm statistics and optimizer state of jaxlib's default
@@ -17,11 +17,11 @@ import jax
 import numpy as np
 import pytest
 
-from simclr_jax import xla_env
+from simclr_jax.runtime import xla
 from tests.helpers import REPO
 
 needs_onednn = pytest.mark.skipif(
-    xla_env.jaxlib_version() < xla_env.ONEDNN_CONVS_JAXLIB or jax.default_backend() != "cpu",
+    xla.jaxlib_version() < xla.ONEDNN_CONVS_JAXLIB or jax.default_backend() != "cpu",
     reason="oneDNN convolutions are chosen on XLA:CPU from jaxlib 0.12 on",
 )
 
@@ -31,7 +31,10 @@ def one_step(out: str) -> None:
     step (built as pretrain.run builds it), and the state after that step, into `out` (.npz)."""
     from jax import lax
 
-    from simclr_jax import parallel, pretrain, sources, train_state
+    from simclr_jax.data import sources
+    from simclr_jax.runtime import parallel
+    from simclr_jax.stages import pretrain
+    from simclr_jax.train import state as train_state
     from tests.helpers import tiny_config
 
     x = np.ones((2, 8, 8, 3), np.float32)
@@ -55,8 +58,8 @@ def one_step(out: str) -> None:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     leaves = {f"leaf{i}": np.asarray(a) for i, (_, a) in enumerate(flat)}
     info = {
-        "conv_onednn": xla_env.ONEDNN_CONV in conv_hlo,
-        "step_onednn_convs": compiled.as_text().count(xla_env.ONEDNN_CONV),
+        "conv_onednn": xla.ONEDNN_CONV in conv_hlo,
+        "step_onednn_convs": compiled.as_text().count(xla.ONEDNN_CONV),
         "flags": os.environ.get("XLA_FLAGS", ""),
         "paths": [jax.tree_util.keystr(p) for p, _ in flat],
     }
@@ -67,7 +70,7 @@ def _run(convs: str, out: str):
     """one_step in a subprocess on 1 CPU device, with xla_env's flags for SIMCLR_JAX_CPU_CONVS."""
     env = dict(os.environ, SIMCLR_JAX_CPU_CONVS=convs, JAX_COMPILATION_CACHE_DIR="")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    chosen = xla_env.cpu_convolutions(env)
+    chosen = xla.cpu_convolutions(env)
     code = "import sys; from tests.test_onednn import one_step; one_step(sys.argv[1])"
     proc = subprocess.run(
         [sys.executable, "-c", code, out],
@@ -98,24 +101,24 @@ def _run(convs: str, out: str):
     ],
 )
 def test_cpu_convolutions_per_jaxlib_and_switch(monkeypatch, version, wanted, chosen):
-    monkeypatch.setattr(xla_env, "jaxlib_version", lambda: version)
+    monkeypatch.setattr(xla, "jaxlib_version", lambda: version)
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     if wanted:
         env["SIMCLR_JAX_CPU_CONVS"] = wanted
-    assert xla_env.cpu_convolutions(env) == chosen
-    flags = {"onednn": xla_env.ONEDNN_CONVS, "eigen": xla_env.EIGEN_CONVS, "": ""}[chosen]
+    assert xla.cpu_convolutions(env) == chosen
+    flags = {"onednn": xla.ONEDNN_CONVS, "eigen": xla.EIGEN_CONVS, "": ""}[chosen]
     assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {flags}".strip()
-    assert xla_env.cpu_convolutions(env) == chosen  # idempotent
+    assert xla.cpu_convolutions(env) == chosen  # idempotent
     assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {flags}".strip()
 
 
 def test_cpu_convolutions_leave_a_choice_in_xla_flags_and_refuse_unknown_values(monkeypatch):
-    monkeypatch.setattr(xla_env, "jaxlib_version", lambda: (0, 12))
+    monkeypatch.setattr(xla, "jaxlib_version", lambda: (0, 12))
     for flags in ("--xla_cpu_use_onednn=false", "--xla_cpu_experimental_ynn_fusion_type=dot"):
         env = {"XLA_FLAGS": flags}
-        assert xla_env.cpu_convolutions(env) == "" and env["XLA_FLAGS"] == flags
+        assert xla.cpu_convolutions(env) == "" and env["XLA_FLAGS"] == flags
     with pytest.raises(ValueError, match="SIMCLR_JAX_CPU_CONVS=onedn: expected one of"):
-        xla_env.cpu_convolutions({"SIMCLR_JAX_CPU_CONVS": "onedn"})
+        xla.cpu_convolutions({"SIMCLR_JAX_CPU_CONVS": "onedn"})
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +130,7 @@ def variants(tmp_path_factory):
 @needs_onednn
 def test_onednn_flags_make_convolutions_onednn_custom_calls(variants):
     chosen, _, _, info = variants["onednn"]
-    assert chosen == "onednn" and xla_env.ONEDNN_CONVS in info["flags"]
+    assert chosen == "onednn" and xla.ONEDNN_CONVS in info["flags"]
     assert info["conv_onednn"]
     assert info["step_onednn_convs"] > 0
     chosen, _, _, info = variants["default"]

@@ -1,4 +1,4 @@
-"""A folder packed into array_record (`python -m simclr_jax.pack`): the same images, labels and
+"""A folder packed into array_record (`python -m simclr_jax.data.pack`): the same images, labels and
 run as the folder it came from (PNG is lossless), JPEG within its error; the corrupt files
 skipped and named; bad input a one-line error that overwrites nothing. A tfds dataset packed
 (`--tfds`): its own pixels and labels back, read as a folder run reads a pack."""
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from configs import cifar_simclr
-from simclr_jax import data, pack, pack_format, sources, splits
+from simclr_jax.data import catalog, dataset, pack, pack_format, sources
 from tests.folder_fixture import write_folder
 from tests.helpers import run_cli
 from tests.test_folder import FOLDER_FLAGS
@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _pack_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "simclr_jax.pack", *args],
+        [sys.executable, "-m", "simclr_jax.data.pack", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -55,7 +55,7 @@ def test_a_png_pack_reads_exactly_the_folders_images_and_labels(packed):
     root, out, wrote = packed
     meta = json.load(open(os.path.join(out, pack_format.PACK_META)))
     assert meta["splits"]["unlabelled"]["skipped"] == sorted(wrote["corrupt"])
-    from_folder, from_pack = data.load(_data_cfg(root)), data.load(_data_cfg(out))
+    from_folder, from_pack = dataset.load(_data_cfg(root)), dataset.load(_data_cfg(out))
     for role in ("pretrain", "train", "test"):
         a, b = getattr(from_folder, role), getattr(from_pack, role)
         np.testing.assert_array_equal(a.labels, b.labels)
@@ -71,8 +71,8 @@ def test_a_jpeg_pack_is_within_jpegs_error(packed, tmp_path):
     done = _pack_cli(root, out, "--canvas", "16", "--encoding", "jpeg", "--splits", "train,test")
     assert done.returncode == 0, done.stderr[-3000:]
     cfg = _data_cfg(out, split="train")
-    a = sources.read_all(data.load(_data_cfg(root, split="train")).train).astype(np.float64)
-    b = sources.read_all(data.load(cfg).train).astype(np.float64)
+    a = sources.read_all(dataset.load(_data_cfg(root, split="train")).train).astype(np.float64)
+    b = sources.read_all(dataset.load(cfg).train).astype(np.float64)
     assert 0 < np.abs(a - b).mean() < 3.0  # grey levels: lossy, but close
 
 
@@ -128,7 +128,7 @@ def mock_cifar(monkeypatch, tmp_path):
 
     one_by_one = lambda self, keys: [self[k] for k in keys]  # noqa: E731 (as in test_folder)
     monkeypatch.setattr(array_record.ArrayRecordDataSource, "__getitems__", one_by_one)
-    monkeypatch.setattr(splits, "prepared_builder", lambda name, where: tfds.builder(name))
+    monkeypatch.setattr(catalog, "prepared_builder", lambda name, where: tfds.builder(name))
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
         yield str(tmp_path / "tfds")
 
@@ -147,7 +147,10 @@ def test_a_tfds_pack_gives_back_its_labels_and_pixels(mock_cifar, tmp_path, enco
     assert pack.main(args) == 0
     meta = pack_format.read_meta(out)
     assert meta["canvas"] == 32 and meta.get("quality") == (90 if encoding == "jpeg" else None)
-    raw, packed = data.load(_tfds_cfg("cifar10", mock_cifar)), data.load(_tfds_cfg("folder", out))
+    raw, packed = (
+        dataset.load(_tfds_cfg("cifar10", mock_cifar)),
+        dataset.load(_tfds_cfg("folder", out)),
+    )
     assert packed.num_classes == raw.num_classes == 10
     assert len(meta["splits"]["train"]["classes"]) == 10  # the label feature's names
     for role in ("train", "test"):

@@ -27,18 +27,14 @@ import numpy as np
 import pytest
 
 from configs import cifar_simclr
-from simclr_jax import (
-    cpu_conv,
-    loop,
-    models,
-    optim,
-    parallel,
-    pretrain,
-    sources,
-    train_state,
-    xla_env,
-)
-from simclr_jax.metrics import MetricWriter
+from simclr_jax.core import networks, optim
+from simclr_jax.data import sources
+from simclr_jax.runtime import cpu_conv, parallel
+from simclr_jax.runtime import xla as xla_env
+from simclr_jax.runtime.records import MetricWriter
+from simclr_jax.stages import pretrain
+from simclr_jax.train import loop
+from simclr_jax.train import state as train_state
 from tests.helpers import REPO
 
 IMAGE_SIZE = 16
@@ -152,7 +148,7 @@ def test_bfloat16_computes_convs_in_bf16_and_keeps_float32_state():
     assert len(convs) >= 6  # forward and input-gradient convs of the 5 convs
     assert all(t == ["bf16", "bf16", "bf16"] for t in convs), convs
     # h comes back float32 even though the convs are bf16.
-    model = models.build_model(tiny_config("bfloat16").model, dtype=jnp.bfloat16)
+    model = networks.build_model(tiny_config("bfloat16").model, dtype=jnp.bfloat16)
     x = jax.ShapeDtypeStruct((2, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     variables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), variables)
@@ -244,7 +240,10 @@ def test_the_cpu_conv_keeps_the_models_parameters_outputs_and_gradients():
     cfg = types.SimpleNamespace(
         name="tiny", width=1, stem="cifar", head_layers=2, head_hidden_dim=0, proj_dim=16
     )
-    plain, fast = models.build_model(cfg), models.build_model(cfg, conv=cpu_conv.conv_module("cpu"))
+    plain, fast = (
+        networks.build_model(cfg),
+        networks.build_model(cfg, conv=cpu_conv.conv_module("cpu")),
+    )
     assert cpu_conv.conv_module("gpu") is nn.Conv
     x = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 16, 16, 3)), jnp.float32)
     variables = jax.jit(lambda x: plain.init(jax.random.key(0, impl="unsafe_rbg"), x, train=False))(

@@ -10,20 +10,12 @@ import numpy as np
 import optax
 import pytest
 
-from simclr_jax import (
-    augment,
-    data,
-    losses,
-    models,
-    optim,
-    parallel,
-    pretrain,
-    sources,
-    splits,
-    stream,
-    train_state,
-)
+from simclr_jax.core import augment, losses, networks, optim
+from simclr_jax.data import catalog, dataset, sources, stream
 from simclr_jax.errors import ConfigError
+from simclr_jax.runtime import parallel
+from simclr_jax.stages import pretrain
+from simclr_jax.train import state as train_state
 from tests.helpers import TINY_FLAGS, max_param_diff, run_cli, tiny_config
 
 
@@ -63,12 +55,12 @@ def device_batch(images, step: int, batch_size: int, devices, labels=None):
 
 
 def digits_train_images(n: int) -> np.ndarray:
-    return splits.load_digits()[0].images[:n]
+    return catalog.load_digits()[0].images[:n]
 
 
 def digits_train(n: int) -> tuple[np.ndarray, np.ndarray]:
     """The first `n` digits train images and their labels (int32)."""
-    train = splits.load_digits()[0]
+    train = catalog.load_digits()[0]
     return train.images[:n], train.labels[:n].astype(np.int32)
 
 
@@ -152,10 +144,10 @@ def test_projections_do_not_collapse(bn_output):
     config = tiny_config(**{"model.head_bn_output": bn_output, "model.head_layers": 2})
     images = digits_train_images(128)
     losses, state = _loss_curve(config, images, jax.devices()[:1], steps=6)
-    model = models.build_model(config.model)
+    model = networks.build_model(config.model)
     spec = augment.spec_from_config(config)
     views, _ = augment.two_views(jax.random.PRNGKey(3), 0, images[:64], np.arange(64), spec)
-    views = data.normalize(views, spec)  # as the step feeds the encoder
+    views = dataset.normalize(views, spec)  # as the step feeds the encoder
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     (_, z), _ = model.apply(variables, views, train=True, mutable=["batch_stats"])
     z = np.asarray(z, np.float64)
@@ -172,7 +164,7 @@ def test_augment_spec_carries_image_size_and_normalisation():
     assert (spec.mean, spec.std) == (tuple(config.data.mean), tuple(config.data.std))
     view = augment.simclr_view(jax.random.PRNGKey(0), np.zeros((32, 32, 3), np.uint8), spec)
     assert view.shape == (24, 24, 3)
-    normalised = np.asarray(data.normalize(np.full((2, 2, 3), 0.5, np.float32), spec))
+    normalised = np.asarray(dataset.normalize(np.full((2, 2, 3), 0.5, np.float32), spec))
     np.testing.assert_allclose(normalised, (0.5 - spec.mean[0]) / spec.std[0], rtol=1e-6)
     config.data.mean = ()  # unresolved statistics: a clear error, not a silent default
     with pytest.raises(ConfigError, match="data.mean"):
@@ -242,8 +234,8 @@ def test_the_step_descends_twice_the_reported_loss():
         :32
     ]
     v1, v2 = augment.two_views(aug_key, 0, images[ids], ids, spec)
-    views = data.normalize(jnp.concatenate([v1, v2]), spec)
-    plain = models.build_model(config.model)  # one device: no BN axis needed
+    views = dataset.normalize(jnp.concatenate([v1, v2]), spec)
+    plain = networks.build_model(config.model)  # one device: no BN axis needed
 
     def projections(params):
         variables = {"params": params, "batch_stats": state.batch_stats}

@@ -292,7 +292,7 @@ def test_a_rerun_with_settings_it_would_not_apply_is_refused(
     pretraining is resumed, never redone; a downstream or distill run starts anew on other
     settings (the distillation was taught by the old classifiers). Paths and checkpoint cadence
     may always change."""
-    from simclr_jax import workdirs
+    from simclr_jax.app import workdirs
     from simclr_jax.errors import WorkdirError
     from tests.helpers import tiny_config
 
@@ -359,7 +359,8 @@ def test_a_run_written_before_conv_impl_was_removed_restores(tmp_path):
     """tests/data/legacy_run: a tiny 2-step pretraining run written by commit 7250eb2, whose
     config.json still has model.conv_impl. Its workdir is accepted, its checkpoint restores, and
     the encoder that comes back is the checkpoint's, bitwise."""
-    from simclr_jax import pipeline, train_state
+    from simclr_jax.app import main
+    from simclr_jax.train import state as train_state
     from tests.helpers import tiny_config
 
     workdir = str(tmp_path / "legacy")
@@ -370,15 +371,13 @@ def test_a_run_written_before_conv_impl_was_removed_restores(tmp_path):
     legacy = {"model.head_layers": 2, "data.image_size": 32, "augment.flip_prob": 0.5}
     legacy.update({"pretrain.num_steps": 2, "pretrain.epochs": 12, "pretrain.warmup_epochs": 2.0})
     legacy["pretrain.learning_rate"] = 1.0
-    encoder, step = train_state.restore_encoder(
-        tiny_config(**legacy), pipeline.pretrain_dir(workdir)
-    )
+    encoder, step = train_state.restore_encoder(tiny_config(**legacy), main.pretrain_dir(workdir))
     saved = checkpoint_tree(workdir, 2)
     assert step == 2
     _assert_same_tree(encoder["params"], saved["params"]["encoder"])
     _assert_same_tree(encoder["batch_stats"], saved["batch_stats"]["encoder"])
     config = tiny_config(**legacy, **{"downstream.epochs": 1, "downstream.batch_size": 8})
-    out = pipeline.run(config, workdir, "downstream")["downstream"]
+    out = main.run(config, workdir, "downstream")["downstream"]
     assert out["encoder_step"] == 2 and 0.0 <= out["knn_test_acc"] <= 1.0
 
 
@@ -391,17 +390,18 @@ def test_a_checkpoint_without_the_online_probe_resumes_with_a_fresh_head(tmp_pat
     import jax
     import optax
 
-    from simclr_jax import pipeline, pretrain
-    from simclr_jax.checkpoint import Checkpointer
+    from simclr_jax.app import main
+    from simclr_jax.stages import pretrain
+    from simclr_jax.train.checkpoint import Checkpointer
     from tests.helpers import tiny_config
 
     config = tiny_config(**{"model.head_layers": 2, "data.image_size": 32, "pretrain.num_steps": 8})
     _, state = pretrain.step_and_initial_state(config, 8, 8, num_classes=10)
     fresh = state.probe
-    source = pipeline.pretrain_dir(os.path.join(REPO, "tests", "data", "legacy_run"))
+    source = main.pretrain_dir(os.path.join(REPO, "tests", "data", "legacy_run"))
     ckpt = Checkpointer(source, create=False, async_save=False)
     try:
-        with caplog.at_level("WARNING", logger="simclr_jax.pretrain"):
+        with caplog.at_level("WARNING", logger="simclr_jax.stages.pretrain"):
             state, step, _ = pretrain.restore_or_init(ckpt, state, config)
     finally:
         ckpt.close()
@@ -423,8 +423,8 @@ def test_a_checkpoint_records_its_input_normalisation_and_other_values_are_refus
     values are a one-line CheckpointError naming both; a checkpoint without the entry (written
     before it existed, as tests/data/legacy_run's) or a config whose statistics are not computed
     yet is checked on the rest."""
-    from simclr_jax import train_state
     from simclr_jax.errors import CheckpointError
+    from simclr_jax.train import state as train_state
     from tests.helpers import DIGITS_STATS, tiny_config
 
     meta = train_state.checkpoint_meta(tiny_config(), "pretrain")

@@ -12,9 +12,12 @@ import numpy as np
 import optax
 import pytest
 
-from simclr_jax import classifier, models, report_md, runs, train_state
-from simclr_jax import config as config_lib
+from simclr_jax.app import validate as config_lib
+from simclr_jax.core import networks
 from simclr_jax.errors import ConfigError
+from simclr_jax.report import markdown
+from simclr_jax.train import classifier, supervised
+from simclr_jax.train import state as train_state
 from tests.helpers import TINY_FLAGS, run_cli, tiny_config
 from tests.test_models import apply, images, init, make_cfg
 
@@ -26,7 +29,7 @@ def pretrained():
     """A tiny SimCLR model with a 3-layer head, its variables moved off their init (so that a
     copy from the wrong layer or a missing copy shows)."""
     cfg = make_cfg(head_layers=LAYERS, head_hidden_dim=24, proj_dim=16, head_bn_output=True)
-    model = models.build_model(cfg)
+    model = networks.build_model(cfg)
     variables = init(model, images(4))
     rng = np.random.default_rng(1)
     variables = jax.tree.map(lambda a: a + rng.normal(0, 0.1, a.shape).astype(a.dtype), variables)
@@ -35,7 +38,7 @@ def pretrained():
 
 
 def _classifier_state(cfg, variables, k):
-    clf = models.build_model(cfg, num_classes=10, proj_layers=k)
+    clf = networks.build_model(cfg, num_classes=10, proj_layers=k)
     start = train_state.start_variables(variables, k)
     state = classifier.initial_state(clf, optax.sgd(0.1), start, 16)
     return clf, {"params": state.params, "batch_stats": state.batch_stats}
@@ -44,7 +47,7 @@ def _classifier_state(cfg, variables, k):
 def test_selector_0_is_the_classifier_without_head_layers(pretrained):
     cfg, model, variables = pretrained
     clf, state = _classifier_state(cfg, variables, 0)
-    plain = models.Classifier(encoder=models.build_encoder(cfg), num_classes=10)
+    plain = networks.Classifier(encoder=networks.build_encoder(cfg), num_classes=10)
     assert clf == plain  # the very module of before: same parameters, same numbers
     fresh = init(plain, images(2))
     assert set(state["params"]) == {"encoder", "head"} and set(state["batch_stats"]) == {"encoder"}
@@ -107,10 +110,12 @@ def test_selector_minus_one_is_the_last_head_layer_everywhere():
     classifier's kept layers, the probes' features, load_encoder's default layer), in the runs'
     checkpoint metadata (the same run as at 3) and in the report."""
     last, minus_one = (tiny_config(**{"downstream.ft_proj_selector": k}) for k in (3, -1))
-    assert config_lib.ft_proj_selector(minus_one) == config_lib.ft_proj_selector(last) == 3
+    assert networks.ft_proj_selector(minus_one) == networks.ft_proj_selector(last) == 3
     assert classifier.build_model(minus_one, 10).proj_layers == 3
-    assert runs.run_meta(minus_one, "finetune", 1, None) == runs.run_meta(last, "finetune", 1, None)
-    line = report_md.features_line(json.loads(minus_one.to_json()))
+    assert supervised.run_meta(minus_one, "finetune", 1, None) == supervised.run_meta(
+        last, "finetune", 1, None
+    )
+    line = markdown.features_line(json.loads(minus_one.to_json()))
     assert line.startswith("Features (frozen rows and classifiers' input): head layer 3 of 3 (z; ")
     assert "downstream.ft_proj_selector=-1)" in line
 

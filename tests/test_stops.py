@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from simclr_jax import loop, stops
-from simclr_jax.metrics import MetricWriter, read_records
+from simclr_jax.runtime import signals
+from simclr_jax.runtime.files import read_records
+from simclr_jax.runtime.records import MetricWriter
+from simclr_jax.train import loop
 from tests.helpers import FINISHED_FLAGS, FINISHED_STEPS, REPO, checkpoint_tree, run_cli
 from tests.test_resume import _assert_same_tree
 
@@ -90,7 +92,7 @@ def _toy(workdir, monkeypatch, saves, start=0, saved=(0.0, None), stop_at=None, 
     signal recorded while step `stop_at` runs or during epoch `stop_in_eval`'s evaluation; the
     checkpoints it saves go into `saves`, {step: (state, UNRECORDED as JSON reads it back)}."""
     signalled = []
-    monkeypatch.setattr(stops, "requested", lambda: signal.SIGINT if signalled else None)
+    monkeypatch.setattr(signals, "requested", lambda: signal.SIGINT if signalled else None)
 
     def step_fn(state, i):
         if i == stop_at:
@@ -100,7 +102,7 @@ def _toy(workdir, monkeypatch, saves, start=0, saved=(0.0, None), stop_at=None, 
     def on_epoch_end(epoch, state):
         if epoch == stop_in_eval:
             signalled.append(epoch)
-            raise stops.Interrupted("toy evaluation", signal.SIGINT)
+            raise signals.Interrupted("toy evaluation", signal.SIGINT)
         return {"eval": float(state) / 2} if epoch % 2 == 0 else {}
 
     def save(step, state, unrecorded):
@@ -132,7 +134,7 @@ def test_the_records_do_not_depend_on_where_a_stop_lands(tmp_path, monkeypatch):
     points += [{"stop_in_eval": e} for e in (2, 4)]  # the evaluations that have scalars
     for point in points:
         workdir, saves = str(tmp_path / "_".join(f"{k}{v}" for k, v in point.items())), {}
-        with pytest.raises(stops.Interrupted):
+        with pytest.raises(signals.Interrupted):
             _toy(workdir, monkeypatch, saves, **point)
         step, saved = max(saves.items())
         got = _toy_records(workdir)
@@ -212,11 +214,21 @@ def downstream_reference(reference, tmp_path_factory):
     "call, signame, code, said",
     [
         # Inside numpy's setitem of the probe's cross-validation loss: the crash of issue #25.
-        ("float-in:probe._cross_validate", "SIGTERM", 143, "linear (linear probe)"),
-        ("evaluate.frozen_features:1", "SIGINT", 130, "the simclr features"),
-        ("downstream.pixel_features:1", "SIGTERM", 143, "the pixels features"),  # a baseline
-        ("evaluate.knn_accuracy:1", "SIGTERM", 143, "knn (kNN)"),
-        ("report.write:1", "SIGTERM", 143, "its work is written"),  # after the last stop point
+        (
+            "float-in:evaluation.linear_probe._cross_validate",
+            "SIGTERM",
+            143,
+            "linear (linear probe)",
+        ),
+        ("evaluation.frozen.frozen_features:1", "SIGINT", 130, "the simclr features"),
+        ("stages.downstream.pixel_features:1", "SIGTERM", 143, "the pixels features"),  # a baseline
+        ("evaluation.frozen.knn_accuracy:1", "SIGTERM", 143, "knn (kNN)"),
+        (
+            "report.build.write:1",
+            "SIGTERM",
+            143,
+            "its work is written",
+        ),  # after the last stop point
     ],
 )
 def test_a_signal_during_an_evaluation_ends_the_run_and_the_rerun_reports_the_same(

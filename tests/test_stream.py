@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from simclr_jax import data, sources, stream, train_state
+from simclr_jax.data import dataset, sources, stream
+from simclr_jax.train import state as train_state
 from tests.helpers import REPO, tiny_config
 from tests.test_multihost import _free_port, run_together
 
@@ -32,7 +33,7 @@ def test_order_is_a_slice_of_the_epoch_permutation():
 
 def test_batches_resume_at_any_step_and_bound_what_they_hold():
     config = tiny_config(**{"pretrain.batch_size": 32})
-    ds = data.load(config.data)
+    ds = dataset.load(config.data)
     whole = [b["ids"] for b, _ in _host(config, ds, 0, 6)]
     resumed = [b["ids"] for b, _ in _host(config, ds, 4, 6)]
     for a, b in zip(whole[4:], resumed, strict=True):
@@ -43,7 +44,7 @@ def test_batches_resume_at_any_step_and_bound_what_they_hold():
 
 
 def pretrain_batches(config, ds, start, stop):
-    from simclr_jax import pretrain
+    from simclr_jax.stages import pretrain
 
     return pretrain.batches(config, ds.pretrain, start, stop)
 
@@ -78,7 +79,7 @@ def test_streamed_steps_are_the_in_memory_steps_bitwise(tmp_path, devices, proce
         assert sorted(r["asked"]) == sorted(mine)
     # Together the processes read every row of each global batch once.
     config = tiny_config(**{"pretrain.batch_size": 64})
-    n = len(data.load(config.data).pretrain)
+    n = len(dataset.load(config.data).pretrain)
     order = stream.Order(train_state.seed_key(0, train_state.DATA_KEY), n, 64)
     for step in range(len(results[0]["stream"]["ids"])):
         read = np.concatenate([np.reshape(r["stream"]["ids"][step], -1) for r in results])
@@ -93,9 +94,9 @@ def test_a_split_cached_in_memory_reads_as_the_streamed_one(tmp_path):
         **{"data.name": "folder", "data.data_dir": str(tmp_path), "data.max_train_examples": 0}
     )
     config.data.cache_gb = 0.0
-    streamed = data.load(config.data)
+    streamed = dataset.load(config.data)
     config.data.cache_gb = 1.0
-    cached = data.load(config.data)
+    cached = dataset.load(config.data)
     assert isinstance(cached.train, sources.ArraySource)
     assert not isinstance(streamed.train, sources.ArraySource)
     ids = np.arange(len(streamed.train))[::-1]

@@ -14,10 +14,13 @@ import sys
 import numpy as np
 import pytest
 
-from simclr_jax import config as config_lib
-from simclr_jax import data, pipeline, report, runs
-from simclr_jax.checkpoint import Checkpointer
+from simclr_jax.app import main
+from simclr_jax.app import validate as config_lib
+from simclr_jax.data import dataset
 from simclr_jax.errors import ConfigError, DataError
+from simclr_jax.report import build
+from simclr_jax.train import supervised
+from simclr_jax.train.checkpoint import Checkpointer
 from tests.folder_fixture import write_folder
 from tests.helpers import REPO, TINY_FLAGS, run_cli, tiny_config
 
@@ -45,7 +48,7 @@ def pretrained(tmp_path_factory):
     workdir = str(root / "run")
     config = tiny_config(**{"pretrain.num_steps": 4})
     config.data.mean, config.data.std = (), ()  # computed, as the command line's runs do
-    pipeline.run(config, workdir, "pretrain")
+    main.run(config, workdir, "pretrain")
     return workdir, images
 
 
@@ -64,7 +67,7 @@ def _checkpoint_structure(workdir, run, step):
 
 
 def _records(workdir):
-    return report.read_records(os.path.join(workdir, report.METRICS_FILE))
+    return build.read_records(os.path.join(workdir, build.METRICS_FILE))
 
 
 def _by_phase(workdir):
@@ -85,17 +88,17 @@ def test_a_finished_run_is_evaluated_on_a_folder_alike_on_1_and_8_devices_and_af
     )
     got = _by_phase(one)
     assert got["chance"][0]["test_acc"] == pytest.approx(1 / 3)  # the folder's 3 classes
-    for phase in report.FROZEN:  # every baseline on the folder's images
+    for phase in build.FROZEN:  # every baseline on the folder's images
         (r,) = got[phase]
         assert (r["dataset"], r["num_classes"], r["num_labelled"], r["num_test"]) == (
             "folder", 3, 18, 9,
         ), phase  # fmt: skip
     for phase in ("finetune", "scratch"):
         assert [r["epoch"] for r in got[phase]] == [1, 2, 3]
-    rep = json.load(open(os.path.join(one, report.REPORT_JSON)))
+    rep = json.load(open(os.path.join(one, build.REPORT_JSON)))
     assert rep["datasets"]["pretrain"] == {"name": "digits", "split": "train"}
     assert rep["datasets"]["downstream"]["name"] == "folder" and rep["num_classes"] == 3
-    md = open(os.path.join(one, report.REPORT_MD)).read()
+    md = open(os.path.join(one, build.REPORT_MD)).read()
     assert md.startswith("# SimCLR on digits, evaluated on folder")
     assert "Pretrained on digits (train), evaluated on folder (train 100% labelled / test" in md
     config = json.load(open(os.path.join(one, "config.json")))
@@ -135,8 +138,8 @@ def test_a_finished_run_is_evaluated_on_a_folder_alike_on_1_and_8_devices_and_af
 
 def _transfer_config(images):
     config = tiny_config(**{"downstream.data.name": "folder", "downstream.data.data_dir": images})
-    ds = data.load(config.data)
-    return data.with_stats(config, ds, data.load_downstream(config, ds))
+    ds = dataset.load(config.data)
+    return dataset.with_stats(config, ds, dataset.load_downstream(config, ds))
 
 
 def test_a_changed_transfer_dataset_starts_the_classifier_runs_anew(tmp_path):
@@ -144,22 +147,22 @@ def test_a_changed_transfer_dataset_starts_the_classifier_runs_anew(tmp_path):
     write_folder(first, corrupt=0, unlabelled=0)
     write_folder(second, corrupt=0, unlabelled=0, seed=1)  # other pixels, same layout
     config_a, config_b = _transfer_config(first), _transfer_config(second)
-    meta_a = runs.run_meta(config_a, "finetune", 1, None)
-    meta_b = runs.run_meta(config_b, "finetune", 1, None)
+    meta_a = supervised.run_meta(config_a, "finetune", 1, None)
+    meta_b = supervised.run_meta(config_b, "finetune", 1, None)
     assert meta_a["run"]["downstream_data"]["test"]["source"] == f"folder:{first}/test"
     assert meta_a["run"]["downstream_data"] != meta_b["run"]["downstream_data"]
     # Without a transfer dataset the metadata is today's (runs written before still resume).
-    plain = data.with_stats(tiny_config(), data.load(tiny_config().data))
-    assert "downstream_data" not in runs.run_meta(plain, "finetune", 1, None)["run"]
+    plain = dataset.with_stats(tiny_config(), dataset.load(tiny_config().data))
+    assert "downstream_data" not in supervised.run_meta(plain, "finetune", 1, None)["run"]
 
     directory = str(tmp_path / "checkpoints" / "finetune")
     ckpt = Checkpointer(directory, async_save=False)
     ckpt.save(1, {"w": np.zeros(3, np.float32)}, meta_a)
     ckpt.close()
-    kept = runs.open_run_checkpoints(directory, config_a, meta_a)  # the same dataset
+    kept = supervised.open_run_checkpoints(directory, config_a, meta_a)  # the same dataset
     assert kept.steps() == [1]
     kept.close()
-    anew = runs.open_run_checkpoints(directory, config_b, meta_b)  # another one
+    anew = supervised.open_run_checkpoints(directory, config_b, meta_b)  # another one
     assert anew.steps() == []
     anew.close()
 
@@ -197,7 +200,7 @@ def test_an_unknown_transfer_dataset_is_one_line_before_any_work(tmp_path):
     config.downstream.data.data_dir = str(tmp_path)
     workdir = str(tmp_path / "run")
     with pytest.raises(DataError) as err:
-        pipeline.run(config, workdir, "all")  # fails on loading, before pretraining
+        main.run(config, workdir, "all")  # fails on loading, before pretraining
     assert "\n" not in str(err.value) and "config.downstream.data.name='nosuchset'" in str(
         err.value
     )

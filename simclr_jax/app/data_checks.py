@@ -2,15 +2,17 @@
 (`pipeline.run`): a setting that cannot mean anything with this data is refused (one line naming
 the key and the fix), and one that is legal but odd is warned of, once, in the log and in the
 report (`check` returns the warnings; the pipeline records them in config.json's `warnings`, which
-report.md lists). What the config alone decides is `config.py`'s.
+report.md lists). What the config alone decides is `app/validate.py`'s.
 """
 
 import logging
 
 import numpy as np
 
-from simclr_jax import data, pretrain, runs, stream
+from simclr_jax.data import dataset, stream
 from simclr_jax.errors import ConfigError, DataError
+from simclr_jax.stages import pretrain
+from simclr_jax.train import supervised
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,10 @@ def _labelled_steps(config, ds) -> tuple[int, int]:
     """(labelled images, steps per epoch) of the runs on the labelled subset (the classifiers,
     the labels-only student): the subset repeated up to a batch where it is smaller."""
     dc = config.downstream
-    subset = data.labelled_subset(ds.train_labels, dc.label_fraction, ds.num_classes, config.seed)
-    return len(subset), len(runs.epoch_indices(subset, dc.batch_size)) // dc.batch_size
+    subset = dataset.labelled_subset(
+        ds.train_labels, dc.label_fraction, ds.num_classes, config.seed
+    )
+    return len(subset), len(supervised.epoch_indices(subset, dc.batch_size)) // dc.batch_size
 
 
 def _downstream(config, ds) -> list[str]:

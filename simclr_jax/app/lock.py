@@ -14,8 +14,7 @@ import sys
 import time
 
 from simclr_jax.errors import WorkdirError
-
-LOCK_FILE = ".lock"
+from simclr_jax.runtime.files import LOCK_FILE
 
 
 def _holder(path: str) -> str:

@@ -1,6 +1,6 @@
 """The run, per --mode: check the config, the encoder (or teacher) source and the data (the
 pretraining data and the downstream stage's transfer dataset, downstream.data, where one is named;
-what the data allows: `checks.py`) before anything is written, then take the workdir (one run at
+what the data allows: `app/data_checks.py`) before anything is written, then take the workdir (one run at
 a time), pretrain, then the downstream comparison, the pictures and the report (--mode=distill:
 the distillation stage on a workdir that holds the downstream run, then the report). What run.py
 calls."""
@@ -12,35 +12,30 @@ import time
 
 import jax
 
-from simclr_jax import (
-    checkpoint,
-    checks,
-    data,
-    encoder,
-    parallel,
-    pictures,
-    pretrain,
-    report,
-    sources,
-    stops,
-    workdirs,
-)
-from simclr_jax import config as config_lib
+from simclr_jax import pretrained
+from simclr_jax.app import data_checks, workdirs
+from simclr_jax.app import validate as config_lib
+from simclr_jax.data import dataset, sources
 from simclr_jax.errors import CheckpointError
-from simclr_jax.metrics import MetricWriter
-from simclr_jax.train_state import TOTAL_STEPS, check_meta
+from simclr_jax.report import build, pictures
+from simclr_jax.runtime import parallel, signals
+from simclr_jax.runtime.files import checkpoint_dir
+from simclr_jax.runtime.records import MetricWriter
+from simclr_jax.stages import pretrain
+from simclr_jax.train import checkpoint
+from simclr_jax.train.state import TOTAL_STEPS, check_meta
 
 log = logging.getLogger(__name__)
 
 
 def pretrain_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints", "pretrain")
+    return checkpoint_dir(workdir, "pretrain")
 
 
 def encoder_source(config, workdir: str) -> str:
     """The pretraining checkpoint directory --mode=downstream restores from; fails early if none."""
     where = os.path.abspath(config.restore) if config.restore else pretrain_dir(workdir)
-    ckpt_root = os.path.join(where, "checkpoints", "pretrain")
+    ckpt_root = checkpoint_dir(where, "pretrain")
     if config.restore and os.path.isdir(ckpt_root):  # --config.restore=<a workdir>
         where = ckpt_root
     if not checkpoint.has_steps(where):
@@ -54,7 +49,7 @@ def encoder_source(config, workdir: str) -> str:
 
 def _load_data(config):
     t0 = time.perf_counter()
-    ds = data.load(config.data)
+    ds = dataset.load(config.data)
     streamed = [
         r
         for r in ("pretrain", "train", "test")
@@ -78,10 +73,10 @@ def _load_data(config):
 def _load_transfer(config, ds):
     """The downstream stage's dataset (downstream.data; `ds` itself without one), loaded before
     any work so that its errors come first, as the pretraining data's do."""
-    if not data.is_transfer(config):
+    if not dataset.is_transfer(config):
         return ds
     t0 = time.perf_counter()
-    transfer = data.load_downstream(config, ds)
+    transfer = dataset.load_downstream(config, ds)
     log.info(
         "Loaded the transfer dataset %s: %d labelled train / %d test images, %d classes, in "
         "%.1fs; the encoder reads them at %d px, normalised with %s's statistics.",
@@ -124,7 +119,7 @@ def check_workdir_checkpoints(config, workdir: str, source: str | None) -> None:
     """Every checkpoint the run may restore (the workdir's, of every phase, and the encoder
     source) was made for this config's model, data and normalisation: checked before anything
     is written, so that a refused run leaves the workdir as it was."""
-    root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    root = checkpoint_dir(workdir)
     phases = sorted(os.listdir(root)) if os.path.isdir(root) else []
     dirs = [os.path.join(root, p) for p in phases if "." not in p]  # not <phase>.damaged
     for where in dirs + ([source] if source else []):
@@ -142,8 +137,8 @@ def _pretrain_stage(config, ds, workdir: str, writer) -> dict:
     finally:
         ckpt.close()
     if writer.enabled:
-        export = os.path.join(os.path.abspath(workdir), encoder.EXPORT_FILE)
-        encoder.export({"params": state.params, "batch_stats": state.batch_stats}, export)
+        export = os.path.join(os.path.abspath(workdir), pretrained.EXPORT_FILE)
+        pretrained.export({"params": state.params, "batch_stats": state.batch_stats}, export)
         pictures.write_pretrain_curves(config, workdir, ds.num_classes)
         log.info("Pretrained model's variables: %s", export)
     return {"wall_s": result.wall_s, "images_per_s": result.images_per_s, **result.last_record}
@@ -151,18 +146,18 @@ def _pretrain_stage(config, ds, workdir: str, writer) -> dict:
 
 def _write_report(workdir: str, summary: dict) -> None:
     """report.md / report.json from the workdir's files; its headline numbers into `summary`."""
-    rep = report.write(workdir)
-    summary.update(report.summary(rep), wall_s=rep["wall_s"])
-    log.info("Report: %s", os.path.join(os.path.abspath(workdir), report.REPORT_MD))
+    rep = build.write(workdir)
+    summary.update(build.summary(rep), wall_s=rep["wall_s"])
+    log.info("Report: %s", os.path.join(os.path.abspath(workdir), build.REPORT_MD))
 
 
 def _downstream_stage(config, ds, workdir: str, writer, source: str) -> dict:
     """The comparison, the nearest-neighbour picture, then the report (written by process 0, from
     the workdir's files)."""
-    from simclr_jax import downstream  # noqa: PLC0415 (the heavier stage, only when used)
+    from simclr_jax.stages import downstream  # noqa: PLC0415 (the heavier stage, only when used)
 
     summary = downstream.run(config, ds, workdir, writer, source)
-    with stops.doing("downstream: the nearest-neighbours picture"):
+    with signals.doing("downstream: the nearest-neighbours picture"):
         pictures.write_neighbours(config, ds, workdir, source, primary=writer.enabled)
     if writer.enabled:
         _write_report(workdir, summary)
@@ -173,7 +168,7 @@ def teacher_source(config, workdir: str) -> str:
     """The downstream run's checkpoint directory --mode=distill restores its teacher from; fails
     early if it holds no checkpoint (whether it is the run's final one is checked once the data is
     loaded: distill.restore_teacher)."""
-    where = os.path.join(os.path.abspath(workdir), "checkpoints", config.distill.teacher)
+    where = checkpoint_dir(workdir, config.distill.teacher)
     if not checkpoint.has_steps(where):
         raise CheckpointError(
             f"--mode=distill needs the downstream run '{config.distill.teacher}' as its teacher, "
@@ -185,7 +180,7 @@ def teacher_source(config, workdir: str) -> str:
 
 def _distill_stage(config, ds, workdir: str, writer) -> dict:
     """The distilled and the labels-only student, then the report rewritten with them."""
-    from simclr_jax import distill  # noqa: PLC0415 (only when used)
+    from simclr_jax.stages import distill  # noqa: PLC0415 (only when used)
 
     summary = distill.run(config, ds, workdir, writer)
     if writer.enabled:
@@ -214,11 +209,11 @@ def run(config, workdir: str, mode: str = "all") -> dict:
         check_checkpoints_in(config, source, finished=True)
     if mode == "distill":  # the teacher's checkpoint, made for this model and data
         check_checkpoints_in(config, teacher_source(config, workdir))
-    with stops.recording():  # a signal is acted on at the next stop point (stops.py)
+    with signals.recording():  # a signal is acted on at the next stop point (runtime/signals.py)
         ds = _load_data(config)
         transfer = _load_transfer(config, ds) if mode != "pretrain" else None
-        warnings = checks.check(config, mode, ds, transfer)  # refuses, or warns once, here
-        stops.check("loading the data")
+        warnings = data_checks.check(config, mode, ds, transfer)  # refuses, or warns once, here
+        signals.check("loading the data")
         return _run_stages(config, (ds, transfer), workdir, mode, source, warnings)
 
 
@@ -230,7 +225,7 @@ def _run_stages(
     downstream one is None in --mode=pretrain); warnings: `checks.check`'s, which config.json
     records for the report."""
     ds, transfer = datasets
-    config = data.with_stats(config, ds, transfer)  # the input normalisation, -> config.json
+    config = dataset.with_stats(config, ds, transfer)  # the input normalisation, -> config.json
     if warnings:
         with config.unlocked():
             config.warnings = list(warnings)
@@ -253,8 +248,9 @@ def _run_stages(
                 summary["distill"] = _distill_stage(config, transfer, workdir, writer)
         finally:
             writer.close()
-    if stops.requested():  # arrived after the last stop point: all is written
-        raise stops.Interrupted(
-            f"the run: {stops.describe(stops.requested())}; its work is written.", stops.requested()
+    if signals.requested():  # arrived after the last stop point: all is written
+        raise signals.Interrupted(
+            f"the run: {signals.describe(signals.requested())}; its work is written.",
+            signals.requested(),
         )
     return summary

@@ -18,13 +18,18 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from simclr_jax.app.lock import WorkdirLock
 from simclr_jax.errors import WorkdirError
-from simclr_jax.lock import LOCK_FILE, WorkdirLock
-from simclr_jax.metrics import METRICS_FILE, read_records
-from simclr_jax.train_state import model_identity
+from simclr_jax.runtime.files import (
+    CONFIG_FILE,
+    LOCK_FILE,
+    METRICS_FILE,
+    checkpoint_dir,
+    read_records,
+)
+from simclr_jax.train.state import model_identity
 
 log = logging.getLogger(__name__)
-CONFIG_FILE = "config.json"
 # The sections that make two runs incomparable: a workdir holding another one is refused.
 IDENTITY_KEYS = ("data.name", "data.image_size", "model")
 
@@ -63,7 +68,7 @@ def _identity_changes(path: str, config) -> dict:
 
 
 def _delete_run(workdir: str) -> None:
-    shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+    shutil.rmtree(checkpoint_dir(workdir), ignore_errors=True)
     for name in (METRICS_FILE, "tensorboard"):
         p = os.path.join(workdir, name)
         shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (
@@ -79,7 +84,9 @@ FREE_KEYS = ("restore", "overwrite", "distributed", "data.data_dir", "data.ident
 FREE_KEYS += ("data.mean", "data.std")
 FREE_KEYS += ("data.cache_gb", "data.read_threads", "data.prefetch", "data.max_bad_fraction")
 FREE_KEYS += ("downstream.data.data_dir", "downstream.data.identity")
-FREE_KEYS += ("warnings",)  # checks.py's notes on a run's settings and data (they vary by mode)
+FREE_KEYS += (
+    "warnings",
+)  # app/data_checks.py's notes on a run's settings and data (they vary by mode)
 FREE_KEYS += (
     "pretrain.checkpoint_every",
     "pretrain.keep_checkpoints",
@@ -227,7 +234,7 @@ def lock(workdir: str):
 def _work(workdir: str) -> tuple:
     """What a run leaves that counts as work: metrics records and checkpoint steps."""
     metrics = os.path.join(workdir, METRICS_FILE)
-    root = os.path.join(workdir, "checkpoints")
+    root = checkpoint_dir(workdir)
     phases = sorted(os.listdir(root)) if os.path.isdir(root) else []
     steps = [
         (p, sorted(d for d in os.listdir(os.path.join(root, p)) if d.isdigit())) for p in phases

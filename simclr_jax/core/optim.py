@@ -2,10 +2,10 @@
 decay, the learning rate scaled with the batch size, no weight decay (nor LARS trust ratio) on
 biases and BatchNorm parameters."""
 
+import math
+
 import jax
 import optax
-
-from simclr_jax.config import scaled_learning_rate
 
 
 def decay_mask(params):
@@ -53,3 +53,12 @@ def make_optimizer(
     if name == "adamw":
         return optax.adamw(schedule, weight_decay=wd, mask=decay_mask)
     raise ValueError(f"unknown optimizer {name!r}; use lars, sgd or adamw")
+
+
+def scaled_learning_rate(base_lr: float, batch_size: int, scaling: str) -> float:
+    """The official SimCLR rule: linear (lr * B / 256) or sqrt (lr * sqrt(B))."""
+    if scaling == "linear":
+        return base_lr * batch_size / 256.0
+    if scaling == "sqrt":
+        return base_lr * math.sqrt(batch_size)
+    return base_lr

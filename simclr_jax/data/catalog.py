@@ -4,7 +4,7 @@ Three kinds: the embedded scikit-learn handwritten digits (no network, no files)
 in torchvision's ImageFolder layout (`folders.py`) or its pack (`pack.py`), and any prepared tfds
 image set, read through `tfds.data_source` (array_record; no TensorFlow needed to read). A split
 name may join several with '+' ('train+unlabelled'). What a run does with them (the roles, the
-validation split, caching, statistics) is `data.py`'s.
+validation split, caching, statistics) is `data/dataset.py`'s.
 """
 
 import contextlib
@@ -15,7 +15,7 @@ import shlex
 
 import numpy as np
 
-from simclr_jax import folders, pack_format, sources
+from simclr_jax.data import folders, pack_format, sources
 from simclr_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def _folder_splits(data_cfg) -> tuple[dict, int]:
 
 
 def _packed_splits(data_cfg, root: str) -> tuple[dict, int]:
-    """A folder packed by `python -m simclr_jax.pack` (pack.py): its splits' array_record files."""
+    """A folder packed by `python -m simclr_jax.data.pack` (pack.py): its splits' array_record files."""
     meta = pack_format.read_meta(root)
     canvas = canvas_size(data_cfg, meta["canvas"])
     if canvas != meta["canvas"]:
@@ -143,7 +143,7 @@ def _packed_splits(data_cfg, root: str) -> tuple[dict, int]:
             raise DataError(
                 f"The pack {root} has splits {sorted(meta['splits'])}, not {name!r}: set "
                 f"config.data.pretrain_split / train_split / test_split to those, or pack "
-                f"{name!r} too (python -m simclr_jax.pack {meta['source']} NEW_OUT --canvas "
+                f"{name!r} too (python -m simclr_jax.data.pack {meta['source']} NEW_OUT --canvas "
                 f"{meta['canvas']})."
             )
         return sources.PackedSource(root, name, meta, canvas)

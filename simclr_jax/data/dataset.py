@@ -1,7 +1,7 @@
 """Datasets: the splits a run reads, as random-access sources (`sources.py`), never as a whole.
 
 A run names the split it pretrains on (possibly unlabelled, or several joined with '+') and the
-labelled train and test splits the evaluations read; `splits.py` opens them for each kind of
+labelled train and test splits the evaluations read; `data/catalog.py` opens them for each kind of
 dataset (the embedded digits, an image folder or its pack, a prepared tfds set). Here: the
 roles, the train side's cut and validation split, host caching, the pretraining split's channel
 statistics (the encoder's input normalisation), the data's identity that checkpoints record,
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from simclr_jax import sources
-from simclr_jax import splits as dataset_splits
+from simclr_jax.data import catalog as dataset_splits
+from simclr_jax.data import sources
 from simclr_jax.errors import ConfigError, DataError
 
 # The CIFAR-10 statistics the ResNet applied itself before the normalisation moved to the data

@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
+from simclr_jax.data.images import BadImage, decode
 from simclr_jax.errors import DataError
-from simclr_jax.images import BadImage, decode
 
 log = logging.getLogger(__name__)
 

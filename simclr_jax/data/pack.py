@@ -1,8 +1,8 @@
 """An image folder, or a prepared tfds dataset, packed once into array_record files of
 canvas-sized images: faster to stream, and a dataset that travels without tensorflow-datasets.
 
-    python -m simclr_jax.pack DIR OUT --canvas 256          # then --config.data.data_dir=OUT
-    python -m simclr_jax.pack --tfds cifar10 --data-dir TFDS_DIR OUT --encoding jpeg --quality 98
+    python -m simclr_jax.data.pack DIR OUT --canvas 256          # then --config.data.data_dir=OUT
+    python -m simclr_jax.data.pack --tfds cifar10 --data-dir TFDS_DIR OUT --encoding jpeg --quality 98
 
 DIR is the ImageFolder layout a run reads (`folders.LAYOUT`); OUT gets, per split, SPLIT.array_record
 (one record per readable image, in the folder's order: decoded, made RGB and resized to the canvas
@@ -29,9 +29,9 @@ import logging
 import os
 import sys
 
-from simclr_jax import folders, pack_format
-from simclr_jax import images as image_files
-from simclr_jax import splits as dataset_splits
+from simclr_jax.data import catalog as dataset_splits
+from simclr_jax.data import folders, pack_format
+from simclr_jax.data import images as image_files
 from simclr_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def _pack_source(source, out, split, classes, encoding, quality, num_threads) ->
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m simclr_jax.pack", description=__doc__.splitlines()[0]
+        prog="python -m simclr_jax.data.pack", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
         "paths",

@@ -15,7 +15,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from simclr_jax import images as image_files
+from simclr_jax.data import images as image_files
 from simclr_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def read_meta(root: str) -> dict:
     except (OSError, ValueError) as err:
         raise DataError(
             f"Could not read {path} ({type(err).__name__}: {err}): pack the folder again "
-            f"(python -m simclr_jax.pack DIR {root})."
+            f"(python -m simclr_jax.data.pack DIR {root})."
         ) from err
     if meta.get("kind") != KIND or meta.get("version") != VERSION:
         raise DataError(

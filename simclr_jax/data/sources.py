@@ -22,8 +22,8 @@ import os
 
 import numpy as np
 
-from simclr_jax import folders, pack_format
-from simclr_jax import images as image_files
+from simclr_jax.data import folders, pack_format
+from simclr_jax.data import images as image_files
 from simclr_jax.errors import DataError
 
 

@@ -21,7 +21,7 @@ import threading
 import jax
 import numpy as np
 
-from simclr_jax import parallel
+from simclr_jax.runtime import parallel
 
 # grain >= 0.2.18 on a jaxlib older than 0.11 (the Colab runtime's 0.7.2) logs this at import, in
 # every run: about profiling its multiprocess workers, which this stream does not use (it reads

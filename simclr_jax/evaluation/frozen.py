@@ -1,6 +1,6 @@
 """Frozen-encoder evaluations, shared by the pretraining monitor and the downstream stage: feature
 extraction (pmapped, BN in inference mode; h or a projection-head layer's output) and the
-weighted kNN classifier (the linear probe is `probe.py`'s).
+weighted kNN classifier (the linear probe is `evaluation/linear_probe.py`'s).
 """
 
 import functools
@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from simclr_jax import augment, data, models, parallel, stops, stream
-from simclr_jax.config import ft_proj_selector
-from simclr_jax.train_state import compute_dtype
+from simclr_jax.core import augment, networks, resnet
+from simclr_jax.core.networks import ft_proj_selector
+from simclr_jax.data import dataset, stream
+from simclr_jax.runtime import parallel, signals
+from simclr_jax.train.state import compute_dtype
 
 
 def make_feature_fn(model, spec, layer: int = 0):
@@ -22,7 +24,7 @@ def make_feature_fn(model, spec, layer: int = 0):
 
     def features(variables, images):
         x = augment.downstream_batch(None, 0, images, None, False, spec.image_size)
-        x = data.normalize(x, spec)
+        x = dataset.normalize(x, spec)
         return model.apply(variables, x, train=False, method="features", layer=layer)
 
     return jax.pmap(features, axis_name=parallel.AXIS)
@@ -33,7 +35,7 @@ def extract_features(feature_fn, variables, reader, num_examples: int, data_cfg)
     (num_examples, F) float32. `variables` are replicated (leading local-device axis)."""
     out = []
     for ids, batch in stream.eval_chunks(reader, num_examples, data_cfg):
-        stops.check()  # a signal stops here (stops.py), between chunks
+        signals.check()  # a signal stops here (runtime/signals.py), between chunks
         feats = feature_fn(variables, batch["images"])  # (local_devices, per_device, F)
         feats = multihost_utils.process_allgather(feats, tiled=True)  # (devices, per_device, F)
         out.append(np.asarray(feats).reshape(-1, feats.shape[-1])[: len(ids)])
@@ -54,7 +56,7 @@ def frozen_features(config, ds, subset: np.ndarray, encoder: dict) -> tuple[np.n
     """Features of the labelled subset (n, F) and of the test set (m, F) from the frozen `encoder`
     (`model_variables`), on the host, float32: h, or the output of the first
     downstream.ft_proj_selector head layers (`encoder` must then hold them)."""
-    model = models.build_model(config.model, dtype=compute_dtype(config))
+    model = networks.build_model(config.model, dtype=compute_dtype(config))
     spec = augment.spec_from_config(config)
     feature_fn = make_feature_fn(model, spec, ft_proj_selector(config))
     variables = parallel.replicate(model_variables(encoder))
@@ -74,14 +76,18 @@ def estimate_batch_stats(config, source, ids: np.ndarray, encoder: dict, chunk: 
     running-statistics update, and the chunks' statistics are averaged, weighted by size. Returns
     `encoder` with those batch_stats (its params unchanged). On one device, the same on every
     host."""
-    model = models.build_model(config.model, dtype=compute_dtype(config))
-    spec, m, layer = augment.spec_from_config(config), models.BN_MOMENTUM, ft_proj_selector(config)
+    model = networks.build_model(config.model, dtype=compute_dtype(config))
+    spec, m, layer = (
+        augment.spec_from_config(config),
+        resnet.BN_MOMENTUM,
+        ft_proj_selector(config),
+    )
     variables = model_variables(encoder)
     variables["batch_stats"] = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
 
     @jax.jit
     def chunk_stats(images):
-        x = data.normalize(
+        x = dataset.normalize(
             augment.downstream_batch(None, 0, images, None, False, spec.image_size), spec
         )
         _, new = model.apply(
@@ -91,7 +97,7 @@ def estimate_batch_stats(config, source, ids: np.ndarray, encoder: dict, chunk: 
 
     total, ids = None, np.asarray(ids)
     for start in range(0, len(ids), chunk):
-        stops.check()
+        signals.check()
         part = ids[start : start + chunk]
         weight = float(len(part))
         stats = jax.tree.map(lambda s: s * weight, chunk_stats(source.read(part)))  # noqa: B023
@@ -146,7 +152,7 @@ def knn_predictions(
     k = min(k, train.shape[0])
     preds = []
     for i in range(0, test.shape[0], chunk):
-        stops.check()
+        signals.check()
         preds.append(_knn_chunk(test[i : i + chunk], train, labels, k, temperature, num_classes))
     return np.concatenate(preds)
 

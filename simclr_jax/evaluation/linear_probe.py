@@ -11,8 +11,8 @@ import numpy as np
 import optax
 from jax import lax
 
-from simclr_jax import stops
-from simclr_jax.train_state import LINEAR_KEY
+from simclr_jax.runtime import signals
+from simclr_jax.train.state import LINEAR_KEY
 
 
 def _stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -86,7 +86,7 @@ def _cross_validate(xs, ys, fold: np.ndarray, l2_grid, folds: int, num_classes: 
     for f in range(folds):
         train, held = jnp.asarray(fold != f, jnp.float32), jnp.asarray(fold == f, jnp.float32)
         for j, l2 in enumerate(l2_grid):
-            stops.check()  # between fits: a signal never lands inside numpy's setitem
+            signals.check()  # between fits: a signal never lands inside numpy's setitem
             params = _fit(xs, ys, train, l2, num_classes=num_classes, iters=iters)
             losses[f, j] = jnp.sum(held * _probe_loss(params, xs, ys)) / jnp.sum(held)
             unconverged += int(float(_grad_max(params, xs, ys, train, l2)) > GRAD_TOL)
@@ -178,7 +178,7 @@ def linear_probe(
 
         how, l2, widened = _choose_penalty(score, grid, scores)
     xs, xt = prepared(how)
-    stops.check()
+    signals.check()
     ones = jnp.ones(len(train_y))
     params = _fit(xs, ys, ones, l2, num_classes=num_classes, iters=iters)
     grad_max = float(_grad_max(params, xs, ys, ones, l2))

@@ -1,10 +1,10 @@
 """The report of a run, from the files in its workdir only: metrics.jsonl and config.json ->
-report.json (every number), report.md (`report_md.py`: the table a person reads first, every
+report.json (every number), report.md (`report/markdown.py`: the table a person reads first, every
 accuracy beside its baselines on the same labelled images and test split) and the plots of
 `plots.py`.
 
 It imports neither jax nor the training modules, so it can be rerun on a finished (or copied)
-workdir:  python -m simclr_jax.report WORKDIR
+workdir:  python -m simclr_jax.report.build WORKDIR
 """
 
 import json
@@ -12,13 +12,18 @@ import math
 import os
 import sys
 
-from simclr_jax import plots, report_md
+from simclr_jax.report import markdown as report_md
+from simclr_jax.report import plots, sections
+from simclr_jax.runtime.files import (
+    ACCURACY_PNG,
+    CONFIG_FILE,
+    LOSS_PNG,
+    METRICS_FILE,
+    REPORT_JSON,
+    REPORT_MD,
+    read_records,
+)
 
-# The file names the training side writes (metrics.METRICS_FILE, workdirs.CONFIG_FILE); repeated
-# here rather than imported, since those modules import jax.
-METRICS_FILE, CONFIG_FILE = "metrics.jsonl", "config.json"
-REPORT_JSON, REPORT_MD = "report.json", "report.md"
-ACCURACY_PNG, LOSS_PNG = "accuracy.png", "loss.png"
 RUNS = ("finetune", "scratch", "finetune_long", "scratch_long")  # classifier phases
 STUDENTS = ("distill", "distill_labels")  # --mode=distill: the distilled and labels-only student
 FROZEN = ("chance", "linear_pixels", "knn_pixels", "linear_random", "knn_random", "linear", "knn")
@@ -28,20 +33,6 @@ CURVE_KEYS += (("test_acc",) * 2,)
 # CONVERGENCE_TAIL of epochs has not converged, nor has a short run that the long one of the same
 # start beats by more than ACC_RISE.
 CONVERGENCE_TAIL, ACC_RISE = 0.2, 0.01
-
-
-def read_records(path: str) -> list[dict]:
-    """metrics.jsonl's records (a torn last line from a kill is skipped); [] if there is none."""
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
 
 
 def loop_wall_s(records: list[dict], images_per_step: int) -> float | None:
@@ -105,7 +96,7 @@ def run_settings(config: dict, run: str, records: list[dict]) -> dict:
     own = (dc.get("runs") or {}).get(run) or {}
     logged = [r["peak_learning_rate"] for r in records if "peak_learning_rate" in r]
     return {
-        "learning_rate": logged[-1] if logged else report_md.peak_lr(dc) if records else None,
+        "learning_rate": logged[-1] if logged else sections.peak_lr(dc) if records else None,
         "chosen_on": own.get("chosen_on") or config.get("settings_chosen_on") or None,
     }
 
@@ -228,7 +219,7 @@ def build(workdir: str) -> dict:
 
 def run_warnings(config: dict, frozen: dict) -> list[str]:
     """What the run was warned of, one line each: the settings that were legal but odd
-    (config.json's `warnings`, from checks.py) and the linear probes whose fits had not converged
+    (config.json's `warnings`, from app/data_checks.py) and the linear probes whose fits had not converged
     (their records' `not_converged`)."""
     out = list(config.get("warnings") or [])
     names = {key: what for key, what, _ in report_md.ROWS}
@@ -281,7 +272,7 @@ def write(workdir: str) -> dict:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m simclr_jax.report WORKDIR", file=sys.stderr)
+        print("usage: python -m simclr_jax.report.build WORKDIR", file=sys.stderr)
         return 2
     write(argv[1])
     print(os.path.join(argv[1], REPORT_MD))

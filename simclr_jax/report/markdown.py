@@ -3,19 +3,16 @@ the same labelled images and test split, the findings (differences, what falls b
 which classifier has not converged), the pretraining, and the per-epoch curves.
 """
 
-import math
-import os
-
-from simclr_jax import plots
-
-PICTURES = (
-    (plots.VIEWS_PNG, "Augmented views: source images and their two SimCLR views at step 0"),
-    (
-        plots.PRETRAIN_PNG,
-        "Pretraining: loss, learning rate, and the kNN monitor's and the online linear head's "
-        "accuracy per step",
-    ),
-    (plots.NEIGHBOURS_PNG, "Nearest training images of test images in h-space (cosine similarity)"),
+from simclr_jax.report.sections import (
+    num,
+    pct,
+    per_epoch,
+    pictures,
+    pretraining,
+    protocol,
+    pts,
+    secs,
+    warnings,
 )
 
 # (key in the report, what the row says, is it a SimCLR row) in the order of the table.
@@ -42,32 +39,6 @@ CLASSIFIERS = (
     ("finetune_long", "Classifier fine-tuned from the SimCLR encoder"),
     ("scratch_long", "Classifier trained from scratch"),
 )
-
-
-def _pct(x) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
-
-
-def _num(x) -> str:
-    return "—" if x is None or not math.isfinite(x) else f"{x:.4f}"
-
-
-def _secs(x) -> str:
-    if x is None:
-        return "—"
-    return f"{x:.1f} s" if x < 120 else f"{x / 60:.1f} min"
-
-
-def _pts(x) -> str:
-    return f"{100 * x:+.2f} points"
-
-
-def peak_lr(section: dict) -> float:
-    """config.scaled_learning_rate, repeated (that module imports jax)."""
-    lr, batch, rule = section["learning_rate"], section["batch_size"], section["lr_scaling"]
-    return (
-        lr * batch / 256.0 if rule == "linear" else lr * math.sqrt(batch) if rule == "sqrt" else lr
-    )
 
 
 def _header(rep: dict) -> list[str]:
@@ -182,7 +153,7 @@ def _table(rep: dict) -> list[str]:
     lines = [
         "| Method | Labels | Test accuracy | Test loss | Wall time |",
         "|---|---:|---:|---:|---:|",
-        f"| Chance (uniform guess) | 0 | {_pct(chance.get('test_acc'))} | — | — |",
+        f"| Chance (uniform guess) | 0 | {pct(chance.get('test_acc'))} | — | — |",
     ]
     for key, what, ours in ROWS:
         r = rep[key] or {}
@@ -191,9 +162,9 @@ def _table(rep: dict) -> list[str]:
         elif r.get("preprocessing"):
             flag = ", not converged" if r.get("not_converged") else ""
             what += f" ({r['preprocessing']}, L2 {r['l2']:g}{flag})"
-        cell = f"**{_pct(r.get('test_acc'))}**" if ours else _pct(r.get("test_acc"))
+        cell = f"**{pct(r.get('test_acc'))}**" if ours else pct(r.get("test_acc"))
         lines.append(
-            f"| {what} | {n} | {cell} | {_num(r.get('test_loss'))} | {_secs(r.get('wall_s'))} |"
+            f"| {what} | {n} | {cell} | {num(r.get('test_loss'))} | {secs(r.get('wall_s'))} |"
         )
     for key, what in CLASSIFIERS:
         r = rep[key]
@@ -202,8 +173,8 @@ def _table(rep: dict) -> list[str]:
         flag = " (not converged)" if r["not_converged"] else ""
         lr = f", lr {r['learning_rate']:g}" if r.get("learning_rate") is not None else ""
         lines.append(
-            f"| {what}, {r['epoch'][-1]} epochs{lr}{flag} | {n} | {_pct(r['final_test_acc'])} | "
-            f"{_num(r['final_test_loss'])} | {_secs(r['wall_s'])} |"
+            f"| {what}, {r['epoch'][-1]} epochs{lr}{flag} | {n} | {pct(r['final_test_acc'])} | "
+            f"{num(r['final_test_loss'])} | {secs(r['wall_s'])} |"
         )
     return lines + _student_rows(rep) + [""]
 
@@ -239,8 +210,8 @@ def _student_rows(rep: dict) -> list[str]:
             what = f"The same student on the labels alone, {r['epoch'][-1]} epochs{lr}{flag}"
             labels = f"{n}"
         lines.append(
-            f"| {what} | {labels} | **{_pct(r['final_test_acc'])}** | "
-            f"{_num(r['final_test_loss'])} | {_secs(r['wall_s'])} |"
+            f"| {what} | {labels} | **{pct(r['final_test_acc'])}** | "
+            f"{num(r['final_test_loss'])} | {secs(r['wall_s'])} |"
         )
     return lines
 
@@ -260,7 +231,7 @@ def _findings(rep: dict) -> list[str]:
         if key in s:
             compared = "minus_scratch" in key or "distilled" in key  # not against a baseline
             below = " — **below the baseline**" if s[key] < 0 and not compared else ""
-            lines.append(f"- {text}: **{_pts(s[key])}**{below}.")
+            lines.append(f"- {text}: **{pts(s[key])}**{below}.")
     students = [(k, f"Student run '{k}'") for k in STUDENTS if (rep.get(k) or {}).get("epoch")]
     for key, what in list(CLASSIFIERS) + students:
         r = rep[key]
@@ -273,130 +244,14 @@ def _findings(rep: dict) -> list[str]:
     return lines + [""]
 
 
-def _pretraining(rep: dict) -> list[str]:
-    pre, cfg = rep["pretrain"], rep["config"]
-    if pre["steps"] is None:
-        return []
-    line = (
-        f"Pretraining: {pre['steps']} steps of {cfg['pretrain']['batch_size']} images, final "
-        f"NT-Xent loss {_num(pre['final_loss'])}, {_secs(pre['wall_s'])}."
-    )
-    if pre["knn_acc"] is not None:
-        line += (
-            f" kNN monitor at the end: {_pct(pre['knn_acc'])} — it uses *every* train label as "
-            f"its memory bank, so it is not comparable with the table above."
-        )
-    return ["## Pretraining", "", line, ""] + _online_probe(pre)
-
-
-def _online_probe(pre: dict) -> list[str]:
-    """The online linear head's numbers (or why it was off), and the accuracies at the kNN
-    monitor's points side by side."""
-    head = pre.get("online_probe")
-    if head is None:
-        return []
-    if not head["on"]:
-        return [f"Online linear head: off ({head['off_because']}).", ""]
-    test = (
-        f", test top-1 {_pct(head['test_acc'])} at step {head['test_curve'][-1][0]}"
-        if head["test_acc"] is not None
-        else " (no test accuracy: it is read at the kNN monitor's points, pretrain.knn_every)"
-    )
-    lines = [
-        f"Online linear head (a linear layer on stop_gradient(h) of each step's first views, "
-        f"trained on their labels in the pretraining step, pretrain.online_probe): train-view "
-        f"top-1 {_pct(head['train_acc'])} and cross-entropy {_num(head['train_loss'])} over "
-        f"the last log interval{test}. Like the kNN monitor it learns from *every* train label.",
-        "",
-    ]
-    knn, head_test = dict(pre["knn_curve"]), dict(head["test_curve"])
-    train = dict(head["train_curve"])
-    steps = sorted(set(knn) | set(head_test))
-    if not steps:
-        return lines
-    lines += [
-        "| Step | kNN monitor (test) | Online linear head (test) | Online linear head (train "
-        "views) |",
-        "|---:|---:|---:|---:|",
-    ]
-    for step in steps:
-        lines.append(
-            f"| {step} | {_pct(knn.get(step))} | {_pct(head_test.get(step))} | "
-            f"{_pct(train.get(step))} |"
-        )
-    return lines + [""]
-
-
-def _protocol(rep: dict) -> list[str]:
-    dc = rep["config"]["downstream"]
-    return [
-        "## Protocol",
-        "",
-        f"Classifiers: the encoder plus a zero-initialised linear head, trained end to end with "
-        f"{dc['optimizer']} (each run at its own peak lr, above; batch {dc['batch_size']}, "
-        f"weight decay {dc['weight_decay']:g}, warm-up then cosine decay), random crop and flip "
-        f"(p={rep['config']['augment']['flip_prob']:g}). The fine-tuned and the scratch runs "
-        f"share the data order, augmentations, head init and schedule's shape; only the encoder's "
-        f"initial weights and the peak learning rate differ: scratch starts from the weights "
-        f"SimCLR pretraining started from. A run "
-        f"is 'not converged' when its train or test accuracy rose by more than 1 point over its "
-        f"last 20% of epochs. Frozen features: BN in inference mode; the logistic regression "
-        f"(L-BFGS) takes standardised or raw features and its L2 penalty from "
-        f"{list(dc['linear_l2_grid'])} (widened 10x past an edge the pick lands on) by "
-        f"{dc['linear_folds']}-fold cross-validation on the labelled images; kNN: cosine "
-        f"similarity, votes weighted by exp(similarity / T). Raw pixels: the images at the "
-        f"encoder's input size in [0, 1], flattened. Random-init encoder: the pretraining's "
-        f"initial weights, with BN statistics estimated on the labelled images (its residual "
-        f"branches end in a BN whose scale starts at zero, as in training).",
-        "",
-    ]
-
-
-def _per_epoch(rep: dict) -> list[str]:
-    ft, sc = rep["finetune"], rep["scratch"]
-    lines = [
-        "## Per epoch (short budget)",
-        "",
-        "| Epoch | Fine-tuned test acc | Scratch test acc | Fine-tuned test loss | "
-        "Scratch test loss |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for i in range(max(len(ft["epoch"]), len(sc["epoch"]))):
-
-        def at(run, key, i=i):
-            return run[key][i] if i < len(run[key]) else None
-
-        lines.append(
-            f"| {at(ft, 'epoch') or at(sc, 'epoch')} | {_pct(at(ft, 'test_acc'))} | "
-            f"{_pct(at(sc, 'test_acc'))} | {_num(at(ft, 'test_loss'))} | "
-            f"{_num(at(sc, 'test_loss'))} |"
-        )
-    return lines + [""]
-
-
-def _pictures(rep: dict) -> list[str]:
-    """Links to the pictures of the run that are in its workdir."""
-    found = [(f, what) for f, what in PICTURES if os.path.exists(os.path.join(rep["workdir"], f))]
-    lines = ["## Pictures", ""] if found else []
-    for name, what in found:
-        lines += [f"{what}:", "", f"![{what}]({name})", ""]
-    return lines
-
-
-def _warnings(rep: dict) -> list[str]:
-    """What the run was warned of (report.run_warnings), where there is anything."""
-    found = rep.get("warnings") or []
-    return ["## Warnings", "", *(f"- {w}" for w in found), ""] if found else []
-
-
 def markdown(rep: dict, accuracy_png: str = "accuracy.png", loss_png: str = "loss.png") -> str:
     lines = (
         _header(rep)
-        + _warnings(rep)
+        + warnings(rep)
         + _table(rep)
         + _findings(rep)
-        + _pretraining(rep)
-        + _protocol(rep)
+        + pretraining(rep)
+        + protocol(rep)
     )
     lines += [f"![classifier accuracy]({accuracy_png})", "", f"![classifier loss]({loss_png})", ""]
-    return "\n".join(lines + _per_epoch(rep) + _pictures(rep))
+    return "\n".join(lines + per_epoch(rep) + pictures(rep))

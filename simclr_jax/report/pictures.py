@@ -14,10 +14,19 @@ import os
 import jax
 import numpy as np
 
-from simclr_jax import augment, evaluate, models, parallel, plots, stream
-from simclr_jax.metrics import METRICS_FILE, read_records
-from simclr_jax.plots import NEIGHBOURS_PNG, PRETRAIN_PNG, VIEWS_PNG
-from simclr_jax.train_state import (
+from simclr_jax.core import augment, networks
+from simclr_jax.data import stream
+from simclr_jax.evaluation import frozen
+from simclr_jax.report import plots
+from simclr_jax.runtime import parallel
+from simclr_jax.runtime.files import (
+    METRICS_FILE,
+    NEIGHBOURS_PNG,
+    PRETRAIN_PNG,
+    VIEWS_PNG,
+    read_records,
+)
+from simclr_jax.train.state import (
     AUGMENT_KEY,
     DATA_KEY,
     compute_dtype,
@@ -84,8 +93,8 @@ def nearest_neighbours(
     """Test queries and their k nearest training images by cosine similarity of h from the frozen
     `encoder` ({'params', 'batch_stats'} of f). The bank is the train split (a fixed random subset
     of `max_bank` when larger). Every process computes it (the feature extraction is collective)."""
-    model = models.build_model(config.model, dtype=compute_dtype(config))
-    feature_fn = evaluate.make_feature_fn(model, augment.spec_from_config(config))
+    model = networks.build_model(config.model, dtype=compute_dtype(config))
+    feature_fn = frozen.make_feature_fn(model, augment.spec_from_config(config))
     variables = parallel.replicate(
         {
             "params": {"encoder": encoder["params"]},
@@ -100,10 +109,10 @@ def nearest_neighbours(
 
     def features(source, ids):
         reader = stream.Reader(source, index=ids)
-        return evaluate.extract_features(feature_fn, variables, reader, len(ids), config.data)
+        return frozen.extract_features(feature_fn, variables, reader, len(ids), config.data)
 
-    bank_h = evaluate.l2_normalize(features(ds.train, bank))  # (B, F)
-    query_h = evaluate.l2_normalize(features(ds.test, queries))  # (q, F)
+    bank_h = frozen.l2_normalize(features(ds.train, bank))  # (B, F)
+    query_h = frozen.l2_normalize(features(ds.test, queries))  # (q, F)
     sims = np.asarray(query_h @ bank_h.T)  # (q, B)
     order = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # (q, k)
     return {

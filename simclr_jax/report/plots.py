@@ -1,7 +1,7 @@
 """The run's pictures (PNG, matplotlib's object API: no pyplot, so no global backend or figure
 state). Imports neither jax nor the training modules.
 
-* `classifier_curves`: the downstream classifiers per epoch (report.py);
+* `classifier_curves`: the downstream classifiers per epoch (report/build.py);
 * `views_grid`, `pretrain_curves`, `neighbours_grid`: the pictures people check first in
   self-supervised learning (the augmented views, the pretraining curves, nearest neighbours in
   feature space), from data that `pictures.py` gathers.
@@ -9,8 +9,6 @@ state). Imports neither jax nor the training modules.
 
 import numpy as np
 
-# The pictures' file names in the workdir (pictures.py writes them, report.md links them).
-VIEWS_PNG, PRETRAIN_PNG, NEIGHBOURS_PNG = "views.png", "pretrain.png", "neighbours.png"
 # The online linear head's record keys (pretrain.PROBE_*, repeated: that module imports jax).
 PROBE_LOSS, PROBE_ACC = "online_probe_loss", "online_probe_acc"
 PROBE_TEST_ACC = "online_probe_test_acc"

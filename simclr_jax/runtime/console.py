@@ -8,7 +8,7 @@ import os
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-REPORT_MD = "report.md"  # report.REPORT_MD (report.py draws plots: not imported for a name)
+from simclr_jax.runtime.files import REPORT_MD, checkpoint_dir
 
 
 @contextlib.contextmanager
@@ -44,7 +44,7 @@ def summary_lines(summary: dict) -> list[str]:
         lines.append(
             f"  pretraining: step {pre.get('step', '?')}, loss "
             f"{'?' if loss is None else f'{loss:.4f}'}; checkpoints in "
-            f"{os.path.join(workdir, 'checkpoints', 'pretrain')}"
+            f"{checkpoint_dir(workdir, 'pretrain')}"
         )
     down = summary.get("downstream")
     if down:

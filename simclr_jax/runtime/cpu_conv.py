@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from simclr_jax import xla_env
+from simclr_jax.runtime import xla
 
 NARROW = 32  # output channels up to which the GEMM filter gradient is used (both rules)
 LARGE_MIN = 64  # `narrow+large`: output channels from which a 3x3 convolution uses it too ...
@@ -170,11 +170,11 @@ def default_rule(environ=os.environ) -> str:
         if wanted not in RULES:
             raise ValueError(f"{RULE_ENV}={wanted}: expected one of {', '.join(RULES)} (or unset)")
         return wanted
-    return "narrow+large" if xla_env.jaxlib_version() >= LARGE_JAXLIB else "narrow"
+    return "narrow+large" if xla.jaxlib_version() >= LARGE_JAXLIB else "narrow"
 
 
 def conv_module(backend: str | None = None, rule: str | None = None):
-    """The convolution to inject into the ResNet (`models.build_model(..., conv=...)`): on CPU,
+    """The convolution to inject into the ResNet (`networks.build_model(..., conv=...)`): on CPU,
     nn.Conv with `gemm_grad_conv` under `rule` (default: `default_rule()`); elsewhere (GPU, TPU)
     plain nn.Conv."""
     if (backend or jax.default_backend()) != "cpu":

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-METRICS_FILE = "metrics.jsonl"
+from simclr_jax.runtime.files import METRICS_FILE, read_records
 
 
 def _to_python(v):
@@ -72,20 +72,6 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
-
-
-def read_records(path: str, phase: str | None = None) -> list[dict]:
-    """The records of metrics.jsonl (a torn last line from a kill is ignored)."""
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if phase is None or r.get("phase") == phase:
-                out.append(r)
-    return out
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool | None = None):

@@ -7,7 +7,7 @@ element with a sequence" (issue #25). So while `recording()` is on (pipeline.run
 run), a signal only sets a flag, and the work polls it where stopping is clean:
 
 * the step loop (loop.py), after every step: it writes that step's checkpoint first;
-* the evaluations outside it (evaluate.py, downstream.py), between chunks and fits: `check(what)`
+* the evaluations outside it (evaluation/frozen.py, downstream.py), between chunks and fits: `check(what)`
   raises `Interrupted`, nothing of that evaluation is kept, and the rerun does it again (the
   frozen evaluations are recomputed on every downstream run, bit for bit);
 * the end of the run (pipeline.run): a signal during the pictures or the report stops it once

@@ -26,11 +26,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from simclr_jax import augment, classifier, data, loop, losses, optim, parallel, runs, stream
-from simclr_jax.checkpoint import Checkpointer, UnreadableCheckpoint
-from simclr_jax.config import scaled_learning_rate
+from simclr_jax.core import augment, losses, optim
+from simclr_jax.core.optim import scaled_learning_rate
+from simclr_jax.data import dataset, stream
 from simclr_jax.errors import CheckpointError
-from simclr_jax.train_state import (
+from simclr_jax.runtime import parallel
+from simclr_jax.runtime.files import checkpoint_dir
+from simclr_jax.train import classifier, loop, supervised
+from simclr_jax.train.checkpoint import Checkpointer, UnreadableCheckpoint
+from simclr_jax.train.state import (
     DISTILL_AUGMENT_KEY,
     DISTILL_DATA_KEY,
     DISTILL_INIT_KEY,
@@ -73,7 +77,7 @@ def distill_step(
         x = augment.downstream_batch(
             aug_key, state.step, images, ids, True, spec.image_size, spec.flip_prob
         )
-    x = data.normalize(x, spec)
+    x = dataset.normalize(x, spec)
     t_logits = teacher.apply(teacher_vars, x, train=False)  # (n, C)
 
     def loss_fn(params):
@@ -110,14 +114,16 @@ def student_view(config) -> str:
 
 
 def teacher_dir(workdir: str, config) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints", config.distill.teacher)
+    return checkpoint_dir(workdir, config.distill.teacher)
 
 
 def teacher_steps(config, ds) -> int:
     """The final step of the downstream run distill.teacher names (its budget on the subset)."""
     dc = config.downstream
-    subset = data.labelled_subset(ds.train_labels, dc.label_fraction, ds.num_classes, config.seed)
-    spe = len(runs.epoch_indices(subset, dc.batch_size)) // dc.batch_size
+    subset = dataset.labelled_subset(
+        ds.train_labels, dc.label_fraction, ds.num_classes, config.seed
+    )
+    spe = len(supervised.epoch_indices(subset, dc.batch_size)) // dc.batch_size
     long = config.distill.teacher.endswith("_long")
     return int((dc.long_epochs if long else dc.epochs) * spe)
 
@@ -161,7 +167,7 @@ def run_meta(config, phase: str, origin: dict) -> dict:
     return {
         **checkpoint_meta(config, phase),
         "run": {
-            **runs.shared_meta(config),  # seed, precision, data cut, flip, the transfer set
+            **supervised.shared_meta(config),  # seed, precision, data cut, flip, the transfer set
             "student": model_identity(student_model(config).to_dict()),
             "distill": settings,
             **origin,
@@ -174,7 +180,7 @@ def _distill_parts(config, ds, student, teacher_vars):
     dc = config.distill
     spe = stream.steps_per_epoch(len(ds.pretrain), dc.batch_size)
     total = int(dc.epochs * spe)
-    every = spe * runs.eval_every(dc.epochs)
+    every = spe * supervised.eval_every(dc.epochs)
     loop_spec = loop.LoopSpec(DISTILL, total, spe, every, every, dc.batch_size)
     schedule = optim.make_schedule(dc, spe, total)
     step_fn = functools.partial(
@@ -208,13 +214,13 @@ def _labels_parts(config, ds, ids):
     section.learning_rate = config.distill.labels_learning_rate
     spe = len(ids) // section.batch_size
     epochs = config.distill.labels_epochs
-    total, every = int(epochs * spe), spe * runs.eval_every(epochs)
+    total, every = int(epochs * spe), spe * supervised.eval_every(epochs)
     loop_spec = loop.LoopSpec(LABELS, total, spe, every, every, section.batch_size)
     schedule = optim.make_schedule(section, spe, total)
     _, p_step = classifier.make_classifier_step(
         config, schedule, ds.num_classes, model_cfg=student_model(config)
     )
-    inputs = runs.labelled_inputs(config, ds, ids)
+    inputs = supervised.labelled_inputs(config, ds, ids)
     peak = scaled_learning_rate(section.learning_rate, section.batch_size, section.lr_scaling)
     return loop_spec, optim.make_optimizer(section, schedule), p_step, inputs, peak
 
@@ -227,8 +233,10 @@ def run(config, ds, workdir: str, writer) -> dict:
     teacher_vars, teacher_id, teacher_at = restore_teacher(config, ds, workdir)
     log.info("Teacher: %s, step %d.", teacher_at, teacher_id["step"])
     dc = config.downstream
-    subset = data.labelled_subset(ds.train_labels, dc.label_fraction, ds.num_classes, config.seed)
-    ids = runs.epoch_indices(subset, dc.batch_size)
+    subset = dataset.labelled_subset(
+        ds.train_labels, dc.label_fraction, ds.num_classes, config.seed
+    )
+    ids = supervised.epoch_indices(subset, dc.batch_size)
     student = classifier.build_model(config, ds.num_classes, student_model(config))
     spec = augment.spec_from_config(config)
     test = classifier.make_evaluator(student, spec, ds.test, config.data)
@@ -245,7 +253,7 @@ def run(config, ds, workdir: str, writer) -> dict:
     earlier = {DISTILL: run_meta(config, DISTILL, old_id)["run"], LABELS: None}
     extra = {
         DISTILL: {"teacher": config.distill.teacher, "temperature": config.distill.temperature},
-        LABELS: {"subset": data.subset_digest(ids)},
+        LABELS: {"subset": dataset.subset_digest(ids)},
     }
     walls = {}
     for phase, (loop_spec, tx, p_step, inputs, peak) in parts.items():
@@ -256,7 +264,7 @@ def run(config, ds, workdir: str, writer) -> dict:
 
         meta = run_meta(config, phase, origins[phase])
         run_parts = (state, p_step, inputs, evaluator, meta)
-        walls[phase] = runs.train_in_workdir(
+        walls[phase] = supervised.train_in_workdir(
             config, workdir, writer, loop_spec, run_parts, earlier[phase]
         )
     return {"teacher": teacher_id, "train_wall_s": walls}

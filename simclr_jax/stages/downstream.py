@@ -1,7 +1,7 @@
 """The downstream comparison: does SimCLR pretraining help when labels are few?
 
-Orchestration only (the parts live in `classifier.py`, `runs.py`, `evaluate.py` and
-`train_state.py`). Every method sees the same class-balanced labelled subset of the train split
+Orchestration only (the parts live in `classifier.py`, `train/supervised.py`, `evaluation/frozen.py` and
+`train/state.py`). Every method sees the same class-balanced labelled subset of the train split
 and is scored on the whole test split; every record carries the subset's fingerprint
 (`data.subset_digest`):
 
@@ -21,19 +21,15 @@ import time
 
 import numpy as np
 
-from simclr_jax import (
-    augment,
-    classifier,
-    data,
-    evaluate,
-    loop,
-    optim,
-    probe,
-    runs,
-    stops,
-)
-from simclr_jax.config import ft_proj_selector, run_learning_rate, scaled_learning_rate
-from simclr_jax.train_state import (
+from simclr_jax.core import augment, optim
+from simclr_jax.core.networks import ft_proj_selector
+from simclr_jax.core.optim import scaled_learning_rate
+from simclr_jax.data import dataset as data
+from simclr_jax.evaluation import frozen as evaluate
+from simclr_jax.evaluation import linear_probe
+from simclr_jax.runtime import signals
+from simclr_jax.train import classifier, loop, supervised
+from simclr_jax.train.state import (
     INIT_KEY,
     init_variables,
     restore_encoder,
@@ -42,6 +38,7 @@ from simclr_jax.train_state import (
     start_variables,
     variables_digest,
 )
+from simclr_jax.train.supervised import run_learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +67,15 @@ def compare(
     for the same f}. Returns {phase: wall seconds of this invocation}.
     """
     dc = config.downstream
-    ids = runs.epoch_indices(subset, dc.batch_size)  # (n_epoch,) train indices
+    ids = supervised.epoch_indices(subset, dc.batch_size)  # (n_epoch,) train indices
     spe = len(ids) // dc.batch_size
-    inputs, spec = runs.labelled_inputs(config, ds, ids), augment.spec_from_config(config)
+    inputs, spec = supervised.labelled_inputs(config, ds, ids), augment.spec_from_config(config)
     digest = {"subset": data.subset_digest(ids)}
     walls = {}
     for suffix, epochs in budgets(config):
         total = int(epochs * spe)
         steps = {}  # peak lr -> (tx, model, p_step): runs at one rate share one compiled step
-        log_every = spe * runs.eval_every(epochs)  # records (and checkpoints) per evaluation
+        log_every = spe * supervised.eval_every(epochs)  # records (and checkpoints) per evaluation
         ckpt_every = dc.checkpoint_every if dc.checkpoint_every > 0 else log_every
         test = None  # one compiled test evaluation for both runs (their models are the same)
         for run in (FINETUNE, SCRATCH):
@@ -102,11 +99,11 @@ def _train_run(config, workdir: str, writer, epochs: int, loop_spec, parts, inpu
     parts: (initial state, pmapped step, evaluator, (what identifies the starting encoder, what
     an earlier version recorded for it or None))."""
     state, p_step, evaluator, (encoder_id, earlier_id) = parts
-    meta = runs.run_meta(config, loop_spec.phase, epochs, encoder_id)
+    meta = supervised.run_meta(config, loop_spec.phase, epochs, encoder_id)
     earlier = None
     if earlier_id is not None:
-        earlier = runs.run_meta(config, loop_spec.phase, epochs, earlier_id)["run"]
-    return runs.train_in_workdir(
+        earlier = supervised.run_meta(config, loop_spec.phase, epochs, earlier_id)["run"]
+    return supervised.train_in_workdir(
         config, workdir, writer, loop_spec, (state, p_step, inputs, evaluator, meta), earlier
     )
 
@@ -145,7 +142,7 @@ def pixel_features(config, ds, subset: np.ndarray) -> tuple[np.ndarray, np.ndarr
     def flat(source, ids):
         chunks = []
         for i in range(0, len(ids), 1024):
-            stops.check()
+            signals.check()
             images = source.read(ids[i : i + 1024])
             chunks.append(augment.downstream_batch(None, 0, images, None, False, size))
         return np.concatenate([np.asarray(jax.device_get(c)).reshape(len(c), -1) for c in chunks])
@@ -166,7 +163,7 @@ def frozen_evaluations(config, ds, writer, subset, encoders: dict, encoder_step:
     out = {CHANCE: writer.write(0, CHANCE, {"test_acc": 1.0 / ds.num_classes, **common})}
     for source, linear_phase, knn_phase in FEATURES:
         t0 = time.perf_counter()
-        with stops.doing(f"downstream: the {source} features"):  # a stop names what it stopped
+        with signals.doing(f"downstream: the {source} features"):  # a stop names what it stopped
             if source == "pixels":
                 train_x, test_x = pixel_features(config, ds, subset)
             else:
@@ -175,9 +172,9 @@ def frozen_evaluations(config, ds, writer, subset, encoders: dict, encoder_step:
         if source == "simclr":
             sizes["encoder_step"] = encoder_step
         features = (train_x, train_y, test_x)
-        with stops.doing(f"downstream: {linear_phase} (linear probe)"):
+        with signals.doing(f"downstream: {linear_phase} (linear probe)"):
             out[linear_phase] = _linear_record(config, ds, writer, features, linear_phase, sizes)
-        with stops.doing(f"downstream: {knn_phase} (kNN)"):
+        with signals.doing(f"downstream: {knn_phase} (kNN)"):
             out[knn_phase] = _knn_record(config, ds, writer, features, knn_phase, sizes)
     return out
 
@@ -187,13 +184,13 @@ def _linear_record(config, ds, writer, features, phase: str, sizes: dict) -> dic
     dc = config.downstream
     train_x, train_y, test_x = features
     t0 = time.perf_counter()
-    res = probe.configured_linear_probe(
+    res = linear_probe.configured_linear_probe(
         config, train_x, train_y, test_x, ds.test_labels, ds.num_classes
     )
     wall = time.perf_counter() - t0
     writer.drop_phase(phase)
     log.info("%s: test acc %.4f (l2 %g, %.1fs).", phase, res["test_acc"], res["l2"], wall)
-    note = probe.convergence_note(res)  # None when every L-BFGS fit converged
+    note = linear_probe.convergence_note(res)  # None when every L-BFGS fit converged
     if note:
         log.warning("%s: %s", phase, note)
         res["not_converged"] = note  # the report lists it with the run's warnings
@@ -239,7 +236,7 @@ def run(config, ds, workdir: str, writer, source: str) -> dict:
     )
     initial = random_encoder(config)
     # The random-init baseline's BN statistics are the labelled images', not the init's 0 / 1.
-    with stops.doing("downstream: the random-init encoder's BN statistics"):
+    with signals.doing("downstream: the random-init encoder's BN statistics"):
         random = evaluate.estimate_batch_stats(config, ds.train, subset, initial)
     encoders = {"simclr": encoder, "random": random}
     frozen = frozen_evaluations(config, ds, writer, subset, encoders, encoder_step)

@@ -20,10 +20,14 @@ import numpy as np
 import optax
 from jax import lax
 
-from simclr_jax import augment, data, evaluate, loop, losses, models, optim, parallel, stream
-from simclr_jax.checkpoint import Checkpointer
+from simclr_jax.core import augment, losses, networks, optim
+from simclr_jax.data import dataset, stream
 from simclr_jax.errors import ConfigError
-from simclr_jax.train_state import (
+from simclr_jax.evaluation import frozen
+from simclr_jax.runtime import parallel
+from simclr_jax.train import loop
+from simclr_jax.train.checkpoint import Checkpointer
+from simclr_jax.train.state import (
     AUGMENT_KEY,
     DATA_KEY,
     INIT_KEY,
@@ -58,7 +62,7 @@ def pretrain_step(state, batch, aug_key, *, model, aug_cfg, temperature, schedul
     """
     ids = batch["ids"]
     v1, v2 = augment.two_views(aug_key, state.step, batch["images"], ids, aug_cfg)  # (n,S,S,3) x2
-    views = data.normalize(jnp.concatenate([v1, v2]), aug_cfg)  # (2n, S, S, 3): BN sees both
+    views = dataset.normalize(jnp.concatenate([v1, v2]), aug_cfg)  # (2n, S, S, 3): BN sees both
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
@@ -97,12 +101,12 @@ def probe_step(probe: TrainState, h, labels):
 
 
 def probe_state(config, schedule, num_classes: int) -> TrainState:
-    """The online linear head, fresh: `models.online_probe_head` on h, initialised from its own
+    """The online linear head, fresh: `networks.online_probe_head` on h, initialised from its own
     seed key, with an optimizer of its own: pretraining's (optimizer, learning-rate schedule,
     momentum, weight decay on the kernel), LARS without its trust ratio, as the official code
     trains its supervised head beside the encoder."""
-    head = models.online_probe_head(num_classes)
-    feat_dim = models.build_encoder(config.model).feat_dim
+    head = networks.online_probe_head(num_classes)
+    feat_dim = networks.build_encoder(config.model).feat_dim
     key = seed_key(config.seed, PROBE_INIT_KEY)
     params = head.init(key, jnp.zeros((1, feat_dim), jnp.float32))["params"]
     tx = optim.make_optimizer(config.pretrain, schedule, trust_ratio=False)
@@ -275,15 +279,15 @@ def knn_monitor(config, ds):
     """on_epoch_end callback: kNN test accuracy of the frozen encoder every knn_every epochs
     (features of the labelled train and test splits, streamed), and the online linear head's
     test accuracy on the same test features (h, BN in inference mode) where it trains."""
-    model = models.build_model(config.model, dtype=compute_dtype(config))
-    feature_fn = evaluate.make_feature_fn(model, augment.spec_from_config(config))
+    model = networks.build_model(config.model, dtype=compute_dtype(config))
+    feature_fn = frozen.make_feature_fn(model, augment.spec_from_config(config))
     dc = config.downstream
 
     def on_epoch_end(epoch, rstate):
         if epoch % config.pretrain.knn_every:
             return {}
         variables = {"params": rstate.params, "batch_stats": rstate.batch_stats}
-        acc, test_h = evaluate.knn_eval(
+        acc, test_h = frozen.knn_eval(
             feature_fn, variables, ds, config.data, ds.num_classes, dc.knn_k, dc.knn_temperature
         )
         out = {"knn_acc": acc}

@@ -1,7 +1,7 @@
 """The downstream classifier (the encoder f, the projection head layers it keeps, a linear head):
 its network, initial state, pmapped training step and test evaluation. Whether f starts pretrained
 or from scratch is the caller's choice of state; one resumable training run of it (or of a
-distilled student) is `runs.py`'s.
+distilled student) is `train/supervised.py`'s.
 """
 
 import functools
@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from simclr_jax import augment, cpu_conv, data, models, optim, parallel, stream
-from simclr_jax.config import ft_proj_selector
-from simclr_jax.train_state import (
+from simclr_jax.core import augment, networks, optim
+from simclr_jax.core.networks import ft_proj_selector
+from simclr_jax.data import dataset, stream
+from simclr_jax.runtime import cpu_conv, parallel
+from simclr_jax.train.state import (
     INIT_KEY,
     TrainState,
     abstract_state_tree,
@@ -38,7 +40,7 @@ def classifier_step(state, batch, aug_key, *, model, spec, schedule):
     x = augment.downstream_batch(
         aug_key, state.step, batch["images"], ids, True, spec.image_size, spec.flip_prob
     )
-    x = data.normalize(x, spec)
+    x = dataset.normalize(x, spec)
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
@@ -61,7 +63,7 @@ def initial_state(model, tx, encoder: dict, image_size: int) -> TrainState:
     """The classifier's state with `encoder`'s f ({'params', 'batch_stats'}), the head layers it
     keeps (model.proj) copied by name from `encoder['head']` (the first layers of the SimCLR
     model's projection head: `train_state.kept_head`), and the linear head at zero
-    (models.Classifier's init): the same as `train_state.create_state(..., encoder)`, without
+    (networks.Classifier's init): the same as `train_state.create_state(..., encoder)`, without
     compiling the model's random initialisers only to replace them."""
     dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
     shapes = jax.eval_shape(lambda key: model.init(key, dummy, train=False), jax.random.key(0))
@@ -79,7 +81,7 @@ def build_model(config, num_classes: int, model_cfg=None):
     """The classifier network of `config` (f + its head; global BN over the pmap axis, the compute
     dtype, the CPU's convolution), with `model_cfg`'s architecture in place of config.model where
     given (the distillation's student). Every stage that trains or restores one builds it here."""
-    return models.build_model(
+    return networks.build_model(
         model_cfg or config.model,
         num_classes=num_classes,
         bn_axis_name=parallel.AXIS,
@@ -117,7 +119,7 @@ def eval_step(params, batch_stats, batch, *, model, spec):
     batch: {'images', 'labels', 'mask'} (n, ...) with mask False for padding rows. BN in
     inference.
     """
-    x = data.normalize(
+    x = dataset.normalize(
         augment.downstream_batch(None, 0, batch["images"], None, False, spec.image_size), spec
     )
     logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)

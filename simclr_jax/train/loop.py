@@ -30,9 +30,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from simclr_jax import stops
 from simclr_jax.errors import Divergence
-from simclr_jax.metrics import MetricWriter, progress_bar
+from simclr_jax.runtime import signals
+from simclr_jax.runtime.records import MetricWriter, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class LoopResult:
 
 
 class _StopFlag:
-    """The step loop's view of the run's stop record (stops.py): a signal is recorded, never raised
+    """The step loop's view of the run's stop record (runtime/signals.py): a signal is recorded, never raised
     inside a (donating) step call, and asked for after every step.
 
     With several processes, SIGTERM stays with jax's preemption service: a notice on any process
@@ -69,8 +69,8 @@ class _StopFlag:
     """
 
     def __init__(self):
-        self._coordinated = stops.coordinated()
-        self._recording = stops.recording()  # a no-op inside a run's own (pipeline.run)
+        self._coordinated = signals.coordinated()
+        self._recording = signals.recording()  # a no-op inside a run's own (pipeline.run)
 
     def __enter__(self):
         self._recording.__enter__()
@@ -80,12 +80,12 @@ class _StopFlag:
         """The signal to stop on after `step`, or None to go on. Called after every step."""
         if self._coordinated and multihost_utils.reached_preemption_sync_point(step):
             return signal.SIGTERM
-        return stops.requested()
+        return signals.requested()
 
     def late(self) -> int | None:
         """A signal recorded since the step's `stop` was asked (in a multi-process run SIGTERM is
         the service's, and only SIGINT is recorded here)."""
-        return stops.requested()
+        return signals.requested()
 
     def message(self, phase: str, step: int, signum: int) -> str:
         if signum == signal.SIGINT:
@@ -198,7 +198,7 @@ def run(
         if on_epoch_end and step % spec.steps_per_epoch == 0:
             try:
                 extra = on_epoch_end(step // spec.steps_per_epoch, rstate)
-            except stops.Interrupted:
+            except signals.Interrupted:
                 return False  # the signal stays recorded: the loop stops after the checkpoint
         if step == spec.total_steps or step % spec.log_every == 0 or extra:
             log_record(extra)
@@ -215,7 +215,7 @@ def run(
         if not done and due_after():
             log.info("%s: stopping; what is due after step %d is the rerun's.", spec.phase, step)
         bar.close()
-        return stops.Interrupted(flag.message(spec.phase, step, signum), signum)
+        return signals.Interrupted(flag.message(spec.phase, step, signum), signum)
 
     with _StopFlag() as flag:
         if resume and not after_checkpoint(state):

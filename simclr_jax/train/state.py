@@ -21,10 +21,11 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from simclr_jax import cpu_conv, models, optim, parallel
-from simclr_jax.checkpoint import Checkpointer, UnreadableCheckpoint
-from simclr_jax.config import ft_proj_selector
+from simclr_jax.core import networks, optim
+from simclr_jax.core.networks import ft_proj_selector
 from simclr_jax.errors import CheckpointError
+from simclr_jax.runtime import cpu_conv, parallel
+from simclr_jax.train.checkpoint import Checkpointer, UnreadableCheckpoint
 
 # fold_in tags of the config seed. Pretraining: model init, data order, augmentation. The two
 # classifier runs share theirs (data order, augmentation; tag 3 was their head's init, which is
@@ -211,7 +212,7 @@ def simclr_model(config):
     """The SimCLR model (f and g) as pretraining builds and trains it (global BN over the pmap
     axis, the compute dtype, the CPU's convolution); one object, so that its initialisation
     compiles once per process."""
-    return models.build_model(
+    return networks.build_model(
         config.model,
         bn_axis_name=parallel.AXIS,
         dtype=compute_dtype(config),

@@ -5,17 +5,19 @@ and the training itself through the shared step loop with a test evaluation per 
 """
 
 import logging
-import os
 import shutil
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from simclr_jax import data, loop, parallel, stream
-from simclr_jax.checkpoint import Checkpointer
-from simclr_jax.config import ft_proj_selector, run_learning_rate
-from simclr_jax.train_state import (
+from simclr_jax.core.networks import ft_proj_selector
+from simclr_jax.data import dataset, stream
+from simclr_jax.runtime import parallel
+from simclr_jax.runtime.files import checkpoint_dir
+from simclr_jax.train import loop
+from simclr_jax.train.checkpoint import Checkpointer
+from simclr_jax.train.state import (
     CLASSIFIER_AUGMENT_KEY,
     CLASSIFIER_DATA_KEY,
     changed_keys,
@@ -25,6 +27,9 @@ from simclr_jax.train_state import (
     seed_key,
     state_tree,
 )
+
+# The downstream stage's classifier runs: the short and the long budget, fine-tuned and scratch.
+CLASSIFIER_RUNS = ("finetune", "scratch", "finetune_long", "scratch_long")
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +83,7 @@ def transfer_meta(config) -> dict:
     """{'downstream_data': the transfer dataset's identity} where downstream.data names one (the
     data a run trains and is scored on, so a run on another dataset starts anew), else {}: the
     metadata of runs without one is what it was before."""
-    transfer = data.transfer_identity(config)
+    transfer = dataset.transfer_identity(config)
     return {"downstream_data": _plain_tree(transfer)} if transfer else {}
 
 
@@ -171,7 +176,7 @@ def open_run_checkpoints(
     if jax.process_index() == 0:
         shutil.rmtree(directory, ignore_errors=True)
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("simclr_jax.runs.rmtree")
+        multihost_utils.sync_global_devices("simclr_jax.train.supervised.rmtree")
     return Checkpointer(directory, keep=config.pretrain.keep_checkpoints)
 
 
@@ -183,7 +188,7 @@ def train_in_workdir(
     earlier: as open_run_checkpoints'.
     """
     state, p_step, inputs, evaluator, meta = parts
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints", loop_spec.phase)
+    directory = checkpoint_dir(workdir, loop_spec.phase)
     ckpt = open_run_checkpoints(directory, config, meta, earlier)
     try:
         result = train(config, state, ckpt, meta, p_step, inputs, loop_spec, writer, evaluator)
@@ -243,3 +248,10 @@ def train(config, state, ckpt, meta, p_step, inputs, spec, writer, evaluator):
     )
     ckpt.wait()
     return result
+
+
+def run_learning_rate(dc, run: str) -> float:
+    """The peak learning rate (before batch scaling) of classifier run `run`: its own
+    downstream.runs.<run>.learning_rate, or downstream.learning_rate where that is 0 or unset."""
+    own = ((dc.get("runs") or {}).get(run) or {}).get("learning_rate") or 0.0
+    return float(own) if own > 0 else float(dc["learning_rate"])

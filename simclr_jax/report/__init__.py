@@ -1,0 +1,2 @@
+"""What a run leaves to read: report.json from the workdir's files (build), report.md from it
+(markdown), the pictures (pictures: what they show; plots: the drawing)."""
