@@ -363,6 +363,7 @@ def test_a_moved_workdir_redoes_nothing_and_a_refused_rerun_changes_no_file(run,
     skipped = [line for line in out.stderr.splitlines() if "finished: training skipped" in line]
     assert len(skipped) == 2 and "finetune:" in skipped[0] and "scratch:" in skipped[1], skipped
     assert "starting it anew" not in out.stderr
+    assert f"pretraining: step {STEPS}, loss " in out.stdout, out.stdout  # its last record
     assert sorted(os.listdir(os.path.join(moved, "checkpoints", "finetune"))) == classifier_steps
     assert _numbers(moved) == _numbers(run["workdir"])
     assert _report(moved) == _report(run["workdir"])

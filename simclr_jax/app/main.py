@@ -19,7 +19,7 @@ from simclr_jax.data import dataset, sources
 from simclr_jax.errors import CheckpointError
 from simclr_jax.report import build, pictures
 from simclr_jax.runtime import parallel, signals
-from simclr_jax.runtime.files import checkpoint_dir
+from simclr_jax.runtime.files import METRICS_FILE, checkpoint_dir, read_records
 from simclr_jax.runtime.records import MetricWriter
 from simclr_jax.stages import pretrain
 from simclr_jax.train import checkpoint
@@ -141,7 +141,15 @@ def _pretrain_stage(config, ds, workdir: str, writer) -> dict:
         pretrained.export({"params": state.params, "batch_stats": state.batch_stats}, export)
         pictures.write_pretrain_curves(config, workdir, ds.num_classes)
         log.info("Pretrained model's variables: %s", export)
-    return {"wall_s": result.wall_s, "images_per_s": result.images_per_s, **result.last_record}
+    # A finished pretraining runs no step: its last record is the one metrics.jsonl holds.
+    last = result.last_record or _last_record(workdir, "pretrain")
+    return {"wall_s": result.wall_s, "images_per_s": result.images_per_s, **last}
+
+
+def _last_record(workdir: str, phase: str) -> dict:
+    """The last metrics.jsonl record of `phase` that has a loss ({} where there is none)."""
+    rows = read_records(os.path.join(workdir, METRICS_FILE), phase)
+    return next((r for r in reversed(rows) if "loss" in r), {})
 
 
 def _write_report(workdir: str, summary: dict) -> None:
