@@ -91,6 +91,10 @@ def _restore(workdir, step):
 
 
 def test_two_processes_match_one_process_on_four_devices(tmp_path):
+    """Two processes of two devices each (jax.distributed on localhost) give the one-process,
+    four-device run's records and checkpoint. Slower than most (~40 s on 2 cores): a run.py
+    process for the reference and one per host, two of them at once on the two cores, each
+    compiling for its own device count."""
     ref = str(tmp_path / "ref")
     out = run_cli([*FLAGS, "--workdir", ref, f"--config.pretrain.num_steps={STEPS}"], devices=4)
     assert out.returncode == 0, out.stderr[-3000:]

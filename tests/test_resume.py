@@ -78,6 +78,10 @@ def _kill_when(proc, condition, timeout=240):
 
 
 def test_sigkill_at_several_points_resumes_bitwise(reference, tmp_path):
+    """SIGKILL at several points of pretraining (before the first checkpoint, between two, while
+    one is written), each resumed from what survived, ends bitwise the uninterrupted run. Slower
+    than most (~40 s on 2 cores): a killed process is the point, so each kill point is a run.py
+    process of its own, and a last one resumes to the end."""
     workdir = str(tmp_path / "run")
     ckpt_dir = os.path.join(workdir, "checkpoints", "pretrain")
     metrics = os.path.join(workdir, "metrics.jsonl")

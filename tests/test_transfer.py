@@ -80,6 +80,9 @@ def _by_phase(workdir):
 def test_a_finished_run_is_evaluated_on_a_folder_alike_on_1_and_8_devices_and_after_a_stop(
     pretrained, tmp_path
 ):
+    """--mode=downstream on a folder dataset from a finished run gives the same report on 1 and 8
+    devices and after a stop. Slower than most (~30 s on 2 cores): three run.py processes, since
+    the device count is fixed when jax starts."""
     one = str(tmp_path / "one")
     out = run_cli(_flags(pretrained, one), devices=1)
     assert out.returncode == 0, out.stderr[-3000:]
