@@ -16,11 +16,8 @@ CHECKPOINTS = "checkpoints"  # one folder per phase: pretrain, finetune, scratch
 
 def checkpoint_dir(workdir: str, phase: str = "") -> str:
     """The absolute path of a phase's checkpoints in `workdir` (of all of them without `phase`)."""
-    return (
-        os.path.join(os.path.abspath(workdir), CHECKPOINTS, phase)
-        if phase
-        else os.path.join(os.path.abspath(workdir), CHECKPOINTS)
-    )
+    root = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+    return os.path.join(root, phase) if phase else root
 
 
 def read_records(path: str, phase: str | None = None) -> list[dict]:
