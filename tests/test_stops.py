@@ -152,38 +152,58 @@ def reference(finished_run):
     return finished_run["workdir"]
 
 
-@pytest.mark.parametrize(
-    "point, signame, extra, phase, step, code",
-    [
+# Where a signal lands inside the step loops: (point, signal, extra, phase, step, exit code). Each
+# chain is one workdir: every stop is checked as it happens, its rerun is the next stop's run, and
+# the last rerun must end with the uninterrupted run's checkpoints, records and report. A chain
+# never stops a downstream stage twice: its rerun writes the frozen evaluations' records again
+# after the classifier runs' (by phase and step the same; in file order not a prefix).
+STEP_CHAINS = {
+    "pretrain@6, @eval, @16 + save, finetune@2": [
         ("pretrain@6", "SIGINT", (), "pretrain", 6, 130),  # between two records
-        ("pretrain@8", "SIGTERM", (), "pretrain", 8, 143),  # the step that ends epoch 1
         ("pretrain@eval", "SIGINT", (), "pretrain", 8, 130),  # during epoch 1's kNN check
         ("pretrain@16", "SIGTERM", ("again",), "pretrain", 16, 143),  # last step, then the save
-        ("finetune@1", "SIGINT", (), "finetune", 1, 130),  # inside the classifier's first epoch
         ("finetune@2", "SIGTERM", (), "finetune", 2, 143),  # the end of its first epoch
     ],
-)
-def test_a_signal_saves_that_step_stops_the_run_and_the_rerun_is_bitwise(
-    reference, tmp_path, point, signame, extra, phase, step, code
-):
-    workdir = str(tmp_path / "run")
-    out = _signalled(workdir, point, signame, *extra)
-    assert out.returncode == code, out.stderr[-3000:]
+    "pretrain@8, finetune@1": [
+        ("pretrain@8", "SIGTERM", (), "pretrain", 8, 143),  # the step that ends epoch 1
+        ("finetune@1", "SIGINT", (), "finetune", 1, 130),  # inside the classifier's first epoch
+    ],
+}
+
+
+def _assert_stopped(workdir, reference, out, point, extra, phase, step, code):
+    """One stop: its exit code and lines, its checkpoint, and no record of its own."""
+    assert out.returncode == code, (point, out.stderr[-3000:])
     assert "Traceback" not in out.stderr and "Rerun the same command to resume" in out.stderr
-    assert f"at step {step}; checkpoint saved" in out.stderr, out.stderr[-3000:]
-    assert _steps(workdir, phase)[-1] == step  # committed: the newest checkpoint is that step
+    assert f"at step {step}; checkpoint saved" in out.stderr, (point, out.stderr[-3000:])
+    assert _steps(workdir, phase)[-1] == step, point  # committed: the newest is that step
     # No record of the stop's own: the first records of the uninterrupted run, none of the step
     # stopped at (its evaluation and record, where due, are the rerun's, and it says so).
     got, want = _untimed(workdir), _untimed(reference)
-    assert got == want[: len(got)]
-    assert all(r["step"] < step for r in got if r["phase"] == phase)
+    assert got == want[: len(got)], point
+    assert all(r["step"] < step for r in got if r["phase"] == phase), point
     if point in ("pretrain@8", "pretrain@eval", "finetune@2"):
-        assert "what is due after step" in out.stderr
+        assert "what is due after step" in out.stderr, point
     if phase == "pretrain":  # it never went on into the next stage
-        assert {r["phase"] for r in got} == {"pretrain"}
-        assert not os.path.exists(os.path.join(workdir, "report.md"))
+        assert {r["phase"] for r in got} == {"pretrain"}, point
+        assert not os.path.exists(os.path.join(workdir, "report.md")), point
     if "again" in extra:
-        assert "arrived while a checkpoint was saved; it is saved" in out.stderr
+        assert "arrived while a checkpoint was saved; it is saved" in out.stderr, point
+
+
+@pytest.mark.parametrize("chain", list(STEP_CHAINS))
+def test_a_signal_saves_that_step_stops_the_run_and_the_rerun_is_bitwise(
+    reference, tmp_path, chain
+):
+    """Six stops in two chains of reruns (one process each, ~10 s: the chains save four
+    processes of the six separate runs they replaced). Each stop ends the run with 130/143 after
+    a committed checkpoint of that step, never going on into the next stage; the stopped run's
+    records are the first records of the uninterrupted run's; the last rerun finishes with the
+    uninterrupted run's checkpoints, records and report (timings aside)."""
+    workdir = str(tmp_path / "run")
+    for point, signame, extra, phase, step, code in STEP_CHAINS[chain]:
+        out = _signalled(workdir, point, signame, *extra)
+        _assert_stopped(workdir, reference, out, point, extra, phase, step, code)
 
     rerun = run_cli([*FLAGS, "--workdir", workdir])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -210,44 +230,36 @@ def downstream_reference(reference, tmp_path_factory):
     return workdir
 
 
-@pytest.mark.parametrize(
-    "call, signame, code, said",
-    [
-        # Inside numpy's setitem of the probe's cross-validation loss: the crash of issue #25.
-        (
-            "float-in:evaluation.linear_probe._cross_validate",
-            "SIGTERM",
-            143,
-            "linear (linear probe)",
-        ),
-        ("evaluation.frozen.frozen_features:1", "SIGINT", 130, "the simclr features"),
-        ("stages.downstream.pixel_features:1", "SIGTERM", 143, "the pixels features"),  # a baseline
-        ("evaluation.frozen.knn_accuracy:1", "SIGTERM", 143, "knn (kNN)"),
-        (
-            "report.build.write:1",
-            "SIGTERM",
-            143,
-            "its work is written",
-        ),  # after the last stop point
-    ],
-)
+# Stops outside the step loops, in the order one downstream run meets them (each rerun computes
+# the frozen evaluations again, so every point is met again): (point, signal, exit code, what the
+# last line names).
+EVALUATION_STOPS = [
+    ("call:evaluation.frozen.frozen_features:1", "SIGINT", 130, "the simclr features"),
+    # Inside numpy's setitem of the probe's cross-validation loss: the crash of issue #25.
+    ("float-in:evaluation.linear_probe._cross_validate", "SIGTERM", 143, "linear (linear probe)"),
+    ("call:evaluation.frozen.knn_accuracy:1", "SIGTERM", 143, "knn (kNN)"),
+    ("call:stages.downstream.pixel_features:1", "SIGTERM", 143, "the pixels features"),  # baseline
+    ("call:report.build.write:1", "SIGTERM", 143, "its work is written"),  # after the last point
+]
+
+
 def test_a_signal_during_an_evaluation_ends_the_run_and_the_rerun_reports_the_same(
-    reference, downstream_reference, tmp_path, call, signame, code, said
+    reference, downstream_reference, tmp_path
 ):
     """Issue #25: a SIGTERM during the linear probe ended with a traceback (numpy's setitem
     turned the handler's exception into a ValueError). Every evaluation outside the step loops
     stops at its next stop point with the signal's exit code and one line, and the rerun of the
-    same command ends with the uninterrupted run's numbers."""
+    same command ends with the uninterrupted run's numbers. One chain of six processes (~50 s):
+    each stop's rerun is the next stop's run; it replaced five runs of two processes each."""
     workdir = str(tmp_path / "run")
     flags = [*DOWNSTREAM, f"--config.restore={reference}"]
-    out = _signalled(
-        workdir, call if call.startswith("float") else f"call:{call}", signame, flags=flags
-    )
-    assert out.returncode == code, out.stderr[-3000:]
-    # (jaxlib 0.12 warns "Error writing persistent compilation cache entry" for oneDNN programs)
-    assert "Traceback" not in out.stderr and "ValueError" not in out.stderr, out.stderr[-3000:]
-    last = out.stderr.strip().splitlines()[-1]
-    assert said in last and last.endswith("Rerun the same command to resume."), last
+    for point, signame, code, said in EVALUATION_STOPS:
+        out = _signalled(workdir, point, signame, flags=flags)
+        assert out.returncode == code, (point, out.stderr[-3000:])
+        # (jaxlib 0.12 warns "Error writing persistent compilation cache entry" for oneDNN)
+        assert "Traceback" not in out.stderr and "ValueError" not in out.stderr, out.stderr[-3000:]
+        last = out.stderr.strip().splitlines()[-1]
+        assert said in last and last.endswith("Rerun the same command to resume."), (point, last)
     rerun = run_cli([*flags, "--workdir", workdir])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert _numbers(workdir) == _numbers(downstream_reference)
