@@ -195,8 +195,8 @@ def _assert_stopped(workdir, reference, out, point, extra, phase, step, code):
 def test_a_signal_saves_that_step_stops_the_run_and_the_rerun_is_bitwise(
     reference, tmp_path, chain
 ):
-    """Six stops in two chains of reruns (one process each, ~10 s: the chains save four
-    processes of the six separate runs they replaced). Each stop ends the run with 130/143 after
+    """Six stops in two chains of reruns (a run.py process each; ~60 s and ~30 s: the chains
+    start eight processes where six separate stop-and-rerun pairs started twelve). Each stop ends the run with 130/143 after
     a committed checkpoint of that step, never going on into the next stage; the stopped run's
     records are the first records of the uninterrupted run's; the last rerun finishes with the
     uninterrupted run's checkpoints, records and report (timings aside)."""
@@ -249,8 +249,8 @@ def test_a_signal_during_an_evaluation_ends_the_run_and_the_rerun_reports_the_sa
     """Issue #25: a SIGTERM during the linear probe ended with a traceback (numpy's setitem
     turned the handler's exception into a ValueError). Every evaluation outside the step loops
     stops at its next stop point with the signal's exit code and one line, and the rerun of the
-    same command ends with the uninterrupted run's numbers. One chain of six processes (~50 s):
-    each stop's rerun is the next stop's run; it replaced five runs of two processes each."""
+    same command ends with the uninterrupted run's numbers. One chain of six processes (~55 s):
+    each stop's rerun is the next stop's run, where five stop-and-rerun pairs started ten."""
     workdir = str(tmp_path / "run")
     flags = [*DOWNSTREAM, f"--config.restore={reference}"]
     for point, signame, code, said in EVALUATION_STOPS:
